@@ -1,0 +1,210 @@
+"""The quantization config and its JSON forms.
+
+``QuantizeConfig`` round-trips to the ``quantization_config`` object that GPTQ checkpoints carry in
+``config.json`` and repeat in ``quantize_config.json`` (AutoGPTQ / GPTQModel convention, read by vLLM, TGI
+and Transformers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+CONFIG_VERSION = 1
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gptq-plugin")
+    except Exception:  # not installed (running from a source tree)
+        return "0.1.0"
+
+
+@dataclass
+class QuantizeConfig:
+    """How to quantize the weights of linear layers with GPTQ (Frantar et al., ICLR 2023).
+
+    Args:
+        bits (`int`, *optional*, defaults to 4): code width, one of 2, 3, 4, 8.
+        group_size (`int`, *optional*, defaults to 128): input channels sharing one scale and zero point;
+            -1 means one group over the whole input dimension. A value that does not divide the input size
+            leaves a partial last group.
+        desc_act (`bool`, *optional*, defaults to False): act-order, quantize columns in order of decreasing
+            Hessian diagonal (paper, section 4 "Act-order" heuristic of the reference code).
+        sym (`bool`, *optional*, defaults to True): symmetric grid (zero point fixed at ``2**(bits-1)``).
+        static_groups (`bool`, *optional*, defaults to False): compute every group's scale and zero point
+            from the unquantized weights before the GPTQ sweep (groups then follow input order even with
+            act-order, so ``g_idx`` stays monotone).
+        true_sequential (`bool`, *optional*, defaults to True): inside a decoder block, quantize linear
+            layers in the order the forward pass reaches them, re-capturing the inputs of later layers
+            after earlier ones are quantized.
+        damp_percent (`float`, *optional*, defaults to 0.01): dampening added to the Hessian diagonal as a
+            fraction of its mean; raised by ``damp_auto_increment`` while the Hessian is not positive
+            definite.
+        damp_auto_increment (`float`, *optional*, defaults to 0.0025): step of that increase.
+        mse (`float`, *optional*, defaults to 0.0): when > 0, search a clipping ratio for each group's range
+            by minimising the ``mse``-norm of the rounding error (grid search, as in the reference code's
+            ``Quantizer(mse=True)``); 0 uses the min-max range.
+        block_size (`int`, *optional*, defaults to 128): columns per lazy batch update (paper, step 2).
+        checkpoint_format (`str`, *optional*, defaults to "gptq"): zero-point convention written:
+            "gptq" (v1, stores ``zero - 1``) or "gptq_v2" (stores ``zero``).
+        lm_head (`bool`, *optional*, defaults to False): also quantize the output projection.
+        method (`str`, *optional*, defaults to "gptq"): "gptq", or "rtn" for round-to-nearest on the same
+            grid (the baseline).
+
+    Raises:
+        ConfigError: from :meth:`validate` when a field has an unsupported value.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    damp_auto_increment: float = 0.0025
+    mse: float = 0.0
+    block_size: int = 128
+    checkpoint_format: str = "gptq"
+    lm_head: bool = False
+    method: str = "gptq"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "QuantizeConfig":
+        """Check every field; return ``self``. Raises :class:`ConfigError` naming the field and the fix."""
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits!r} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size < 1
+        ):
+            raise ConfigError(f"group_size={self.group_size!r} is invalid: use -1 (one group per row) or a positive integer")
+        if not isinstance(self.damp_percent, (int, float)) or not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent={self.damp_percent!r} is invalid: use a value in (0, 1), e.g. 0.01")
+        if not isinstance(self.damp_auto_increment, (int, float)) or self.damp_auto_increment < 0:
+            raise ConfigError(f"damp_auto_increment={self.damp_auto_increment!r} is invalid: use a value >= 0")
+        if not isinstance(self.mse, (int, float)) or self.mse < 0:
+            raise ConfigError(f"mse={self.mse!r} is invalid: use 0 (min-max range) or a norm such as 2.4")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size!r} is invalid: use a positive integer such as 128")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ConfigError(
+                f"checkpoint_format={self.checkpoint_format!r} is not supported: use one of {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if self.method not in ("gptq", "rtn"):
+            raise ConfigError(f"method={self.method!r} is not supported: use 'gptq' or 'rtn'")
+        for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
+        return self
+
+    # --- JSON forms -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` object of a GPTQ checkpoint (``quant_method: "gptq"``)."""
+        meta = dict(self.meta)
+        meta.setdefault("quantizer", [f"gptq-plugin:{_version()}"])
+        meta.setdefault("method", self.method)
+        meta.setdefault("damp_auto_increment", self.damp_auto_increment)
+        meta.setdefault("mse", self.mse)
+        meta.setdefault("block_size", self.block_size)
+        meta.setdefault("config_version", CONFIG_VERSION)
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "static_groups": self.static_groups,
+            "true_sequential": self.true_sequential,
+            "damp_percent": self.damp_percent,
+            "lm_head": self.lm_head,
+            "checkpoint_format": self.checkpoint_format,
+            "meta": meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantizeConfig":
+        """Parse a ``quantization_config`` object (ours, AutoGPTQ's or GPTQModel's).
+
+        Unknown keys are ignored. ``format`` (older GPTQModel) is read as ``checkpoint_format``.
+
+        Raises:
+            ConfigError: when ``quant_method`` is not "gptq" or a field is invalid.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+        method = str(d.get("quant_method", "gptq")).lower()
+        if method not in ("gptq", "gptq_plugin", "gptq-plugin"):
+            raise ConfigError(
+                f"quantization_config.quant_method={d.get('quant_method')!r} is not a GPTQ checkpoint: "
+                "this plugin reads quant_method 'gptq'"
+            )
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            meta = {}
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d and f.name not in ("meta", "method"):
+                kwargs[f.name] = d[f.name]
+        if "checkpoint_format" not in d and "format" in d:
+            kwargs["checkpoint_format"] = d["format"]
+        for key in ("damp_auto_increment", "mse", "block_size"):
+            if key in meta and key not in kwargs:
+                kwargs[key] = meta[key]
+        kwargs["method"] = meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq"
+        kwargs["meta"] = {k: v for k, v in meta.items() if k not in ("quantizer",)}
+        if "quantizer" in meta:
+            kwargs["meta"]["source_quantizer"] = meta["quantizer"]
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - fields are filtered above
+            raise ConfigError(f"invalid quantization_config: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantizeConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"quantization config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "QuantizeConfig":
+        """Read the config of a checkpoint folder: ``config.json["quantization_config"]``, else
+        ``quantize_config.json``.
+
+        Raises:
+            CheckpointError: when the folder has neither.
+        """
+        from .errors import CheckpointError
+
+        path = Path(path)
+        cfg = path / "config.json"
+        if cfg.is_file():
+            try:
+                d = json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg}: not valid JSON ({e}); re-download or re-create the checkpoint") from None
+            if isinstance(d, dict) and "quantization_config" in d:
+                return cls.from_dict(d["quantization_config"])
+        qc = path / "quantize_config.json"
+        if qc.is_file():
+            return cls.from_json(qc.read_text())
+        raise CheckpointError(
+            f"{path}: no quantization_config in config.json and no quantize_config.json: not a GPTQ checkpoint"
+        )

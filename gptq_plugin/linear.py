@@ -1,0 +1,128 @@
+"""``QuantLinear``: an ``nn.Module`` holding one layer in the GPTQ checkpoint layout, running the kernel the
+registry chooses for it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .packing import num_groups, packed_rows, pack_qweight, pack_qzeros
+
+log = logging.getLogger(__name__)
+
+
+class QuantLinear(nn.Module):
+    """A GPTQ-quantized linear layer: ``y = x @ dequant(qweight, qzeros, scales, g_idx)ᵀ + bias``.
+
+    Buffers (the standard GPTQ "gptq" v1 layout, so ``state_dict()`` is a GPTQ checkpoint):
+        qweight: int32 ``[ceil(in * bits / 32), out]``; qzeros: int32 ``[G, ceil(out * bits / 32)]`` storing
+        ``zero - 1``; scales: fp16 ``[G, out]``; g_idx: int32 ``[in]``; bias: ``[out]`` or absent.
+
+    Args:
+        in_features, out_features: ``K``, ``N``.
+        bits: 2, 3, 4 or 8. group_size: -1 or a positive int.
+        bias: whether the layer has a bias. sym: symmetric grid (a hint for kernels).
+        dtype: dtype of ``scales`` and ``bias`` (fp16 in checkpoints). device: where buffers live.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+                 sym: bool = True, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        G = num_groups(in_features, group_size)
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_rows(out_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+        self._kernel = None
+
+    # --- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_result(cls, result, group_size: int, bias: torch.Tensor | None = None, sym: bool = True
+                    ) -> "QuantLinear":
+        """Build from a :class:`gptq_plugin.solver.QuantResult` (``codes`` ``[out, in]``)."""
+        out_features, in_features = result.codes.shape
+        layer = cls(in_features, out_features, result.bits, group_size, bias is not None, sym)
+        layer.qweight.copy_(pack_qweight(result.codes, result.bits))
+        layer.qzeros.copy_(pack_qzeros(result.zeros, result.bits, "gptq"))
+        layer.scales.copy_(result.scales)
+        layer.g_idx.copy_(result.g_idx)
+        if bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.dtype))
+        return layer
+
+    @property
+    def desc_act(self) -> bool:
+        """True when ``g_idx`` is not the input-order ``i // group_size`` (act-order checkpoints)."""
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        expected = torch.arange(self.in_features, device=self.g_idx.device) // gs
+        return not torch.equal(self.g_idx.long(), expected)
+
+    def spec(self, dtype: torch.dtype | None = None):
+        from gptq_plugin.kernels.base import LayerSpec
+
+        return LayerSpec(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
+                         self.bias is not None, dtype or self.scales.dtype, self.qweight.device.type)
+
+    def validate(self, name: str = "") -> None:
+        """Check buffer shapes/dtypes and ``g_idx`` range. Raises :class:`CheckpointError` naming the tensor."""
+        G = num_groups(self.in_features, self.group_size)
+        where = f"{name}." if name else ""
+        expect = {
+            "qweight": ((packed_rows(self.in_features, self.bits), self.out_features), torch.int32),
+            "qzeros": ((G, packed_rows(self.out_features, self.bits)), torch.int32),
+            "scales": ((G, self.out_features), None),
+            "g_idx": ((self.in_features,), torch.int32),
+        }
+        for key, (shape, dtype) in expect.items():
+            t = getattr(self, key)
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"{where}{key} has shape {tuple(t.shape)}, expected {shape} for "
+                                      f"bits={self.bits}, group_size={self.group_size}: the checkpoint does not "
+                                      "match its quantization_config")
+            if dtype is not None and t.dtype != dtype:
+                raise CheckpointError(f"{where}{key} has dtype {t.dtype}, expected {dtype}")
+        if self.in_features and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G):
+            raise CheckpointError(f"{where}g_idx has values in [{int(self.g_idx.min())}, {int(self.g_idx.max())}], "
+                                  f"outside [0, {G}) for group_size={self.group_size}: corrupt checkpoint")
+        if not torch.isfinite(self.scales.float()).all():
+            raise CheckpointError(f"{where}scales contains NaN or Inf: corrupt checkpoint")
+
+    # --- running --------------------------------------------------------------------------------------
+    def reset_kernel(self) -> None:
+        """Forget the prepared kernel (call after changing buffers or device)."""
+        self._kernel = None
+
+    @property
+    def kernel_name(self) -> str | None:
+        return None if self._kernel is None else self._kernel.name
+
+    def prepare(self, dtype: torch.dtype | None = None) -> None:
+        """Choose the kernel for this layer through the registry and let it repack the weights."""
+        from .plugins import choose_kernel
+
+        kernel_cls = choose_kernel(self.spec(dtype))
+        self._kernel = kernel_cls(self)
+        self._kernel_dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None or getattr(self, "_kernel_dtype", None) != x.dtype:
+            self.prepare(x.dtype)
+        return self._kernel.forward(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, kernel={self.kernel_name}")
+

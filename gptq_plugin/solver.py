@@ -1,0 +1,227 @@
+"""GPTQ on one weight matrix (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023, Algorithm 1: Cholesky form of the inverse Hessian, lazy batch updates).
+
+Reads top to bottom like the paper and the reference code (IST-DASLab/gptq ``gptq.py``): accumulate
+``H = 2 X Xᵀ``, zero dead columns, optional act-order permutation, dampen, take the upper Cholesky factor of
+``H⁻¹``, quantize block by block with error feedback, one lazy matmul per block, un-permute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantizeConfig
+from .errors import NumericalError
+from .grid import dequantize, find_params, quantize
+from .packing import num_groups
+
+log = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n Σ x xᵀ`` over the calibration tokens that reach one linear layer.
+
+    Args:
+        in_features: width ``K`` of the layer input; ``H`` is fp32 ``[K, K]``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """``H`` scaled to ``2/n Σ x xᵀ``. Raises :class:`NumericalError` when no tokens were added."""
+        if self.n == 0:
+            raise NumericalError("no calibration tokens reached this layer: its Hessian is undefined")
+        return self.H * (2.0 / self.n)
+
+
+@dataclass
+class QuantResult:
+    """One quantized weight matrix in GPTQ terms.
+
+    Attributes:
+        codes: int32 ``[out, in]``, integers in ``[0, 2**bits)``.
+        scales: fp16 ``[n_groups, out]``.
+        zeros: int32 ``[n_groups, out]``, the true zero points (not v1's ``zero - 1``).
+        g_idx: int32 ``[in]``, the group of each input channel.
+        damp_percent: the dampening actually used (after automatic increases), or 0 for RTN.
+        fallback: why GPTQ fell back to RTN for this layer, or None.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    damp_percent: float = 0.0
+    fallback: str | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 ``[out, in]``: ``scales[g_idx] * (codes - zeros[g_idx])`` transposed to the weight layout."""
+        g = self.g_idx.long()
+        s = self.scales.float()[g].t()  # [out, in]
+        z = self.zeros.float()[g].t()
+        return s * (self.codes.float() - z)
+
+
+def _group_params(W: torch.Tensor, cfg: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static grid of every group of ``W`` ``[out, in]`` in input order: ``(scales, zeros)`` fp32 ``[G, out]``."""
+    G = num_groups(W.shape[1], cfg.group_size)
+    gs = W.shape[1] if cfg.group_size == -1 else cfg.group_size
+    out = [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(G)]
+    return torch.stack([s for s, _ in out]), torch.stack([z for _, z in out])
+
+
+def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig) -> QuantResult:
+    """Round-to-nearest on the same grid as GPTQ (the baseline; no calibration data).
+
+    Args:
+        W: ``[out, in]`` weight, any float dtype.
+    """
+    W = W.float()
+    maxq = 2**cfg.bits - 1
+    scales, zeros = _group_params(W, cfg)
+    g_idx = _input_order_g_idx(W.shape[1], cfg.group_size)
+    g = g_idx.long()
+    codes = quantize(W, scales[g].t(), zeros[g].t(), maxq)
+    return QuantResult(codes.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx, cfg.bits)
+
+
+def _input_order_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    if group_size == -1:
+        return torch.zeros(in_features, dtype=torch.int32)
+    return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float, name: str
+                             ) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, raising ``damp`` by
+    ``increment`` while ``H + λI`` is not positive definite. Returns ``(None, damp)`` when even
+    ``damp`` near 1 fails."""
+    mean_diag = torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0])
+    damp = damp_percent
+    while True:
+        Hd = H.clone()
+        Hd[idx, idx] += damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                if damp != damp_percent:
+                    log.warning("%s: Hessian not positive definite at damp_percent=%g; used %g",
+                                name, damp_percent, damp)
+                return U, damp
+        if increment <= 0 or damp + increment >= 1:
+            return None, damp
+        damp = round(damp + increment, 10)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
+    """Quantize one weight matrix with GPTQ.
+
+    Args:
+        W: ``[out, in]`` weight (any float dtype; computed in fp32; not modified).
+        H: fp32 ``[in, in]`` Hessian ``2/n Σ x xᵀ`` of the layer's calibration inputs (not modified).
+        cfg: bits, group_size, desc_act, static_groups, sym, damp_percent, mse, block_size.
+        name: the layer's name, for log lines.
+
+    Returns:
+        :class:`QuantResult`. When ``H`` stays non positive definite for every dampening below 1, the layer
+        falls back to RTN and ``fallback`` says so (logged as a warning).
+
+    Raises:
+        NumericalError: ``W`` or ``H`` contains NaN or Inf.
+    """
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
+    if not torch.isfinite(H).all():
+        raise NumericalError(f"{name}: the Hessian contains NaN or Inf (calibration activations overflowed)")
+    rows, columns = W.shape
+    maxq = 2**cfg.bits - 1
+    gs = columns if cfg.group_size == -1 else cfg.group_size
+
+    dead = torch.diag(H) == 0  # input channels that never saw a non-zero activation
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if cfg.static_groups:
+        static_scales, static_zeros = _group_params(W, cfg)  # [G, out], groups in input order
+
+    perm = invperm = None
+    if cfg.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+
+    Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
+    if Hinv is None:
+        reason = f"Hessian not positive definite for any damp_percent < 1 (last tried {damp:g}): fell back to RTN"
+        log.warning("%s: %s", name, reason)
+        res = rtn_quantize(W[:, invperm] if invperm is not None else W, cfg)
+        res.fallback = reason
+        return res
+
+    Q = torch.zeros_like(W)  # codes, permuted column order
+    G = num_groups(columns, cfg.group_size)
+    scales = torch.zeros(G, rows)
+    zeros = torch.zeros(G, rows)
+    col_group = torch.zeros(columns, dtype=torch.long)  # group of each (permuted) column
+    scale = zero = None
+
+    for i1 in range(0, columns, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if cfg.static_groups:
+                g = (perm[col].item() if perm is not None else col) // gs
+                scale, zero = static_scales[g], static_zeros[g]
+            elif col % gs == 0:
+                g = col // gs
+                # the group's columns with every update so far: in-block ones from W1, the rest from W
+                group_w = torch.cat([W1[:, i:i + gs], W[:, i2:col + gs]], dim=1)
+                scale, zero = find_params(group_w, cfg.bits, cfg.sym, cfg.mse)
+                scales[g], zeros[g] = scale, zero
+            else:
+                g = col // gs
+            col_group[col] = g
+            q = quantize(w, scale, zero, maxq)
+            Q1[:, i] = q
+            err = (w - dequantize(q, scale, zero)) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+
+    if cfg.static_groups:
+        scales, zeros = static_scales, static_zeros
+    g_idx = col_group.to(torch.int32)
+    if invperm is not None:
+        Q = Q[:, invperm]
+        g_idx = g_idx[invperm]
+    return QuantResult(Q.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits,
+                       damp_percent=damp)

@@ -1,0 +1,54 @@
+"""What a kernel is: ``y = x @ dequant(W)ᵀ + b`` for one GPTQ layer, and what it can implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gptq_plugin.linear import QuantLinear
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a kernel needs to know to decide whether it can run a layer.
+
+    Attributes:
+        in_features: ``K``. out_features: ``N``.
+        bits: 2, 3, 4 or 8. group_size: -1 or a positive int (may not divide ``K``).
+        sym: symmetric grid. desc_act: ``g_idx`` is not ``i // group_size`` (act-order).
+        has_bias: the layer adds a bias. dtype: activation dtype. device: ``"cpu"``, ``"cuda"``, ...
+    """
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    sym: bool = True
+    desc_act: bool = False
+    has_bias: bool = False
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+class QuantKernel:
+    """Base class of kernels. Subclasses set ``name`` and ``priority`` (higher wins) and implement
+    :meth:`can_implement`, :meth:`__init__` (prepare/repack from the layer's GPTQ buffers) and
+    :meth:`forward`. Register them through the ``gptq_plugin_kernels`` hook."""
+
+    name: ClassVar[str] = "base"
+    priority: ClassVar[int] = 0
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
+        """``(True, None)`` when this kernel runs ``spec``; otherwise ``(False, reason)``."""
+        raise NotImplementedError
+
+    def __init__(self, layer: "QuantLinear"):
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., K]`` in ``spec.dtype`` -> ``[..., N]`` in the same dtype."""
+        raise NotImplementedError
