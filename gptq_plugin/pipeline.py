@@ -200,7 +200,7 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
-                   progress: bool = True) -> QuantizeReport:
+                   progress: bool = True, max_blocks: int | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -208,6 +208,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         calib: int64 ``[n, seqlen]`` calibration token ids (ignored, may be None, for ``cfg.method == "rtn"``).
         cfg: the quantization config.
         batch_size: calibration sequences per forward.
+        max_blocks: quantize only the first ``max_blocks`` decoder blocks (quick experiments and tests); the
+            other blocks keep their ``nn.Linear`` layers.
 
     Returns:
         A :class:`QuantizeReport` (per-layer relative output error of GPTQ vs RTN, dampening, fallbacks).
@@ -235,7 +237,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         with torch.no_grad():
             inputs, kwargs_list = capture_block_inputs(model, blocks, calib, batch_size, progress)
 
-    for bi in tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress):
+    n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    for bi in tqdm(range(n_blocks), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress):
         block = blocks[bi]
         block_name = f"{prefix}.{bi}"
         linears = _linear_modules(block)

@@ -42,8 +42,10 @@ def demo_model_dir() -> Path:
         pytest.skip(f"demo model cannot be obtained: {e}")
 
 
-def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, **cfg_kwargs) -> Path:
-    """Quantize the first ``n_blocks`` blocks of the demo model quickly (few calibration windows)."""
+def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate: bool = True, **cfg_kwargs) -> Path:
+    """Quantize the first ``n_blocks`` blocks of the demo model quickly (8 calibration windows of 128 tokens).
+    With ``truncate`` the model keeps only those blocks (a small, fully quantized model); without, the later
+    blocks stay unquantized (a model whose perplexity means something)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptq_plugin.calibration import load_calibration
@@ -54,25 +56,26 @@ def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, **cfg_kw
     tok = AutoTokenizer.from_pretrained(src)
     cfg = QuantizeConfig(**cfg_kwargs)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    model.model.layers = model.model.layers[:n_blocks]
-    model.config.num_hidden_layers = n_blocks
+    if truncate:
+        model.model.layers = model.model.layers[:n_blocks]
+        model.config.num_hidden_layers = n_blocks
     calib = load_calibration(data_dir / "wikitext-2" / "valid.tokens.txt", tok, 8, 128)
-    quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False)
+    quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False, max_blocks=n_blocks)
     save_quantized(model, cfg, out, source_dir=src)
     return out
 
 
 @pytest.fixture(scope="session")
 def demo_ckpt_factory(demo_model_dir, data_dir, tmp_path_factory):
-    """``factory(n_blocks=2, **QuantizeConfig kwargs) -> checkpoint dir`` of a truncated demo model, cached per
-    configuration for the session."""
+    """``factory(n_blocks=2, truncate=True, **QuantizeConfig kwargs) -> checkpoint dir`` of the demo model with
+    its first ``n_blocks`` blocks quantized, cached per configuration for the session."""
     cache: dict = {}
 
-    def factory(n_blocks: int = 2, **kw) -> Path:
-        key = (n_blocks, tuple(sorted(kw.items())))
+    def factory(n_blocks: int = 2, truncate: bool = True, **kw) -> Path:
+        key = (n_blocks, truncate, tuple(sorted(kw.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("ckpt") / "q"
-            cache[key] = _quantize_demo(demo_model_dir, out, n_blocks, data_dir, **kw)
+            cache[key] = _quantize_demo(demo_model_dir, out, n_blocks, data_dir, truncate, **kw)
         return cache[key]
 
     return factory
