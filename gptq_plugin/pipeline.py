@@ -151,11 +151,7 @@ def _accumulate(block: nn.Module, accs: dict[str, HessianAccumulator], inputs, k
     handles = []
     for name, acc in accs.items():
         def hook(module, args, name=name, acc=acc):
-            x = args[0]
-            if not torch.isfinite(x).all():
-                raise NumericalError(f"{block_name}.{name}: calibration activations contain NaN or Inf; "
-                                     "use float32 compute or check the source model")
-            acc.add_batch(x)
+            acc.add_batch(args[0])  # NaN/Inf here makes the Hessian non-finite: the solver names the layer
             if name == stop_after:
                 raise _StopForward
         handles.append(linears[name].register_forward_pre_hook(hook))
@@ -236,6 +232,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
         with torch.no_grad():
             inputs, kwargs_list = capture_block_inputs(model, blocks, calib, batch_size, progress)
+        if not all(torch.isfinite(x).all() for x in inputs):
+            raise NumericalError(f"{prefix}.0: its calibration inputs contain NaN or Inf; check the source model")
 
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     for bi in tqdm(range(n_blocks), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress):
