@@ -3,10 +3,11 @@
 1. Capture the inputs (and keyword arguments: masks, rotary embeddings) of the first decoder block on the
    calibration batches.
 2. For each block: discover which linear layers share an input and in which order the forward pass reaches
-   them (q/k/v, then o, then gate/up, then down for Llama); for each such group in order, accumulate the
-   group's Hessian once (the block's forward stops early, right after the group's input is seen), quantize
-   the group's layers, and put their quantized weights in place so later groups see quantized inputs
-   (``true_sequential``). Then re-run the block to produce the next block's inputs.
+   them (q/k/v, then o, then gate/up, then down for Llama). Then one forward of all calibration batches
+   through the block quantizes the groups on the way (``true_sequential``): the batches pause at each group's
+   first layer until all have added their input to the group's Hessian (computed once per group), the group
+   is quantized and its quantized weights put in place, and the batches go on, so later groups see quantized
+   inputs and the block's outputs, the next block's inputs, come out of the same pass.
 3. Replace the block's ``nn.Linear`` modules by :class:`~gptq_plugin.linear.QuantLinear`.
 
 Only the calibration activations of one block boundary are kept; embeddings, norms and ``lm_head`` stay
@@ -16,6 +17,7 @@ unquantized.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -143,28 +145,112 @@ def kwargs_for_batch(kwargs: dict, b: int) -> dict:
     return {k: cut(v) for k, v in kwargs.items()}
 
 
-def _accumulate(block: nn.Module, accs: dict[str, HessianAccumulator], inputs, kwargs_list, stop_after: str | None,
-                block_name: str) -> None:
+def _accumulate(block: nn.Module, accs: dict[str, HessianAccumulator], inputs, kwargs_list) -> None:
     """Run the calibration batches through ``block``, adding the input of each layer named in ``accs`` to its
-    Hessian accumulator; when ``stop_after`` is set, end each forward right after that layer's input."""
+    Hessian accumulator."""
     linears = _linear_modules(block)
     handles = []
     for name, acc in accs.items():
         def hook(module, args, name=name, acc=acc):
             acc.add_batch(args[0])  # NaN/Inf here makes the Hessian non-finite: the solver names the layer
-            if name == stop_after:
-                raise _StopForward
         handles.append(linears[name].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for x, kw in zip(inputs, kwargs_list):
-                try:
-                    _call_block(block, x, kw)
-                except _StopForward:
-                    pass
+                _call_block(block, x, kw)
     finally:
         for h in handles:
             h.remove()
+
+
+class _Aborted(Exception):
+    """Ends a batch's forward after another batch failed."""
+
+
+def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
+                     quantize_group) -> list[torch.Tensor]:
+    """One forward of every calibration batch through ``block`` that quantizes the block's layer groups on the
+    way (true-sequential GPTQ in a single pass).
+
+    Each batch runs in its own thread, and the threads take strict turns (batch 0, 1, ..., n-1), so exactly one
+    computes at a time and the Hessian sums are deterministic. When a batch reaches the first layer of a group it
+    adds its input to the group's Hessian and hands the turn on; the last batch to arrive calls
+    ``quantize_group(group, H)``, which puts the quantized weights in place, and every batch then continues its
+    forward with them. The block's outputs are therefore already the quantized block's outputs, and each group
+    saw inputs produced by the quantized groups before it, without re-running the block once per group.
+    Memory: every batch's activations at the current group are alive at once (about one full-batch forward).
+
+    Returns:
+        The block's output for each batch. Groups that no batch reached are passed to ``quantize_group`` with
+        ``H=None`` after the pass.
+    """
+    n = len(inputs)
+    linears = _linear_modules(block)
+    accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+    by_head = {g[0]: g for g in groups}
+    done: set[str] = set()
+    cond = threading.Condition()
+    state: dict = {"turn": 0, "error": None}
+    local = threading.local()
+    outputs: list[torch.Tensor | None] = [None] * n
+
+    def wait_turn(b: int) -> None:
+        with cond:
+            while state["turn"] != b and state["error"] is None:
+                cond.wait()
+            if state["error"] is not None:
+                raise _Aborted
+
+    def pass_turn(to: int) -> None:
+        with cond:
+            state["turn"] = to
+            cond.notify_all()
+
+    def hook(module, args, head):
+        b = local.batch
+        if (head, b) in local.seen:
+            return  # a layer called twice: only its first call feeds the Hessian
+        local.seen.add((head, b))
+        accs[head].add_batch(args[0])
+        if b == n - 1:  # every batch has contributed: quantize the group, then start the next round
+            quantize_group(by_head[head], accs[head].finalize())
+            done.add(head)
+            pass_turn(0)
+        else:
+            pass_turn(b + 1)
+        wait_turn(b)
+
+    def run(b: int) -> None:
+        local.batch, local.seen = b, set()
+        try:
+            wait_turn(b)
+            with torch.no_grad():
+                outputs[b] = _call_block(block, inputs[b], kwargs_list[b])
+            pass_turn(b + 1)
+        except _Aborted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            with cond:
+                if state["error"] is None:
+                    state["error"] = e
+                cond.notify_all()
+
+    handles = [linears[h].register_forward_pre_hook(lambda m, a, h=h: hook(m, a, h)) for h in by_head]
+    try:
+        threads = [threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}") for b in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for h in handles:
+            h.remove()
+    if state["error"] is not None:
+        raise state["error"]
+    for g in groups:
+        if g[0] not in done:
+            quantize_group(g, None)
+    return outputs
 
 
 def _rel_err(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -248,24 +334,24 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
                 report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
         else:
             groups = _discover_groups(block, inputs[0], kwargs_list[0])  # each group shares one input
-            # true-sequential: one pass per group, after the groups before it are quantized; else one pass
-            passes = [[g] for g in groups] if cfg.true_sequential else [groups]
-            for pass_groups in passes:
-                accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in pass_groups}
-                stop = pass_groups[0][0] if len(pass_groups) == 1 else None
-                _accumulate(block, accs, inputs, kwargs_list, stop, block_name)
-                for group in pass_groups:
-                    acc = accs[group[0]]
-                    H = acc.finalize() if acc.n else None  # computed once, shared by the group
-                    for name in group:
-                        results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
-            # propagate: the next block sees this block's quantized outputs
-            with torch.no_grad():
-                for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
-                    y = _call_block(block, x, kw)
-                    if not torch.isfinite(y).all():
-                        raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
-                    inputs[i] = y
+
+            def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
+                for name in group:  # one Hessian, computed once, for the layers sharing an input
+                    results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
+
+            if cfg.true_sequential:
+                outputs = _sequential_pass(block, groups, inputs, kwargs_list, quantize_group)
+            else:  # every Hessian from the unquantized block, then one forward to propagate
+                accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+                _accumulate(block, accs, inputs, kwargs_list)
+                for g in groups:
+                    quantize_group(g, accs[g[0]].finalize() if accs[g[0]].n else None)
+                with torch.no_grad():
+                    outputs = [_call_block(block, x, kw) for x, kw in zip(inputs, kwargs_list)]
+            for i, y in enumerate(outputs):  # the next block sees this block's quantized outputs
+                if not torch.isfinite(y).all():
+                    raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
+                inputs[i] = y
         for name, res in results.items():
             mod = linears[name]
             bias = mod.bias.data if mod.bias is not None else None
