@@ -31,6 +31,6 @@ def gptq_plugin_model_layouts():
 
 @hookimpl
 def gptq_plugin_checkpoint_formats():
-    from .checkpoint import builtin_formats
+    from .formats import builtin_formats
 
     return builtin_formats()

@@ -1,4 +1,4 @@
-"""Command line: ``gptq-plugin quantize | eval | inspect | plugins | bench | demo-model | demo``.
+"""Command line: ``gptq-plugin quantize | eval | inspect | convert | plugins | bench | demo-model | demo``.
 
 Errors caused by the user (a missing folder, an impossible config, a corrupt checkpoint) print one line on
 stderr and exit with status 2; nothing partial is written.
@@ -204,12 +204,33 @@ def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    for k in ("path", "format", "bits", "group_size", "desc_act", "sym", "static_groups", "method", "quantizer",
-              "n_quantized_layers"):
+    for k in ("path", "format", "format_check", "bits", "group_size", "desc_act", "sym", "static_groups", "method",
+              "quantizer", "n_quantized_layers"):
+        if k == "format_check" and info[k] is None:
+            continue
         typer.echo(f"{k:>20}: {info[k]}")
     typer.echo(f"{'size on disk':>20}: {info['size_on_disk_bytes'] / 1e6:.1f} MB")
     typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
     typer.echo(f"{'compression ratio':>20}: {info['compression_ratio']:.2f}x")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Quantized checkpoint folder (gptq, gptq_v2 or compressed-tensors)."),
+    dst: Path = typer.Argument(..., help="Output folder (created atomically)."),
+    to: str = typer.Option(..., "--to", help="Target format: gptq, gptq_v2, compressed-tensors (or a plugin's)."),
+    source_format: Optional[str] = typer.Option(None, "--source-format",
+                                                   help="Read SRC as this format instead of what its config says "
+                                                        "(to repair a mislabelled v1/v2 checkpoint)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights in SRC."),
+):
+    """Convert SRC to another checkpoint format, exactly (converting back gives identical tensors)."""
+    _setup(None)
+    from .convert import convert_checkpoint
+
+    rep = convert_checkpoint(src, dst, to, source_format, overwrite, allow_pickle)
+    typer.echo(f"converted {rep.n_layers} layers: {rep.source_format} -> {rep.target_format} at {rep.dst}")
 
 
 @app.command()
@@ -229,6 +250,15 @@ def plugins():
     typer.echo("calibration sources: " + ", ".join(p.calibration_sources()))
     typer.echo("model layouts: " + ", ".join(l.name for l in p.model_layouts()))
     typer.echo("checkpoint formats: " + ", ".join(p.checkpoint_formats()))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context):
+    """Kernel timings vs dense matmul (see `gptq-plugin bench --help-bench`; options of gptq_plugin.bench)."""
+    from . import bench as bench_mod
+
+    args = ["--help" if a == "--help-bench" else a for a in ctx.args]
+    raise typer.Exit(bench_mod.main(args) or 0)
 
 
 @app.command("demo-model")

@@ -1,9 +1,17 @@
 """Fused dequantize + matmul kernels for GPTQ layers, chosen per layer through the kernel registry.
 
-``reference`` defines the math; every other kernel is tested against it.
+``reference`` defines the math; every other kernel is tested against it:
+
+* ``triton`` / ``triton_gemm`` / ``triton_gemv`` (CUDA): fused dequant-GEMM and split-K GEMV in Triton;
+* ``cpu_int4`` (CPU, 4-bit, bf16): PyTorch's native int4 weight-only matmul;
+* ``dequant_chunked`` (any device): chunked dequantize-and-matmul, the fallback for everything else.
 """
 
 from .base import LayerSpec, QuantKernel
+from .cpu_int4 import CpuInt4Kernel
+from .dequant_chunked import DequantChunkedKernel
 from .reference import ReferenceKernel, dequantize_weight, gemm
+from .triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
 
-__all__ = ["LayerSpec", "QuantKernel", "ReferenceKernel", "dequantize_weight", "gemm"]
+__all__ = ["CpuInt4Kernel", "DequantChunkedKernel", "LayerSpec", "QuantKernel", "ReferenceKernel", "TritonGemmKernel",
+           "TritonGemvKernel", "TritonKernel", "dequantize_weight", "gemm"]
