@@ -1,4 +1,12 @@
-"""gptq-plugin: GPTQ post-training quantization (Frantar et al., ICLR 2023) as a pluggable backend."""
+"""gptq-plugin: GPTQ post-training quantization (Frantar et al., ICLR 2023) as a pluggable backend.
+
+``GPTQPluginConfig`` (the Transformers quantization config) is imported lazily, on first access, from
+``gptq_plugin.adapters.transformers``, which registers the plugin with Transformers. Importing this package
+registers it only when Transformers is already imported (it has no entry-point discovery), and never fails.
+"""
+
+import logging as _logging
+import sys as _sys
 
 from .config import QuantizeConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, GPTQPluginError, KernelError, NumericalError
@@ -13,4 +21,34 @@ __all__ = [
     "CalibrationError",
     "KernelError",
     "NumericalError",
+    "GPTQPluginConfig",
 ]
+
+
+def __getattr__(name: str):
+    if name == "GPTQPluginConfig":
+        try:
+            from .adapters.transformers import GPTQPluginConfig
+        except ImportError as e:
+            raise ImportError(f"gptq_plugin.GPTQPluginConfig needs Transformers: pip install "
+                              f"'gptq-plugin[transformers]' ({e})") from e
+        return GPTQPluginConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"GPTQPluginConfig"})
+
+
+def _register_with_imported_frameworks() -> None:
+    """Register with Transformers when it is already imported; a failure is logged, never raised."""
+    if _sys.modules.get("transformers") is None:
+        return
+    try:
+        from .adapters import transformers as _adapter  # noqa: F401  (registers on import)
+    except Exception as e:  # a broken or too old Transformers must not break `import gptq_plugin`
+        _logging.getLogger(__name__).warning("gptq-plugin: not registered with Transformers (%s: %s)",
+                                             type(e).__name__, e)
+
+
+_register_with_imported_frameworks()

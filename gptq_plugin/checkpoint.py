@@ -26,7 +26,8 @@ from torch import nn
 from .config import QuantizeConfig
 from .errors import CheckpointError, ConfigError, GPTQPluginError
 from .linear import QuantLinear
-from .packing import pack_qzeros, unpack_qzeros
+from .format_gptq import GPTQv1Format, GPTQv2Format  # noqa: F401  (re-exported, older import path)
+from .formats import builtin_formats  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -36,42 +37,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_SHARD_BYTES = 2 * 1024**3
 
 
-# --- checkpoint formats (zero-point conventions) ------------------------------------------------------------
-class GPTQv1Format:
-    """AutoGPTQ's "gptq" format: qzeros store ``zero - 1`` (our in-memory convention)."""
-
-    name = "gptq"
-
-    def to_internal(self, qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-        return qzeros
-
-    def from_internal(self, qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-        return qzeros
-
-
-class GPTQv2Format:
-    """GPTQModel's "gptq_v2" format: qzeros store ``zero``."""
-
-    name = "gptq_v2"
-
-    def to_internal(self, qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-        return pack_qzeros(unpack_qzeros(qzeros, bits, out_features, "gptq_v2"), bits, "gptq")
-
-    def from_internal(self, qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-        return pack_qzeros(unpack_qzeros(qzeros, bits, out_features, "gptq"), bits, "gptq_v2")
-
-
-def builtin_formats() -> list:
-    return [GPTQv1Format(), GPTQv2Format()]
-
-
+# --- checkpoint formats (zero-point conventions): gptq_plugin.formats, through the hook -----------------------
 def _format(name: str):
-    from .plugins import checkpoint_formats
+    from .formats import get_format
 
-    formats = checkpoint_formats()
-    if name not in formats:
-        raise CheckpointError(f"checkpoint_format={name!r} is not supported: known formats {', '.join(formats)}")
-    return formats[name]
+    return get_format(name)
 
 
 # --- atomic output -----------------------------------------------------------------------------------------
@@ -143,17 +113,24 @@ def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dty
     fmt = _format(cfg.checkpoint_format)
     qnames = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {}
+    layers: dict[str, dict[str, torch.Tensor]] = {n: {} for n in qnames}
     for k, v in model.state_dict().items():
         prefix, _, leaf = k.rpartition(".")
         if prefix in qnames:
-            m = qnames[prefix]
-            if leaf == "qzeros":
-                v = fmt.from_internal(v, m.bits, m.out_features)
-            elif leaf in ("scales", "bias"):
+            if qnames[prefix].bits != cfg.bits:
+                raise ConfigError(f"layer {prefix} holds {qnames[prefix].bits}-bit codes but the config says "
+                                  f"bits={cfg.bits}: save it with the config it was quantized with")
+            if leaf in ("scales", "bias"):
                 v = v.to(torch.float16)
-        elif v.is_floating_point():
+            layers[prefix][leaf] = v.detach().contiguous().cpu()
+            continue
+        if v.is_floating_point():
             v = v.to(dtype)
         state[k] = v.detach().contiguous().cpu()
+    cfg = fmt.prepare(cfg, layers)
+    for prefix, tensors in layers.items():
+        for leaf, v in fmt.from_internal(tensors, cfg, prefix).items():
+            state[f"{prefix}.{leaf}"] = v.contiguous()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
@@ -180,6 +157,7 @@ def save_quantized(model: nn.Module, cfg: QuantizeConfig, out_dir: str | Path, t
     """
     from safetensors.torch import save_file
 
+    check_output_dir(out_dir, overwrite, source_dir)
     state = quantized_state_dict(model, cfg)
     qcfg = cfg.to_dict()
     if extra_meta:
@@ -313,7 +291,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
                    allow_pickle: bool = False, trust_remote_code: bool = False) -> nn.Module:
     """Load a GPTQ checkpoint into a Transformers causal LM whose quantized layers are :class:`QuantLinear`.
 
-    Reads formats "gptq" (v1) and "gptq_v2" (converted to v1 zeros in memory).
+    Reads every registered checkpoint format, detected from the config: "gptq" (v1), "gptq_v2" and
+    "compressed-tensors" (``pack-quantized``), converted to the v1 layout in memory
+    (:func:`gptq_plugin.formats.open_checkpoint`). GPTQ checkpoints whose zero points contradict their declared
+    v1/v2 convention are refused (symmetric: conclusive) or reported (asymmetric: statistical), see
+    :func:`gptq_plugin.format_gptq.check_zero_points`.
 
     Args:
         path: the checkpoint folder.
@@ -327,31 +309,32 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .formats import open_checkpoint
+
     path = Path(path)
-    cfg = QuantizeConfig.from_pretrained(path)
-    fmt = _format(cfg.checkpoint_format)
-    files = checkpoint_files(path, allow_pickle)
+    ck = open_checkpoint(path, allow_pickle)
+    cfg = ck.config
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise CheckpointError(f"{path}/config.json cannot be read by Transformers ({type(e).__name__}: {e})") from None
     if hasattr(hf_config, "quantization_config"):
         delattr(hf_config, "quantization_config")
-    state = read_tensors(files)
-    prefixes = quantized_prefixes(state)
-    if not prefixes:
-        raise CheckpointError(f"{path}: no *.qweight tensors: not a GPTQ checkpoint (quantize it first)")
+    prefixes = ck.layers
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     replace_with_quant_linear(model, prefixes, cfg)
+    state = {k: v for k, v in ck.state.items()}
     for p in prefixes:
-        m = model.get_submodule(p)
-        for leaf in QUANT_SUFFIXES:
-            if f"{p}.{leaf}" not in state:
-                raise CheckpointError(f"{path}: tensor {p}.{leaf} is missing: the checkpoint is incomplete")
-        state[f"{p}.qzeros"] = _to_internal_zeros(fmt, state[f"{p}.qzeros"], m, p)
+        for k in ck.format.layer_keys(p, ck.state):
+            del state[k]
+        try:
+            tensors = ck.layer(p)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        state.update({f"{p}.{leaf}": v for leaf, v in tensors.items()})
     expected = set(model.state_dict().keys())
     tied = getattr(hf_config, "tie_word_embeddings", False)
     missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
@@ -372,6 +355,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         if tuple(v.shape) != tuple(ref.shape):
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)} for "
                                   f"bits={cfg.bits}, group_size={cfg.group_size}: the checkpoint does not match its config")
+    ck.check_zero_points()
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -384,47 +368,76 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     return model.to(device)
 
 
-def _to_internal_zeros(fmt, qzeros: torch.Tensor, m: QuantLinear, name: str) -> torch.Tensor:
-    try:
-        return fmt.to_internal(qzeros, m.bits, m.out_features)
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"tensor {name}.qzeros has shape {tuple(qzeros.shape)}, which does not fit "
-                              f"bits={m.bits}, out_features={m.out_features} ({e})") from None
+def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
+    """Summary of a checkpoint: detected format, config, quantized layers, size on disk, compression ratio vs fp16,
+    and (``check``) the zero-point check of :func:`gptq_plugin.format_gptq.diagnose_zero_points` for GPTQ formats.
 
-
-def inspect_checkpoint(path: str | Path) -> dict:
-    """Summary of a checkpoint: config, format, quantized layers, size on disk, compression ratio vs fp16."""
-    path = Path(path)
-    cfg = QuantizeConfig.from_pretrained(path)
-    files = checkpoint_files(path)
+    Raises:
+        CheckpointError: not a checkpoint of a known format, or a corrupt file.
+    """
     from safetensors import safe_open
 
-    layers = []
-    fp16_equiv = 0
+    from .format_gptq import diagnose_zero_points
+    from .formats import detect_format, read_quantization_config
+
+    path = Path(path)
+    qcfg, source = read_quantization_config(path)
+    fmt = detect_format(qcfg, str(source))
+    cfg = fmt.parse_config(qcfg)
+    files = checkpoint_files(path)
     disk = sum(f.stat().st_size for f in files)
-    quant_bytes = 0
+    shapes: dict[str, tuple[list[int], str, Path]] = {}
     for f in files:
         try:
             with safe_open(str(f), "pt") as h:
-                keys = list(h.keys())
-                shapes = {k: (h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in keys}
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    shapes[k] = (list(sl.get_shape()), sl.get_dtype(), f)
         except Exception as e:
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-        for k, (shape, dt) in shapes.items():
+
+    def tensor(k: str) -> torch.Tensor:
+        with safe_open(str(shapes[k][2]), "pt") as h:
+            return h.get_tensor(k)
+
+    prefixes = fmt.layer_prefixes(shapes)
+    owned = {k for p in prefixes for k in fmt.layer_keys(p, shapes)}
+    layers = []
+    fp16_equiv = 0
+    for p in prefixes:
+        if f"{p}.weight_shape" in shapes:  # compressed-tensors
+            out_f, in_f = (int(v) for v in tensor(f"{p}.weight_shape").tolist())
+        else:
+            rows, out_f = shapes[f"{p}.{fmt.marker}"][0]
+            g = shapes.get(f"{p}.g_idx")
+            in_f = g[0][0] if g else rows * 32 // cfg.bits
+        layers.append({"name": p, "in_features": in_f, "out_features": out_f})
+        fp16_equiv += in_f * out_f * 2
+        if f"{p}.bias" in shapes:
+            fp16_equiv += shapes[f"{p}.bias"][0][0] * 2
+    for k, (shape, dt, _) in shapes.items():
+        if k not in owned and dt in ("F16", "BF16", "F32"):
             n = 1
             for s in shape:
                 n *= s
-            if k.endswith(".qweight"):
-                in_f = shape[0] * 32 // cfg.bits
-                layers.append({"name": k[:-8], "in_features_packed": in_f, "out_features": shape[1]})
-                fp16_equiv += in_f * shape[1] * 2
-            elif not any(k.endswith("." + s) for s in QUANT_SUFFIXES) and dt in ("F16", "BF16"):
-                fp16_equiv += n * 2
-            elif not any(k.endswith("." + s) for s in QUANT_SUFFIXES) and dt == "F32":
-                fp16_equiv += n * 2
+            fp16_equiv += n * 2
+    check_result = None
+    if check and fmt.name in ("gptq", "gptq_v2"):
+        def layer_tensors():
+            for p in prefixes:
+                yield p, {leaf: tensor(f"{p}.{leaf}") for leaf in QUANT_SUFFIXES if f"{p}.{leaf}" in shapes}
+
+        d = diagnose_zero_points(layer_tensors(), cfg.bits, cfg.sym, fmt.name)
+        if d.mislabelled:
+            check_result = f"MISLABELLED? looks like {d.likely!r} ({'conclusive' if d.exact else 'statistical'}): {d.evidence}"
+        elif d.likely == fmt.name or d.exact:
+            check_result = f"ok: zero points fit {fmt.name!r}"
+        else:
+            check_result = "inconclusive (zero points fit either convention)"
     return {
         "path": str(path),
-        "format": cfg.checkpoint_format,
+        "format": fmt.name,
+        "format_check": check_result,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "desc_act": cfg.desc_act,

@@ -32,10 +32,15 @@ def gptq_plugin_kernels() -> list[type]:
 
 @hookspec
 def gptq_plugin_checkpoint_formats() -> list[object]:
-    """Return checkpoint format handlers (objects with ``name``, ``detect(config_dict)`` and
-    ``to_internal(tensors, cfg)``), e.g. GPTQ v1 (``"gptq"``) and v2 (``"gptq_v2"``).
+    """Return checkpoint format handlers (subclasses of ``gptq_plugin.formats.CheckpointFormat``): GPTQ v1
+    (``"gptq"``), GPTQ v2 (``"gptq_v2"``) and compressed-tensors ``pack-quantized`` (``"compressed-tensors"``)
+    are the built-ins.
 
-    Called when a checkpoint is read. Implemented by the built-ins and by format packages.
+    Called when a checkpoint is read, converted or written. Implemented by the built-ins and by format packages.
+    Each handler has a unique ``name``; ``detect(quantization_config) -> bool`` (exactly one handler must accept
+    a given config), ``parse_config(quantization_config) -> QuantizeConfig``, and per quantized layer
+    ``to_internal(tensors, cfg, name)`` / ``from_internal(tensors, cfg, name)`` between its tensors and the
+    in-memory GPTQ v1 layout of ``QuantLinear``.
     """
 
 

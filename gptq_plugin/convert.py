@@ -1,0 +1,112 @@
+"""Convert a quantized checkpoint between formats: GPTQ v1 (``gptq``), GPTQ v2 (``gptq_v2``) and
+compressed-tensors ``pack-quantized`` (``compressed-tensors``), exactly.
+
+The source is read through its format handler into the in-memory v1 layout (:mod:`gptq_plugin.formats`) and
+written through the target's handler; the integer codes, zero points, scales and ``g_idx`` are carried bit for
+bit, every other tensor is copied unchanged, and converting back gives identical tensors. The output folder is
+written atomically (:func:`gptq_plugin.checkpoint.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import MAX_SHARD_BYTES, _shard, atomic_output_dir, check_output_dir
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+SKIPPED_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert_checkpoint` did: ``source_format`` -> ``target_format`` for ``n_layers`` layers."""
+
+    src: str
+    dst: str
+    source_format: str
+    target_format: str
+    n_layers: int
+    files: list[str] = field(default_factory=list)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format: str | None = None,
+                       overwrite: bool = False, allow_pickle: bool = False,
+                       max_shard_bytes: int = MAX_SHARD_BYTES) -> ConvertReport:
+    """Write the checkpoint ``src`` in format ``to`` at ``dst``.
+
+    Args:
+        src: a quantized checkpoint folder (GPTQ v1/v2 or compressed-tensors ``pack-quantized``).
+        dst: the folder to create (atomically; never inside ``src``).
+        to: "gptq", "gptq_v2" or "compressed-tensors" (or any registered format that can write).
+        source_format: read ``src`` as this format instead of the one its config declares (relabelling a
+            mislabelled v1/v2 checkpoint).
+        overwrite: replace an existing ``dst``.
+        allow_pickle: accept ``.bin``/``.pt`` weights in ``src`` (the output is always safetensors).
+
+    Returns:
+        a :class:`ConvertReport`.
+
+    Raises:
+        GPTQPluginError: ``dst`` exists (without ``overwrite``) or lies inside ``src``.
+        CheckpointError: ``src`` is unreadable, of an unknown format, or mislabelled (see
+            :func:`gptq_plugin.format_gptq.check_zero_points`); ``to`` is unknown; a layer cannot be stored in ``to``.
+    """
+    from safetensors.torch import save_file
+
+    from .formats import get_format, open_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    target = get_format(to)
+    check_output_dir(dst, overwrite, src)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{src} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e}); re-download or re-create the checkpoint") from None
+
+    ck = open_checkpoint(src, allow_pickle, source_format)
+    ck.check_zero_points()
+    layers = {p: ck.layer(p) for p in ck.layers}
+    cfg = target.prepare(ck.config, layers)
+    owned = {k for p in ck.layers for k in ck.format.layer_keys(p, ck.state)}
+    state = {k: v.contiguous() for k, v in ck.state.items() if k not in owned}
+    for p, tensors in layers.items():
+        for leaf, v in target.from_internal(tensors, cfg, p).items():
+            state[f"{p}.{leaf}"] = v.contiguous()
+    qcfg = target.config_dict(cfg, layers, list(state))
+    config["quantization_config"] = qcfg
+
+    with atomic_output_dir(dst, overwrite, src) as tmp:
+        shards = _shard(state, max_shard_bytes)
+        names = []
+        if len(shards) == 1:
+            names.append("model.safetensors")
+            save_file(shards[0], str(tmp / names[0]), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                names.append(fname)
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                for k, v in shard.items():
+                    weight_map[k] = fname
+                    total += v.numel() * v.element_size()
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if target.writes_quantize_config:
+            (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
+        for f in sorted(src.iterdir()):  # tokenizer, generation config, chat template, recipes, ...
+            if f.is_file() and f.name not in SKIPPED_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copyfile(f, tmp / f.name)
+    log.info("converted %s (%s) -> %s (%s), %d layers", src, ck.format.name, dst, target.name, len(layers))
+    return ConvertReport(str(src), str(dst.resolve()), ck.format.name, target.name, len(layers), names)
