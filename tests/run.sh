@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/setup_env.sh test
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q -rs "$@"
+python -m pytest -q -rs --timeout 900 "$@"
