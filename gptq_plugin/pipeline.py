@@ -104,11 +104,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
 def _discover_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Linear layers of ``block`` in forward order, grouped by shared input tensor (q/k/v; gate/up)."""
     linears = _linear_modules(block)
-    order: list[tuple[str, int]] = []
+    order: list[tuple[str, torch.Tensor]] = []  # keep the input tensors alive: ids of freed tensors are reused
     handles = []
     for name, mod in linears.items():
         def hook(module, args, name=name):
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -118,16 +118,16 @@ def _discover_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[li
             h.remove()
     groups: list[list[str]] = []
     seen: set[str] = set()
-    last_id = None
-    for name, ident in order:
+    last = None
+    for name, inp in order:
         if name in seen:
             continue  # a layer called twice is quantized with its first input's group
         seen.add(name)
-        if groups and ident == last_id:
+        if groups and inp is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_id = ident
+        last = inp
     unused = [n for n in linears if n not in seen]
     if unused:
         groups.append(unused)  # never reached by the forward pass: no calibration tokens

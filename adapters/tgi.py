@@ -1,0 +1,344 @@
+"""Text Generation Inference (TGI): a ``WeightsLoader`` that loads GPTQ layers for TGI's server through
+gptq-plugin's kernel registry.
+
+TGI's Python server (``text_generation_server``, the ``server/`` folder of huggingface/text-generation-inference)
+asks a ``WeightsLoader`` (``utils/weights.py``) for every linear layer of a model; the one it uses comes from
+``utils/quantization.py:get_loader()``. :class:`GPTQPluginWeightsLoader` reads ``qweight``/``qzeros``/``scales``/
+``g_idx`` through TGI's ``Weights`` object, sharded for tensor parallelism the way TGI's own GPTQ loader shards
+them, and returns :class:`GPTQPluginWeight` objects whose ``get_linear(bias)`` is a :class:`gptq_plugin.QuantLinear`
+(so every forward runs the kernel gptq-plugin's registry chooses: 2/3/4/8 bits, act-order, asymmetric).
+:mod:`gptq_plugin.adapters.tgi_launcher` routes TGI's ``get_loader(quantize="gptq", ...)`` here.
+
+Nothing here imports TGI: the loader only calls methods of the ``Weights`` object it is given (``get_tensor``,
+``get_sharded``, ``get_packed_sharded``, ``has_tensor``, ``get_shape``, ``process_group``).
+
+Sharding (TGI ``GPTQWeightsLoader`` conventions, rank ``r`` of ``W`` ranks, ``K`` inputs, ``N`` outputs):
+
+* column-parallel (``get_weights_col_packed``, ``get_multi_weights_col``): each rank takes the same slice of
+  output channels of ``qweight``, ``scales`` and ``qzeros`` (``qzeros`` packs output channels, so its slice is
+  taken in words where TGI's word-level slicing selects exactly those channels, else by unpacking, slicing codes
+  and repacking); ``g_idx`` is read whole.
+* row-parallel (``get_weights_row``): rank ``r`` takes input channels ``[r*K/W, (r+1)*K/W)`` of ``qweight`` and
+  ``g_idx``. When those channels' groups are in input order and the shard holds whole groups, ``scales``/``qzeros``
+  are sharded by group and ``g_idx`` is shifted to start at 0 (as TGI does); otherwise (act-order, a group
+  straddling two shards, ``group_size=-1``) every rank keeps the full ``scales``/``qzeros`` and the absolute
+  ``g_idx`` (as TGI does for act-order), which is exact for any ``g_idx``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gptq_plugin.config import QuantizeConfig
+from gptq_plugin.errors import CheckpointError
+from gptq_plugin.linear import QuantLinear
+from gptq_plugin.packing import (
+    default_g_idx,
+    num_groups,
+    pack_dim0,
+    pack_qzeros,
+    packed_rows,
+    unpack_dim0,
+    unpack_qzeros,
+)
+
+
+# --- the Weight ------------------------------------------------------------------------------------------
+@dataclass
+class GPTQPluginWeight:
+    """One GPTQ linear layer (or one tensor-parallel shard of it) as loaded for TGI; a TGI ``Weight``.
+
+    Attributes:
+        qweight: int32 ``[ceil(K * bits / 32), N]``. qzeros: int32 ``[G, ceil(N * bits / 32)]``, format "gptq"
+            (v1, stores ``zero - 1``). scales: ``[G, N]`` in the checkpoint's dtype. g_idx: int32 ``[K]`` with
+            values in ``[0, G)``; ``G`` may exceed ``ceil(K / group_size)`` for a row-parallel shard that keeps
+            the full ``scales`` (act-order).
+        bits, group_size, sym: from the checkpoint's ``quantization_config``.
+        dtype: the activation dtype TGI runs the model in (the kernel is chosen for it at ``get_linear``).
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool = True
+    dtype: torch.dtype | None = None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.g_idx.numel())
+
+    @property
+    def out_features(self) -> int:
+        return int(self.scales.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def get_linear(self, bias: torch.Tensor | None) -> QuantLinear:
+        """The layer TGI runs: a :class:`QuantLinear` holding these tensors (not copies) and ``bias``, with its
+        kernel chosen through gptq-plugin's registry for ``dtype``.
+
+        Raises:
+            KernelError: no registered kernel can run the layer (the message lists every kernel's reason).
+        """
+        layer = QuantLinear(0, 0, self.bits, self.group_size, bias=bias is not None, sym=self.sym,
+                            dtype=self.scales.dtype, device="meta")
+        layer.in_features, layer.out_features = self.in_features, self.out_features
+        layer.qweight, layer.qzeros, layer.scales, layer.g_idx = self.qweight, self.qzeros, self.scales, self.g_idx
+        if bias is not None:
+            layer.bias = bias
+        layer.prepare(self.dtype or self.scales.dtype)
+        return layer
+
+
+# --- the WeightsLoader -----------------------------------------------------------------------------------
+class GPTQPluginWeightsLoader:
+    """A TGI ``WeightsLoader`` for GPTQ checkpoints (``quant_method: "gptq"``, format "gptq" or "gptq_v2").
+
+    Registered as a virtual subclass of TGI's ``WeightsLoader`` by :func:`.tgi_launcher.install`. Exposes the
+    attributes TGI code reads from its own GPTQ loader (``bits``, ``groupsize``, ``desc_act``, ``sym``,
+    ``quant_method``, ``quantize``).
+
+    Args:
+        config (`QuantizeConfig`): the checkpoint's quantization config.
+        modules_to_not_convert (`Sequence[str]`, *optional*, defaults to ()): prefixes of layers stored
+            unquantized (``quantization_config.modules_to_not_convert``); they load as plain tensors, which TGI
+            turns into its own unquantized linear layers.
+    """
+
+    quant_method = "gptq"
+    quantize = "gptq"
+
+    def __init__(self, config: QuantizeConfig, modules_to_not_convert: Sequence[str] = ()):
+        self.config = config
+        self.modules_to_not_convert = list(modules_to_not_convert or ())
+
+    @classmethod
+    def from_quantization_config(cls, d: dict[str, Any]) -> GPTQPluginWeightsLoader:
+        """From a checkpoint's ``quantization_config`` object. Raises :class:`ConfigError` for an invalid one."""
+        return cls(QuantizeConfig.from_dict(d), d.get("modules_to_not_convert") or ())
+
+    # TGI code reads these from `weights.loader`.
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def groupsize(self) -> int:
+        return self.config.group_size
+
+    @property
+    def desc_act(self) -> bool:
+        return self.config.desc_act
+
+    @property
+    def sym(self) -> bool:
+        return self.config.sym
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"GPTQPluginWeightsLoader(bits={c.bits}, group_size={c.group_size}, desc_act={c.desc_act}, "
+                f"sym={c.sym}, checkpoint_format={c.checkpoint_format!r})")
+
+    # --- TGI's WeightsLoader interface ----------------------------------------------------------------------
+    def get_weights(self, weights, prefix: str):
+        """The whole layer ``prefix``, unsharded."""
+        if self._skipped(prefix):
+            return weights.get_tensor(f"{prefix}.weight")
+        self._require(weights, prefix)
+        qweight = weights.get_tensor(f"{prefix}.qweight")
+        scales = weights.get_tensor(f"{prefix}.scales", to_dtype=False)
+        return self._weight(weights, prefix, qweight, weights.get_tensor(f"{prefix}.qzeros"), scales,
+                            self._g_idx(weights, prefix, qweight, scales))
+
+    def get_weights_col_packed(self, weights, prefix: str, block_sizes: int | list[int]):
+        """Layer ``prefix`` holding several layers stacked along the output dim (QKV, gate/up), each split
+        across ranks: rank ``r`` takes the ``r``-th ``1/W`` of every block (``block_sizes`` as in TGI's
+        ``Weights.get_packed_sharded``: a number of equal blocks or their proportions)."""
+        if self._skipped(prefix):
+            return weights.get_packed_sharded(f"{prefix}.weight", dim=0, block_sizes=block_sizes)
+        self._require(weights, prefix)
+        rank, world = _rank_world(weights)
+        n = weights.get_shape(f"{prefix}.scales")[1]
+        parts = block_sizes if isinstance(block_sizes, list) else [1] * block_sizes
+        _packed_ranges(n, parts, rank, world, f"{prefix}.qweight")  # a clear error for a split TGI cannot do
+        qweight = weights.get_packed_sharded(f"{prefix}.qweight", dim=1, block_sizes=block_sizes)
+        scales = weights.get_packed_sharded(f"{prefix}.scales", dim=1, block_sizes=block_sizes, to_dtype=False)
+        qzeros = self._qzeros_cols(weights, f"{prefix}.qzeros", n, parts, rank, world,
+                                   lambda name: weights.get_packed_sharded(name, dim=1, block_sizes=block_sizes))
+        return self._weight(weights, prefix, qweight, qzeros, scales, self._g_idx(weights, prefix, qweight, scales))
+
+    def get_weights_col(self, weights, prefix: str):
+        """Layer ``prefix`` split across ranks along the output dim."""
+        return self.get_multi_weights_col(weights, [prefix], 0)
+
+    def get_multi_weights_col(self, weights, prefixes: list[str], dim: int):
+        """Layers ``prefixes`` (sharing their input, e.g. q/k/v), each split across ranks along the output dim,
+        concatenated along the output dim. ``dim`` is the concatenation dim of unquantized ``[out, in]``
+        weights (``qweight`` is ``[in, out]``, so quantized tensors are concatenated along dim 1)."""
+        if self._skipped(prefixes[0]):
+            return torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=dim)
+        rank, world = _rank_world(weights)
+        qweights, scales, qzeros, g_idxs = [], [], [], []
+        for p in prefixes:
+            self._require(weights, p)
+            n = weights.get_shape(f"{p}.scales")[1]
+            _check_divisible(f"{p}.scales", "output channels", n, world)
+            qweights.append(weights.get_sharded(f"{p}.qweight", dim=1))
+            scales.append(weights.get_sharded(f"{p}.scales", dim=1, to_dtype=False))
+            qzeros.append(self._qzeros_cols(weights, f"{p}.qzeros", n, [1], rank, world,
+                                            lambda name: weights.get_sharded(name, dim=1)))
+            g_idxs.append(self._g_idx(weights, p, qweights[-1], scales[-1]))
+        for p, g in zip(prefixes[1:], g_idxs[1:]):
+            if not torch.equal(g, g_idxs[0]):
+                raise CheckpointError(f"{p}.g_idx differs from {prefixes[0]}.g_idx: layers loaded as one fused "
+                                      "layer must share their input-channel grouping; re-quantize them together")
+        widths = [s.shape[1] for s in scales]
+        return self._weight(weights, ",".join(prefixes), torch.cat(qweights, dim=1),
+                            _cat_packed_cols(qzeros, widths, self.config.bits), torch.cat(scales, dim=1), g_idxs[0])
+
+    def get_weights_row(self, weights, prefix: str):
+        """Layer ``prefix`` split across ranks along the input dim (each rank's output is a partial sum)."""
+        if self._skipped(prefix):
+            return weights.get_sharded(f"{prefix}.weight", dim=1)
+        self._require(weights, prefix)
+        rank, world = _rank_world(weights)
+        bits, gs = self.config.bits, self.config.group_size
+        has_g_idx = weights.has_tensor(f"{prefix}.g_idx")
+        if has_g_idx:
+            k = weights.get_shape(f"{prefix}.g_idx")[0]
+        else:
+            k = weights.get_shape(f"{prefix}.qweight")[0] * 32 // bits
+        _check_divisible(f"{prefix}.qweight", "input channels", k, world)
+        shard = k // world
+        lo, hi = rank * shard, (rank + 1) * shard
+        if world == 1 or (shard * bits) % 32 == 0:  # shard boundaries fall on word boundaries
+            qweight = weights.get_sharded(f"{prefix}.qweight", dim=0)
+        else:
+            full = weights.get_tensor(f"{prefix}.qweight")  # shard boundaries inside words: repack the codes
+            qweight = pack_dim0(unpack_dim0(full, bits, k)[lo:hi], bits)
+        if has_g_idx:
+            g_idx = weights.get_sharded(f"{prefix}.g_idx", dim=0)
+        else:
+            g_idx = default_g_idx(k, gs).to(qweight.device)[lo:hi]
+        in_order = gs != -1 and torch.equal(
+            g_idx.long().cpu(), torch.arange(lo, hi) // gs)
+        if world > 1 and in_order and shard % gs == 0:  # whole groups in input order: shard scales/qzeros too
+            scales = weights.get_sharded(f"{prefix}.scales", dim=0, to_dtype=False)
+            qzeros = weights.get_sharded(f"{prefix}.qzeros", dim=0)
+            g_idx = g_idx - g_idx[0]
+        else:  # act-order, straddling groups or one group: keep all groups, g_idx absolute
+            scales = weights.get_tensor(f"{prefix}.scales", to_dtype=False)
+            qzeros = weights.get_tensor(f"{prefix}.qzeros")
+        return self._weight(weights, prefix, qweight, qzeros, scales, g_idx)
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+    def _skipped(self, prefix: str) -> bool:
+        return any(m in prefix for m in self.modules_to_not_convert)
+
+    def _require(self, weights, prefix: str) -> None:
+        name = f"{prefix}.qweight"
+        if not weights.has_tensor(name):
+            hint = (f"; the checkpoint has {prefix}.weight: an unquantized layer (list it in "
+                    "quantization_config.modules_to_not_convert or quantize it)"
+                    if weights.has_tensor(f"{prefix}.weight") else "")
+            raise CheckpointError(f"{name} is missing from the checkpoint loaded with --quantize gptq{hint}")
+
+    def _g_idx(self, weights, prefix: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        name = f"{prefix}.g_idx"
+        if weights.has_tensor(name):
+            return weights.get_tensor(name)
+        k = qweight.shape[0] * 32 // self.config.bits  # exact when g_idx is absent only for whole words
+        return default_g_idx(k, self.config.group_size).to(qweight.device)
+
+    def _qzeros_cols(self, weights, name: str, n: int, parts: list[int], rank: int, world: int,
+                     read_sharded: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The ``qzeros`` words of this rank's output channels (``n`` in blocks proportional to ``parts``, each
+        split in ``world``): read through TGI's word-level sharding when it selects exactly those channels' words,
+        else by unpacking the whole tensor, slicing the codes and repacking them."""
+        bits = self.config.bits
+        ranges = _packed_ranges(n, parts, rank, world, name)
+        words = packed_rows(n, bits)
+        try:
+            word_ranges = _packed_ranges(words, parts, rank, world, name)
+        except CheckpointError:
+            word_ranges = None
+        if word_ranges is not None and all(
+                wa * 32 == a * bits and (wb * 32 == b * bits or (b == n and wb == words))
+                for (a, b), (wa, wb) in zip(ranges, word_ranges)):
+            return read_sharded(name)
+        full = weights.get_tensor(name)  # [G, ceil(n * bits / 32)]
+        codes = unpack_dim0(full.t().contiguous(), bits, n)  # stored values [n, G]
+        codes = torch.cat([codes[a:b] for a, b in ranges])
+        return pack_dim0(codes, bits).t().contiguous()
+
+    def _weight(self, weights, prefix: str, qweight, qzeros, scales, g_idx) -> GPTQPluginWeight:
+        bits, gs = self.config.bits, self.config.group_size
+        g_idx = g_idx.to(torch.int32)
+        k, n = int(g_idx.numel()), int(scales.shape[1])
+        if self.config.checkpoint_format == "gptq_v2":  # QuantLinear holds v1 zeros
+            qzeros = pack_qzeros(unpack_qzeros(qzeros, bits, n, "gptq_v2"), bits, "gptq")
+        _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, gs, k, n)
+        return GPTQPluginWeight(qweight, qzeros, scales, g_idx, bits, gs, self.config.sym,
+                                getattr(weights, "dtype", None))
+
+
+def _rank_world(weights) -> tuple[int, int]:
+    pg = weights.process_group
+    return int(pg.rank()), int(pg.size())
+
+
+def _cat_packed_cols(qzeros: list[torch.Tensor], widths: list[int], bits: int) -> torch.Tensor:
+    """Concatenate ``qzeros`` of layers with ``widths`` output channels: word by word when every layer but the
+    last fills whole words, else code by code."""
+    if all(w * bits % 32 == 0 for w in widths[:-1]):
+        return torch.cat(qzeros, dim=1)
+    codes = [unpack_dim0(q.t().contiguous(), bits, w) for q, w in zip(qzeros, widths)]  # stored values [w, G]
+    return pack_dim0(torch.cat(codes), bits).t().contiguous()
+
+
+def _check_divisible(name: str, what: str, size: int, world: int) -> None:
+    if size % world:
+        raise CheckpointError(f"{name}: {size} {what} cannot be split evenly across {world} tensor-parallel "
+                              f"shards; use a number of shards that divides {size}")
+
+
+def _packed_ranges(n: int, parts: list[int], rank: int, world: int, name: str) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges of ``n`` channels that rank ``rank`` takes when they stack blocks proportional
+    to ``parts`` (TGI's ``get_packed_sharded``; ``[1]`` for one layer), each block split in ``world`` shards."""
+    if n % sum(parts):
+        raise CheckpointError(f"{name}: {n} output channels cannot be split in blocks proportional to {parts}")
+    ranges, start = [], 0
+    for p in parts:
+        size = n // sum(parts) * p
+        _check_divisible(name, "output channels of a packed block", size, world)
+        ranges.append((start + rank * size // world, start + (rank + 1) * size // world))
+        start += size
+    return ranges
+
+
+def _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, group_size, k, n) -> None:
+    """Shapes, dtypes and ``g_idx`` range of a (sharded) layer; raises :class:`CheckpointError` naming it."""
+    groups = int(scales.shape[0])
+    expect = {"qweight": (qweight, (packed_rows(k, bits), n), torch.int32),
+              "qzeros": (qzeros, (groups, packed_rows(n, bits)), torch.int32)}
+    for key, (t, shape, dtype) in expect.items():
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{prefix}.{key} has shape {tuple(t.shape)} where {shape} was expected for "
+                                  f"bits={bits}: the checkpoint does not match its quantization_config")
+        if t.dtype != dtype:
+            raise CheckpointError(f"{prefix}.{key} has dtype {t.dtype}, expected {dtype}")
+    if groups < num_groups(k, group_size) and k:
+        raise CheckpointError(f"{prefix}.scales has {groups} groups, fewer than the {num_groups(k, group_size)} "
+                              f"that {k} input channels need at group_size={group_size}")
+    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise CheckpointError(f"{prefix}.g_idx has values in [{int(g_idx.min())}, {int(g_idx.max())}], outside "
+                              f"[0, {groups}): corrupt checkpoint")
