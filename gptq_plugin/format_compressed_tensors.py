@@ -141,7 +141,8 @@ class CompressedTensorsFormat(CheckpointFormat):
                                   checkpoint_format="gptq",
                                   meta={"source_format": self.name, "compressed_tensors": ct_meta})
         except ConfigError as e:
-            raise ConfigError(f"compressed-tensors weights (num_bits={w['num_bits']}, group_size={w['group_size']}): {e}") from None
+            raise ConfigError(f"compressed-tensors weights (num_bits={w['num_bits']}, "
+                              f"group_size={w['group_size']}): {e}") from None
 
     def observe(self, cfg, tensors):
         scale = tensors.get("weight_scale")

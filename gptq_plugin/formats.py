@@ -224,7 +224,8 @@ class RawCheckpoint:
         return self.format.to_internal(self.layer_tensors(prefix), self.config, prefix)
 
     def check_zero_points(self):
-        """Run :func:`gptq_plugin.format_gptq.check_zero_points` for GPTQ formats (None for formats without a v1/v2 ambiguity)."""
+        """Run :func:`gptq_plugin.format_gptq.check_zero_points` for GPTQ formats; None for the others (no v1/v2
+        ambiguity)."""
         if self.format.name not in ("gptq", "gptq_v2"):
             return None
         from .format_gptq import check_zero_points

