@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 WORKER = "gptqmodel_worker.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # first, so that a missing tool skips before any model is built
 def gptqmodel_python() -> str:
     return tool_python("GPTQ_PLUGIN_GPTQMODEL_PYTHON", "gptqmodel", "bash benchmarks/setup_gptqmodel_venv.sh")
 

@@ -24,7 +24,7 @@ SCHEMES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # first, so that a missing tool skips before any model is built
 def llmc_python() -> str:
     return tool_python("GPTQ_PLUGIN_LLMC_PYTHON", "llmcompressor", "bash tests/interop/setup_llmc_venv.sh")
 

