@@ -3,7 +3,9 @@
 
 Token windows come in as JSON; the perplexity is computed from vLLM's prompt log-probabilities (the
 log-probability of every prompt token after the first). The plugin's vLLM entry point is disabled
-(``VLLM_PLUGINS=""``) so that vLLM's own GPTQ code reads the checkpoint. Prints one JSON object as the last
+(``VLLM_PLUGINS=""``) so that vLLM's own GPTQ code reads the checkpoint. On CPUs with AMX, vLLM's CPU build runs
+4-bit layers as W4A8 (activations quantized to int8 on the fly) unless ``VLLM_CPU_INT4_W4A8=0``; that costs
+~5% perplexity on the demo model, so it is off here by default (weight-only, what the checkpoint means). Prints one JSON object as the last
 line of stdout.
 
     python vllm_worker.py ppl CKPT_DIR --ids eval.json [--dtype float32] [--quantization gptq]
@@ -47,7 +49,8 @@ def main(args) -> dict:
             count += 1
     cfg = llm.llm_engine.model_config
     return {"tool": "vllm", "version": vllm.__version__, "quantization": str(cfg.quantization), "dtype": str(cfg.dtype),
-            "perplexity": math.exp(nll / count), "tokens": count}
+            "perplexity": math.exp(nll / count), "tokens": count,
+            "VLLM_CPU_INT4_W4A8": os.environ.get("VLLM_CPU_INT4_W4A8")}
 
 
 if __name__ == "__main__":
@@ -56,7 +59,7 @@ if __name__ == "__main__":
     os.dup2(2, 1)
     os.environ["VLLM_PLUGINS"] = ""  # vLLM's own GPTQ, not gptq-plugin's entry point
     for var, val in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("VLLM_CPU_KVCACHE_SPACE", "1"),
-                     ("TOKENIZERS_PARALLELISM", "false")):
+                     ("TOKENIZERS_PARALLELISM", "false"), ("VLLM_CPU_INT4_W4A8", "0")):
         os.environ.setdefault(var, val)
     result = main(ARGS)
     print(json.dumps(result), file=out, flush=True)
