@@ -105,6 +105,28 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
     return shards
 
 
+def write_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write ``state`` as ``model.safetensors``, or as numbered shards of at most ``max_bytes`` plus
+    ``model.safetensors.index.json``; return the weight file names."""
+    from safetensors.torch import save_file
+
+    shards = _shard(state, max_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        names.append(fname)
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+    return names
+
+
 def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dtype = torch.float16
                          ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a model whose quantized layers are :class:`QuantLinear`: their GPTQ tensors
@@ -155,28 +177,13 @@ def save_quantized(model: nn.Module, cfg: QuantizeConfig, out_dir: str | Path, t
     Raises:
         GPTQPluginError: ``out_dir`` exists (without ``overwrite``) or lies inside ``source_dir``.
     """
-    from safetensors.torch import save_file
-
     check_output_dir(out_dir, overwrite, source_dir)
     state = quantized_state_dict(model, cfg)
     qcfg = cfg.to_dict()
     if extra_meta:
         qcfg["meta"].update(extra_meta)
     with atomic_output_dir(out_dir, overwrite, source_dir) as tmp:
-        shards = _shard(state, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            total = 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                for k, v in shard.items():
-                    weight_map[k] = fname
-                    total += v.numel() * v.element_size()
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+        write_shards(state, tmp, max_shard_bytes)
         config = model.config.to_dict()
         config["quantization_config"] = qcfg
         config["torch_dtype"] = "float16"

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import MAX_SHARD_BYTES, _shard, atomic_output_dir, check_output_dir
+from .checkpoint import MAX_SHARD_BYTES, atomic_output_dir, check_output_dir, write_shards
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
         CheckpointError: ``src`` is unreadable, of an unknown format, or mislabelled (see
             :func:`gptq_plugin.format_gptq.check_zero_points`); ``to`` is unknown; a layer cannot be stored in ``to``.
     """
-    from safetensors.torch import save_file
 
     from .formats import get_format, open_checkpoint
 
@@ -86,22 +85,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
     config["quantization_config"] = qcfg
 
     with atomic_output_dir(dst, overwrite, src) as tmp:
-        shards = _shard(state, max_shard_bytes)
-        names = []
-        if len(shards) == 1:
-            names.append("model.safetensors")
-            save_file(shards[0], str(tmp / names[0]), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                names.append(fname)
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                for k, v in shard.items():
-                    weight_map[k] = fname
-                    total += v.numel() * v.element_size()
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+        names = write_shards(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if target.writes_quantize_config:
             (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
