@@ -259,7 +259,8 @@ class GPTQPluginHfQuantizer(HfQuantizer):
         names = _quantized_module_names(model, checkpoint_files)
         if not names:
             raise CheckpointError(f"{model.name_or_path}: no *.qweight tensors: not a GPTQ checkpoint (quantize it first)")
-        replace_with_quant_linear(model, names, self.quantization_config.to_quantize_config())
+        replace_with_quant_linear(model, list(names), self.quantization_config.to_quantize_config())
+        _check_checkpoint_shapes(model, names, model.name_or_path)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -348,23 +349,26 @@ def _cast_unquantized(model, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def _checkpoint_keys(checkpoint_files) -> set[str]:
-    keys: set[str] = set()
+def _checkpoint_shapes(checkpoint_files) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` over ``checkpoint_files``, read from the safetensors headers (no tensor data)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in checkpoint_files:
         f = str(f)
         if f.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(f, "pt") as h:
-                keys.update(h.keys())
+                shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
         else:
-            keys.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True).keys())
-    return keys
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+    return shapes
 
 
-def _quantized_module_names(model, checkpoint_files) -> list[str]:
-    """Module names of ``model`` that the checkpoint quantizes (its ``*.qweight`` tensors); every decoder-block
-    linear when the checkpoint files are unknown (``from_pretrained(state_dict=...)``).
+def _quantized_module_names(model, checkpoint_files) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module name: {leaf: shape}}`` for the modules of ``model`` that the checkpoint quantizes (its
+    ``*.qweight`` tensors); every decoder-block linear, with no shapes, when the checkpoint files are unknown
+    (``from_pretrained(state_dict=...)``).
 
     Raises:
         CheckpointError: a quantized layer lacks one of ``qzeros``/``scales``/``g_idx``, or names no module.
@@ -373,11 +377,11 @@ def _quantized_module_names(model, checkpoint_files) -> list[str]:
         from gptq_plugin.layouts import find_layout
 
         blocks, prefix = find_layout(model).blocks(model)
-        return [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
-                if isinstance(m, torch.nn.Linear)]
-    keys = _checkpoint_keys(checkpoint_files)
+        return {f"{prefix}.{i}.{n}": {} for i, b in enumerate(blocks) for n, m in b.named_modules()
+                if isinstance(m, torch.nn.Linear)}
+    keys = _checkpoint_shapes(checkpoint_files)
     where = Path(str(checkpoint_files[0])).parent
-    names = []
+    names = {}
     for k in sorted(keys):
         if not k.endswith(".qweight"):
             continue
@@ -385,8 +389,21 @@ def _quantized_module_names(model, checkpoint_files) -> list[str]:
         for leaf in ("qzeros", "scales", "g_idx"):
             if f"{prefix}.{leaf}" not in keys:
                 raise CheckpointError(f"{where}: tensor {prefix}.{leaf} is missing: the checkpoint is incomplete")
-        names.append(_resolve_module(model, prefix, where))
+        names[_resolve_module(model, prefix, where)] = {leaf: keys[f"{prefix}.{leaf}"]
+                                                       for leaf in ("qweight", "qzeros", "scales", "g_idx")}
     return names
+
+
+def _check_checkpoint_shapes(model, names: dict[str, dict[str, tuple[int, ...]]], where) -> None:
+    """Refuse tensors whose shapes contradict the config before Transformers loads them (recent Transformers
+    versions would otherwise stop at their own, less specific, size-mismatch report)."""
+    for name, shapes in names.items():
+        m = model.get_submodule(name)
+        for leaf, shape in shapes.items():
+            try:
+                m.check_shape(leaf, shape, name)
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
 
 
 def _resolve_module(model, name: str, where) -> str:

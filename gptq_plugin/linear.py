@@ -76,22 +76,32 @@ class QuantLinear(nn.Module):
         return LayerSpec(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
                          self.bias is not None, dtype or self.scales.dtype, self.qweight.device.type)
 
-    def validate(self, name: str = "") -> None:
-        """Check buffer shapes/dtypes and ``g_idx`` range. Raises :class:`CheckpointError` naming the tensor."""
+    def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """``{leaf: (shape, dtype or None)}`` of the GPTQ v1 tensors this layer's config implies."""
         G = num_groups(self.in_features, self.group_size)
-        where = f"{name}." if name else ""
-        expect = {
+        return {
             "qweight": ((packed_rows(self.in_features, self.bits), self.out_features), torch.int32),
             "qzeros": ((G, packed_rows(self.out_features, self.bits)), torch.int32),
             "scales": ((G, self.out_features), None),
             "g_idx": ((self.in_features,), torch.int32),
         }
-        for key, (shape, dtype) in expect.items():
+
+    def check_shape(self, key: str, shape, name: str = "") -> None:
+        """Raise :class:`CheckpointError` unless tensor ``key`` of shape ``shape`` fits this layer's config."""
+        want = self.expected_tensors()[key][0]
+        if tuple(shape) != want:
+            where = f"{name}." if name else ""
+            raise CheckpointError(f"{where}{key} has shape {tuple(shape)}, expected {want} for "
+                                  f"bits={self.bits}, group_size={self.group_size}: the checkpoint does not "
+                                  "match its quantization_config")
+
+    def validate(self, name: str = "") -> None:
+        """Check buffer shapes/dtypes and ``g_idx`` range. Raises :class:`CheckpointError` naming the tensor."""
+        G = num_groups(self.in_features, self.group_size)
+        where = f"{name}." if name else ""
+        for key, (shape, dtype) in self.expected_tensors().items():
             t = getattr(self, key)
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"{where}{key} has shape {tuple(t.shape)}, expected {shape} for "
-                                      f"bits={self.bits}, group_size={self.group_size}: the checkpoint does not "
-                                      "match its quantization_config")
+            self.check_shape(key, t.shape, name)
             if dtype is not None and t.dtype != dtype:
                 raise CheckpointError(f"{where}{key} has dtype {t.dtype}, expected {dtype}")
         if self.in_features and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G):
