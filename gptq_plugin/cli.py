@@ -28,8 +28,24 @@ class Method(str, Enum):
     rtn = "rtn"
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``, as ``MALLOC_ARENA_MAX`` would). The one-pass driver runs
+    each calibration batch in its own thread; with glibc's default of 8 arenas per core every thread keeps its
+    own heap and freed activations are not reused across threads: measured on the demo model (128x512 tokens,
+    act-order), peak RSS 5.3 GB by default, 2.8 GB with one arena. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def _setup(threads: int | None, verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _limit_malloc_arenas()
     if threads:
         import torch
 
@@ -110,6 +126,11 @@ def quantize(
     checkpoint_format: str = typer.Option("gptq", help="Zero-point convention written: gptq (v1) or gptq_v2."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    low_memory: Optional[bool] = typer.Option(
+        None, "--low-memory/--one-pass", show_default="auto",
+        help="How true-sequential GPTQ runs the calibration batches: --one-pass (fastest, all batches' "
+             "activations in memory at once) or --low-memory (one batch at a time, ~1.7x slower). Default: one "
+             "pass when it fits in half the available memory. Same checkpoint either way."),
     report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -143,7 +164,7 @@ def quantize(
     from .pipeline import quantize_model
 
     t0 = time.time()
-    rep = quantize_model(m, calib, cfg, batch_size=batch_size)
+    rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory)
     wall = time.time() - t0
     meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
                             "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}

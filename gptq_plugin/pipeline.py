@@ -253,6 +253,53 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
     return outputs
 
 
+def _groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
+                    quantize_group) -> list[torch.Tensor]:
+    """The low-memory form of :func:`_sequential_pass`, with the same result: for each layer group in forward
+    order, run every calibration batch, one at a time, through ``block`` only as far as the group's first layer
+    (a forward pre-hook adds the input to the group's Hessian and stops the forward there), quantize the group,
+    then go on to the next group; a last full forward gives the block's outputs. Only one batch's activations
+    are alive at a time, at the cost of re-running the start of the block once per group (about 2x the
+    forward compute of the one-pass driver for a Llama block)."""
+    linears = _linear_modules(block)
+    for g in groups:
+        head = g[0]
+        acc = HessianAccumulator(linears[head].in_features)
+
+        def hook(module, args, acc=acc):
+            acc.add_batch(args[0])
+            raise _StopForward
+
+        handle = linears[head].register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                for x, kw in zip(inputs, kwargs_list):
+                    try:
+                        _call_block(block, x, kw)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        quantize_group(g, acc.finalize() if acc.n else None)
+    with torch.no_grad():
+        return [_call_block(block, x, kw) for x, kw in zip(inputs, kwargs_list)]
+
+
+def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
+    """Whether the one-pass driver's paused activations (every batch's forward state at a layer group, measured
+    on Llama blocks at about ``4 B x tokens x max(6 x hidden, 3 x widest linear input)``) take under half of the
+    memory available now (``/proc/meminfo`` MemAvailable; True where that cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
+    hidden = inputs[0].shape[-1]
+    widest = max(m.in_features for m in _linear_modules(block).values())
+    return 4 * tokens * max(6 * hidden, 3 * widest) < avail / 2
+
+
 def _rel_err(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     D = W - Q
     num = torch.einsum("ij,jk,ik->", D, H, D)
@@ -282,7 +329,8 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
-                   progress: bool = True, max_blocks: int | None = None) -> QuantizeReport:
+                   progress: bool = True, max_blocks: int | None = None, low_memory: bool | None = None
+                   ) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -292,6 +340,12 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         batch_size: calibration sequences per forward.
         max_blocks: quantize only the first ``max_blocks`` decoder blocks (quick experiments and tests); the
             other blocks keep their ``nn.Linear`` layers.
+        low_memory: how ``true_sequential`` runs the calibration batches through a block. False: one forward in
+            which every batch pauses at each layer group (fastest; holds every batch's activations at once,
+            e.g. ~1.5 GB for 128x512 tokens of a 576-wide model). True: the block is re-run up to each group, one
+            batch at a time (about 1.7x slower here; one batch's activations). None (default): one pass when
+            its estimated activations take under half the available memory, else low memory. The checkpoints
+            are identical either way.
 
     Returns:
         A :class:`QuantizeReport` (per-layer relative output error of GPTQ vs RTN, dampening, fallbacks).
@@ -340,7 +394,12 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
                     results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
 
             if cfg.true_sequential:
-                outputs = _sequential_pass(block, groups, inputs, kwargs_list, quantize_group)
+                if low_memory is None:
+                    low_memory = not _one_pass_fits(block, inputs)
+                    log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
+                             else "one pass per block")
+                run_pass = _groupwise_pass if low_memory else _sequential_pass
+                outputs = run_pass(block, groups, inputs, kwargs_list, quantize_group)
             else:  # every Hessian from the unquantized block, then one forward to propagate
                 accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
                 _accumulate(block, accs, inputs, kwargs_list)

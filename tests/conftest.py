@@ -42,7 +42,8 @@ def demo_model_dir() -> Path:
         pytest.skip(f"demo model cannot be obtained: {e}")
 
 
-def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate: bool = True, **cfg_kwargs) -> Path:
+def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate: bool = True,
+                   low_memory: bool | None = None, **cfg_kwargs) -> Path:
     """Quantize the first ``n_blocks`` blocks of the demo model quickly (8 calibration windows of 128 tokens).
     With ``truncate`` the model keeps only those blocks (a small, fully quantized model); without, the later
     blocks stay unquantized (a model whose perplexity means something)."""
@@ -60,7 +61,8 @@ def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate
         model.model.layers = model.model.layers[:n_blocks]
         model.config.num_hidden_layers = n_blocks
     calib = load_calibration(data_dir / "wikitext-2" / "valid.tokens.txt", tok, 8, 128)
-    quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False, max_blocks=n_blocks)
+    quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False, max_blocks=n_blocks,
+                   low_memory=low_memory)
     save_quantized(model, cfg, out, source_dir=src)
     return out
 

@@ -87,13 +87,16 @@ def test_reloaded_model_matches_in_memory_dequantized_weights(demo_model_dir, de
 
 
 def test_same_command_twice_is_byte_identical(demo_model_dir, data_dir, tmp_path):
+    """Twice with the one-pass driver, then once with the low-memory driver: the same bytes every time."""
     from tests.conftest import _quantize_demo
 
     digests = []
-    for i in range(2):
-        out = _quantize_demo(demo_model_dir, tmp_path / f"run{i}", 1, data_dir, bits=4, group_size=64, desc_act=True)
+    for i, low_memory in enumerate((False, False, True)):
+        out = _quantize_demo(demo_model_dir, tmp_path / f"run{i}", 2, data_dir, low_memory=low_memory, bits=4,
+                             group_size=64, desc_act=True)
         digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())})
-    assert digests[0] == digests[1]
+    assert digests[0] == digests[1], "two one-pass runs differ"
+    assert digests[2] == digests[0], "the low-memory driver wrote a different checkpoint"
 
 
 def test_generation_runs(demo_ckpt_factory, demo_model_dir):
