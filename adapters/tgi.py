@@ -34,17 +34,9 @@ from typing import Any
 import torch
 
 from gptq_plugin.config import QuantizeConfig
-from gptq_plugin.errors import CheckpointError
+from gptq_plugin.errors import CheckpointError, ConfigError
 from gptq_plugin.linear import QuantLinear
-from gptq_plugin.packing import (
-    default_g_idx,
-    num_groups,
-    pack_dim0,
-    pack_qzeros,
-    packed_rows,
-    unpack_dim0,
-    unpack_qzeros,
-)
+from gptq_plugin.packing import default_g_idx, num_groups, pack_dim0, packed_rows, unpack_dim0
 
 
 # --- the Weight ------------------------------------------------------------------------------------------
@@ -117,14 +109,24 @@ class GPTQPluginWeightsLoader:
     quant_method = "gptq"
     quantize = "gptq"
 
-    def __init__(self, config: QuantizeConfig, modules_to_not_convert: Sequence[str] = ()):
+    def __init__(self, config: QuantizeConfig, modules_to_not_convert: Sequence[str] = (),
+                 checkpoint_format: str | None = None):
         self.config = config
         self.modules_to_not_convert = list(modules_to_not_convert or ())
+        # the on-disk format, whose handler (gptq_plugin.formats) converts each layer to the in-memory v1 layout
+        self.checkpoint_format = checkpoint_format or config.checkpoint_format
 
     @classmethod
     def from_quantization_config(cls, d: dict[str, Any]) -> GPTQPluginWeightsLoader:
-        """From a checkpoint's ``quantization_config`` object. Raises :class:`ConfigError` for an invalid one."""
-        return cls(QuantizeConfig.from_dict(d), d.get("modules_to_not_convert") or ())
+        """From a checkpoint's ``quantization_config`` object, parsed by the core's format handler. Raises
+        :class:`ConfigError` for an invalid one or a format other than GPTQ v1/v2."""
+        from gptq_plugin.formats import detect_format
+
+        handler = detect_format(d, "quantization_config")
+        if handler.name not in ("gptq", "gptq_v2"):
+            raise ConfigError(f"quantization_config is a {handler.name} checkpoint: the gptq-plugin TGI route serves "
+                              "GPTQ checkpoints (v1 and v2); convert it with `gptq-plugin convert SRC DST --to gptq`")
+        return cls(handler.parse_config(d), d.get("modules_to_not_convert") or (), handler.name)
 
     # TGI code reads these from `weights.loader`.
     @property
@@ -146,7 +148,7 @@ class GPTQPluginWeightsLoader:
     def __repr__(self) -> str:
         c = self.config
         return (f"GPTQPluginWeightsLoader(bits={c.bits}, group_size={c.group_size}, desc_act={c.desc_act}, "
-                f"sym={c.sym}, checkpoint_format={c.checkpoint_format!r})")
+                f"sym={c.sym}, checkpoint_format={self.checkpoint_format!r})")
 
     # --- TGI's WeightsLoader interface ----------------------------------------------------------------------
     def get_weights(self, weights, prefix: str):
@@ -284,8 +286,10 @@ class GPTQPluginWeightsLoader:
         bits, gs = self.config.bits, self.config.group_size
         g_idx = g_idx.to(torch.int32)
         k, n = int(g_idx.numel()), int(scales.shape[1])
-        if self.config.checkpoint_format == "gptq_v2":  # QuantLinear holds v1 zeros
-            qzeros = pack_qzeros(unpack_qzeros(qzeros, bits, n, "gptq_v2"), bits, "gptq")
+        from gptq_plugin.formats import get_format
+
+        stored = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+        qzeros = get_format(self.checkpoint_format).to_internal(stored, self.config, prefix)["qzeros"]
         _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, gs, k, n)
         return GPTQPluginWeight(qweight, qzeros, scales, g_idx, bits, gs, self.config.sym,
                                 getattr(weights, "dtype", None))

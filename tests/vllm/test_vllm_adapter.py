@@ -63,7 +63,7 @@ def test_from_config_reads_every_configuration():
     ({"bits": 5}, "bits=5"),
     ({"lm_head": True}, "quantized lm_head"),
     ({"dynamic": {"+:.*": {"bits": 8}}}, "dynamic"),
-    ({"quant_method": "awq"}, "not a GPTQ checkpoint"),
+    ({"quant_method": "awq"}, r"quant_method=.awq.* no checkpoint format this plugin reads"),
 ])
 def test_from_config_rejects_what_it_cannot_serve(patch, match):
     d = QuantizeConfig().to_dict()
@@ -124,6 +124,35 @@ def test_maybe_update_config_reads_the_folder(tmp_path: Path):
     cfg = adapter.GPTQPluginConfig.from_config(QuantizeConfig().to_dict())
     with pytest.raises(CheckpointError, match=r"lm_head\.qweight"):
         cfg.maybe_update_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("stored_as, labelled", [("gptq", "gptq_v2"), ("gptq_v2", "gptq")])
+def test_mislabelled_zero_points_fail_before_loading(tmp_path: Path, stored_as, labelled):
+    """A symmetric 4-bit checkpoint whose qzeros follow one convention (v1 stores 7, v2 stores 8) while its
+    config names the other: the core's zero-point check stops vLLM before it loads garbage; the right label
+    passes, and a compressed-tensors config is refused with the convert command."""
+    from safetensors.torch import save_file
+
+    from gptq_plugin.formats import get_format
+
+    layer = _quantized_layer(64, 96, 4, 32, desc_act=False, sym=True, bias=False)
+    v1 = {leaf: getattr(layer, leaf) for leaf in ("qweight", "qzeros", "scales", "g_idx")}
+    stored = get_format(stored_as).from_internal(v1, QuantizeConfig(bits=4, group_size=32), "up_proj")
+    save_file({f"model.layers.0.mlp.up_proj.{k}": v.contiguous() for k, v in stored.items()},
+              str(tmp_path / "model.safetensors"))
+    for label, ok in ((labelled, False), (stored_as, True)):
+        qcfg = dict(QuantizeConfig(bits=4, group_size=32).to_dict(), checkpoint_format=label)
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qcfg}))
+        cfg = adapter.GPTQPluginConfig.from_config(qcfg)
+        assert cfg.checkpoint_format == label
+        if ok:
+            cfg.maybe_update_config(str(tmp_path))
+        else:
+            with pytest.raises(CheckpointError, match=rf"{stored_as}|zero - 1|zero as is"):
+                cfg.maybe_update_config(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"compressed-tensors.*gptq-plugin convert"):
+        adapter.GPTQPluginConfig.from_config({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                              "config_groups": {}})
 
 
 # --- the linear method on a real vLLM layer, in this process ----------------------------------------------

