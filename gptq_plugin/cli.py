@@ -132,9 +132,14 @@ def quantize(
              "activations in memory at once) or --low-memory (one batch at a time, ~1.7x slower). Default: one "
              "pass when it fits in half the available memory. Same checkpoint either way."),
     report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the progress of an interrupted run for OUT "
+                                 "instead of resuming it."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT."""
+    """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT.
+
+    Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
+    same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
     from .checkpoint import check_output_dir, save_quantized
     from .config import QuantizeConfig
@@ -160,11 +165,13 @@ def quantize(
         calib = load_calibration(dataset, tok, nsamples, seqlen)
         if calib.shape[0] < nsamples:
             log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
-    m = load_model(model)
     from .pipeline import quantize_model
+    from .resume import ResumeState, fingerprint
 
+    state = ResumeState.open(out, fingerprint(cfg, model, calib, batch_size), restart)
+    m = load_model(model)
     t0 = time.time()
-    rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory)
+    rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state)
     wall = time.time() - t0
     meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
                             "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
@@ -172,6 +179,7 @@ def quantize(
     if fallbacks:
         meta["fallbacks"] = fallbacks
     save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite, extra_meta=meta)
+    state.remove()
     if report:
         report.write_text(json.dumps(rep.to_dict(), indent=2))
     errs = [l for l in rep.layers if l.rel_err is not None]

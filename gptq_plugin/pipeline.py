@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from .errors import ConfigError, NumericalError
 from .layouts import find_layout
 from .linear import QuantLinear
 from .solver import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
+
+if TYPE_CHECKING:
+    from .resume import ResumeState
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +333,8 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
-                   progress: bool = True, max_blocks: int | None = None, low_memory: bool | None = None
-                   ) -> QuantizeReport:
+                   progress: bool = True, max_blocks: int | None = None, low_memory: bool | None = None,
+                   resume: ResumeState | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -346,6 +350,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             batch at a time (about 1.7x slower here; one batch's activations). None (default): one pass when
             its estimated activations take under half the available memory, else low memory. The checkpoints
             are identical either way.
+        resume: a :class:`~gptq_plugin.resume.ResumeState`: blocks it records as finished are restored instead of
+            quantized again (starting from the recorded activations), and every block finished now is recorded.
 
     Returns:
         A :class:`QuantizeReport` (per-layer relative output error of GPTQ vs RTN, dampening, fallbacks).
@@ -376,11 +382,21 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             raise NumericalError(f"{prefix}.0: its calibration inputs contain NaN or Inf; check the source model")
 
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    for bi in tqdm(range(n_blocks), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress):
+    first = 0
+    if resume is not None and resume.done:
+        first = min(resume.done, n_blocks)
+        for bi in range(first):
+            resume.restore_block(bi, blocks[bi], cfg)
+            report.layers.extend(LayerReport(**r) for r in resume.reports[bi])
+        if inputs is not None and first < n_blocks:
+            inputs = resume.load_inputs()
+    for bi in tqdm(range(first, n_blocks), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress,
+                   initial=first, total=n_blocks):
         block = blocks[bi]
         block_name = f"{prefix}.{bi}"
         linears = _linear_modules(block)
         results: dict[str, QuantResult] = {}
+        n_reported = len(report.layers)
         if cfg.method == "rtn":
             for name, mod in linears.items():
                 t = time.time()
@@ -418,6 +434,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             setattr(parent, child, q)
+        if resume is not None:
+            resume.save_block(bi, block, inputs, [vars(l) for l in report.layers[n_reported:]])
 
     if use_cache is not None:
         model.config.use_cache = use_cache

@@ -1,0 +1,107 @@
+"""Resumable quantization (gptq_plugin.resume): kill -9 in the middle of a run, rerun the same command, get the
+same bytes as an uninterrupted run; a changed config is refused until --restart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+N_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def small_model(demo_model_dir, tmp_path_factory) -> Path:
+    """The demo model cut to its first N_BLOCKS decoder blocks, as a model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("src") / "smollm2-8"
+    m = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    m.model.layers = m.model.layers[:N_BLOCKS]
+    m.config.num_hidden_layers = N_BLOCKS
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(demo_model_dir).save_pretrained(out)
+    return out
+
+
+def _cmd(src: Path, out: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gptq_plugin.cli", "quantize", str(src), str(out), "--nsamples", "8", "--seqlen",
+            "128", "--batch-size", "2", "--group-size", "64", "--act-order", "--threads", "1",
+            "--dataset", str(data_dir / "wikitext-2" / "valid.tokens.txt"), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def _done(partial: Path) -> int:
+    try:
+        return json.loads((partial / "manifest.json").read_text())["done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_kill_9_then_resume_is_byte_identical(small_model, data_dir, tmp_path):
+    from gptq_plugin.resume import state_dir
+
+    whole = tmp_path / "whole"
+    subprocess.run(_cmd(small_model, whole, data_dir), env=_env(), check=True, capture_output=True)
+    assert not state_dir(whole).exists(), "the resume state must be removed once the checkpoint is complete"
+
+    out = tmp_path / "killed"
+    partial = state_dir(out)
+    p = subprocess.Popen(_cmd(small_model, out, data_dir), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _done(partial) < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = _done(partial)
+    assert not out.exists(), "the run finished before it could be killed: nothing was tested"
+    assert 2 <= done < N_BLOCKS
+
+    r = subprocess.run(_cmd(small_model, out, data_dir, "--verbose"), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from {partial}: {done} blocks already quantized" in r.stderr
+    assert _digests(out) == _digests(whole)
+    assert not partial.exists()
+
+
+def test_changed_config_is_refused_until_restart(small_model, data_dir, tmp_path):
+    from gptq_plugin.resume import state_dir
+
+    out = tmp_path / "q"
+    partial = state_dir(out)
+    p = subprocess.Popen(_cmd(small_model, out, data_dir), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _done(partial) < 1 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert _done(partial) >= 1 and not out.exists()
+
+    r = subprocess.run(_cmd(small_model, out, data_dir, "--bits", "3"), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "different config" in r.stderr and "--restart" in r.stderr
+    assert not out.exists()
+
+    r = subprocess.run(_cmd(small_model, out, data_dir, "--bits", "3", "--restart"), env=_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
+    assert not partial.exists()
