@@ -178,6 +178,9 @@ def quantize(
     fallbacks = {l.name: l.fallback for l in rep.layers if l.fallback}
     if fallbacks:
         meta["fallbacks"] = fallbacks
+    notes = {l.name: l.note for l in rep.layers if l.note}
+    if notes:
+        meta["notes"] = notes
     save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite, extra_meta=meta)
     state.remove()
     if report:

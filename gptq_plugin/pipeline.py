@@ -53,6 +53,7 @@ class LayerReport:
     damp_percent: float
     fallback: str | None
     seconds: float
+    note: str | None = None
 
 
 @dataclass
@@ -328,8 +329,20 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
         rtn_Q = rtn_quantize(W, cfg).dequantize()
         report.layers.append(LayerReport(full, _rel_err(W, res.dequantize(), H), _rel_err(W, rtn_Q, H),
                                          res.damp_percent, res.fallback, time.time() - t))
+    _check_scales(full, W, res, report.layers[-1])
     mod.weight.data = res.dequantize().to(mod.weight.dtype)
     return res
+
+
+def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport) -> None:
+    """Log (and note in the layer's report) scales clamped at fp16's maximum: the layer's largest weights are
+    then clipped."""
+    top = float(torch.finfo(torch.float16).max)
+    n_over = int((res.scales.float() >= top).sum())
+    if n_over:
+        row.note = (f"{n_over} scales reached fp16's maximum {top:g} (weights up to {float(W.abs().max()):.4g}): the "
+                    "largest weights of this layer are clipped; keep it unquantized or rescale the model")
+        log.warning("%s: %s", name, row.note)
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
@@ -402,6 +415,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
                 t = time.time()
                 results[name] = rtn_quantize(mod.weight.data, cfg)
                 report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
+                _check_scales(f"{block_name}.{name}", mod.weight.data, results[name], report.layers[-1])
         else:
             groups = _discover_groups(block, inputs[0], kwargs_list[0])  # each group shares one input
 

@@ -6,21 +6,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from gptq_plugin.checkpoint import load_quantized, save_quantized
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, GPTQPluginError
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.pipeline import quantize_model
+from tests.tiny import tiny_llama
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from gptq_plugin.checkpoint import load_quantized, save_quantized
 from gptq_plugin.config import QuantizeConfig
@@ -24,6 +23,7 @@ from gptq_plugin.errors import CheckpointError, GPTQPluginError
 from gptq_plugin.format_gptq import diagnose_zero_points
 from gptq_plugin.formats import detect_format, open_checkpoint, read_checkpoint, read_quantization_config
 from gptq_plugin.pipeline import quantize_model
+from tests.tiny import tiny_llama
 
 FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 LAYER = "model.layers.0.mlp.down_proj"  # in 96, out 64
@@ -78,12 +78,6 @@ def qconfig(path) -> dict:
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 CONFIGS = {
