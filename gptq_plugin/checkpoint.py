@@ -362,6 +362,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         if tuple(v.shape) != tuple(ref.shape):
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)} for "
                                   f"bits={cfg.bits}, group_size={cfg.group_size}: the checkpoint does not match its config")
+        if ref.is_floating_point() != v.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected a "
+                                  f"{'floating-point' if ref.is_floating_point() else 'integer'} tensor: corrupt checkpoint")
     ck.check_zero_points()
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
