@@ -56,7 +56,8 @@ def file_digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | None, batch_size: int) -> dict:
+def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | None, batch_size: int,
+                forward_dtype: str = "float32") -> dict:
     """The identity of a run: what must not change between a killed run and its resumption."""
     from .config import _version
 
@@ -67,6 +68,7 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
         calib_digest = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     return {"config": cfg.to_dict(), "source_weights": file_digest(weights), "calibration": calib_digest,
             "calibration_shape": list(calib.shape) if calib is not None else None, "batch_size": batch_size,
+            "forward_dtype": forward_dtype,
             "gptq_plugin": _version(), "torch": torch.__version__}
 
 

@@ -34,9 +34,11 @@ class HessianAccumulator:
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token)."""
+        """Add inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token). Always fp32, also when
+        called from a forward hook under autocast."""
         x = x.reshape(-1, x.shape[-1]).float()
-        self.H.addmm_(x.t(), x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            self.H.addmm_(x.t(), x)
         self.n += x.shape[0]
 
     def finalize(self) -> torch.Tensor:
@@ -140,6 +142,13 @@ def _one_thread():
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
+    """Quantize one weight matrix with GPTQ (see :func:`_gptq_quantize`); fp32 throughout, also when called
+    under autocast (the driver calls it from a forward hook)."""
+    with torch.autocast(device_type=W.device.type, enabled=False):
+        return _gptq_quantize(W, H, cfg, name)
+
+
+def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
     """Quantize one weight matrix with GPTQ.
 
     Args:
