@@ -78,11 +78,24 @@ class QuantResult:
 
 
 def _group_params(W: torch.Tensor, cfg: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static grid of every group of ``W`` ``[out, in]`` in input order: ``(scales, zeros)`` fp32 ``[G, out]``."""
-    G = num_groups(W.shape[1], cfg.group_size)
-    gs = W.shape[1] if cfg.group_size == -1 else cfg.group_size
-    out = [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(G)]
-    return torch.stack([s for s, _ in out]), torch.stack([z for _, z in out])
+    """Static grid of every group of ``W`` ``[out, in]`` in input order: ``(scales, zeros)`` fp32 ``[G, out]``.
+
+    The full groups go through :func:`find_params` in one call (its rows are independent: ``[G * out, gs]``), the
+    partial last group, if any, in a second."""
+    rows, cols = W.shape
+    gs = cols if cfg.group_size == -1 else cfg.group_size
+    full = cols // gs
+    scales, zeros = [], []
+    if full:
+        blocks = W[:, :full * gs].reshape(rows, full, gs).transpose(0, 1).reshape(full * rows, gs)
+        s, z = find_params(blocks, cfg.bits, cfg.sym, cfg.mse)
+        scales.append(s.reshape(full, rows))
+        zeros.append(z.reshape(full, rows))
+    if full * gs < cols:
+        s, z = find_params(W[:, full * gs:], cfg.bits, cfg.sym, cfg.mse)
+        scales.append(s[None])
+        zeros.append(z[None])
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig) -> QuantResult:

@@ -172,3 +172,18 @@ def test_nan_inputs_raise():
         gptq_quantize(torch.randn(4, 8), torch.full((8, 8), float("nan")), QuantizeConfig(group_size=-1), name="L")
     with pytest.raises(NumericalError, match="no calibration tokens"):
         HessianAccumulator(8).finalize()
+
+
+@pytest.mark.parametrize("group_size, mse", [(32, 0.0), (48, 2.4), (-1, 0.0), (100, 2.4)])
+def test_group_params_match_per_group_grids(group_size, mse):
+    """The batched static grid equals find_params group by group (112 inputs: partial last groups for 48, 100)."""
+    from gptq_plugin.grid import find_params
+    from gptq_plugin.solver import _group_params
+
+    W = torch.randn(24, 112, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, 112)
+    cfg = QuantizeConfig(bits=3, group_size=group_size, sym=False, mse=mse)
+    scales, zeros = _group_params(W, cfg)
+    gs = 112 if group_size == -1 else group_size
+    for g in range(scales.shape[0]):
+        s, z = find_params(W[:, g * gs:(g + 1) * gs], 3, False, mse)
+        assert torch.equal(scales[g], s) and torch.equal(zeros[g], z)
