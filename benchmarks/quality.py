@@ -4,7 +4,10 @@ Protocol (shared/data/README.md): calibration = the first NSAMPLES windows of 51
 perplexity = WikiText-2 test, first 40 windows of 512 tokens, fp32 compute. Each configuration runs in its own
 process (`gptq-plugin quantize` then `gptq-plugin eval --json`) so wall time and peak RSS are its own.
 
-    python benchmarks/quality.py --out /tmp/quality [--configs 4:64:ao,4:64:noao,3:64:ao,3:64:rtn] [--threads 2]
+    python benchmarks/quality.py --out /tmp/quality [--configs 4:64:rec,4:64:noao,3:64:ao,3:64:rtn] [--threads 2]
+
+Modes: rtn (round-to-nearest, min-max), noao (plain GPTQ), ao (plain GPTQ with act-order), rec (the CLI's default
+recipe: act-order, static groups, mse 2.4); extra `:flag` or `:flag=value` items are passed on.
 
 Prints a markdown table and appends one JSON line per configuration to OUT/results.jsonl.
 """
@@ -20,7 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT = "fp,4:64:rtn,4:64:noao,4:64:ao,4:128:rtn,4:128:noao,4:128:ao,3:64:rtn,3:64:noao,3:64:ao,3:128:rtn,3:128:ao"
+DEFAULT = ("fp,4:64:rtn,4:64:noao,4:64:ao,4:64:rec,4:128:rtn,4:128:noao,4:128:ao,4:128:rec,"
+           "3:64:rtn,3:64:noao,3:64:ao,3:64:rec,3:128:rtn,3:128:noao,3:128:ao,3:128:rec")
+# noao / ao: plain GPTQ (min-max grids updated during the sweep), as GPTQModel runs it; rec: the CLI's defaults
+MODE_FLAGS = {"rtn": ["--mse", "0"], "noao": ["--no-act-order", "--no-static-groups", "--mse", "0"],
+              "ao": ["--act-order", "--no-static-groups", "--mse", "0"], "rec": []}
 
 
 def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
@@ -38,7 +45,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF model folder (default: the demo model)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--configs", default=DEFAULT, help="comma list of fp | BITS:GROUP:(rtn|ao|noao)[:extra flags]")
+    ap.add_argument("--configs", default=DEFAULT,
+                    help="comma list of fp | BITS:GROUP:(rtn|noao|ao|rec)[:extra flags]")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -56,13 +64,15 @@ def main(argv=None) -> None:
             name, target, qwall, qrss = "original", a.model, None, None
         else:
             bits, group, mode, *extra = spec.split(":")
-            name = f"{'RTN' if mode == 'rtn' else 'GPTQ'} {bits}-bit g{group}" + (" act-order" if mode == "ao" else "")
+            name = {"rtn": "RTN", "noao": "GPTQ", "ao": "GPTQ act-order",
+                    "rec": "GPTQ default recipe (act-order, static groups, mse 2.4)"}[mode]
+            name = f"{name} {bits}-bit g{group}"
             if extra:
                 name += " " + " ".join(extra)
             target = str(a.out / spec.replace(":", "_").replace("-", ""))
             cmd = [*exe, "quantize", a.model, target, "--bits", bits, "--group-size", group, "--overwrite",
                    "--nsamples", str(a.nsamples), "--threads", str(a.threads),
-                   "--method", "rtn" if mode == "rtn" else "gptq", "--act-order" if mode == "ao" else "--no-act-order",
+                   "--method", "rtn" if mode == "rtn" else "gptq", *MODE_FLAGS[mode],
                    *[f"--{e}" if "=" not in e else f"--{e.split('=')[0]}={e.split('=')[1]}" for e in extra]]
             _, qwall, qrss = run(cmd, env)
         out, _, erss = run([*exe, "eval", target, "--windows", str(a.windows), "--json", "--threads", str(a.threads)], env)

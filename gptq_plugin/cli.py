@@ -112,12 +112,14 @@ def quantize(
     out: Path = typer.Argument(..., help="Output checkpoint folder (created atomically)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, help="Input channels per scale/zero group; -1 for one group per row."),
-    act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="desc_act: quantize columns by decreasing Hessian diagonal."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="desc_act: quantize columns by decreasing Hessian diagonal."),
     sym: bool = typer.Option(True, "--sym/--no-sym", help="Symmetric grid."),
-    static_groups: bool = typer.Option(False, "--static-groups/--no-static-groups", help="Group grids from the unquantized weights."),
+    static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Group grids from the unquantized weights (with act-order: g_idx stays in input order, the fast kernels' case)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     damp_percent: float = typer.Option(0.01, help="Hessian dampening as a fraction of its mean diagonal."),
-    mse: float = typer.Option(0.0, help="Clipping search norm (e.g. 2.4); 0 = min-max range."),
+    mse: Optional[float] = typer.Option(None, show_default="2.4 for gptq, 0 for rtn",
+                                        help="Clipping search norm (2.4 as in the GPTQ reference code); 0 = min-max "
+                                             "range (the classic RTN baseline)."),
     dataset: Optional[str] = typer.Option(None, help="Calibration text file, or 'wikitext2' / 'c4' (needs Hub access). Default: shared WikiText-2 valid."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window."),
@@ -145,8 +147,10 @@ def quantize(
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
     from .checkpoint import check_output_dir, save_quantized
-    from .config import QuantizeConfig
+    from .config import RECOMMENDED, QuantizeConfig
 
+    if mse is None:
+        mse = RECOMMENDED["mse"] if method == Method.gptq else 0.0
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method.value,
                          checkpoint_format=checkpoint_format)
@@ -183,8 +187,9 @@ def quantize(
                          forward_dtype=None if fdtype == torch.float32 else fdtype)
     wall = time.time() - t0
     meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
-                            "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen,
-                            "forward_dtype": forward_dtype}}
+                            "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
+    if forward_dtype != "float32":  # recorded only when it is not the exact default
+        meta["calibration"]["forward_dtype"] = forward_dtype
     fallbacks = {l.name: l.fallback for l in rep.layers if l.fallback}
     if fallbacks:
         meta["fallbacks"] = fallbacks
@@ -316,7 +321,9 @@ def demo_model(path: Optional[Path] = typer.Argument(None, help="Target folder (
 def demo(
     workdir: Path = typer.Option(Path("out"), help="Where the quantized checkpoints go."),
     bits: int = typer.Option(4), group_size: int = typer.Option(128),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order"),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order",
+                                   help="GPTQ with the default recipe (act-order, static groups, MSE clipping), or "
+                                        "plain GPTQ."),
     nsamples: int = typer.Option(128), windows: int = typer.Option(40),
     threads: Optional[int] = typer.Option(None),
     serve: bool = typer.Option(True, "--serve/--no-serve",

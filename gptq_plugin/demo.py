@@ -133,7 +133,7 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
 
     from .calibration import load_calibration
     from .checkpoint import load_quantized, save_quantized
-    from .config import QuantizeConfig
+    from .config import RECOMMENDED, QuantizeConfig
     from .evaluate import eval_windows, perplexity
     from .pipeline import quantize_model
 
@@ -148,8 +148,10 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     del fp
     calib = load_calibration(None, tok, nsamples, seqlen)
     for method in ("rtn", "gptq"):
-        cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order and method == "gptq", method=method)
-        out = workdir / f"smollm2-{method}-{bits}bit-g{group_size}{'-actorder' if cfg.desc_act else ''}"
+        recipe = RECOMMENDED if act_order and method == "gptq" else {}  # RTN: the plain min-max baseline
+        cfg = QuantizeConfig(bits=bits, group_size=group_size, method=method, **recipe)
+        label = f"{method.upper()} {bits}-bit g{group_size}" + (" act-order static-groups mse" if recipe else "")
+        out = workdir / label.lower().replace(" ", "-").replace("act-order-static-groups-mse", "ao-static-mse")
         if (out / "config.json").is_file():
             echo(f"reusing {out}")
             secs = None
@@ -161,15 +163,14 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
             save_quantized(m, cfg, out, source_dir=src)
             del m
         q = load_quantized(out)
-        rows.append((f"{method.upper()} {bits}-bit g{group_size}{' act-order' if cfg.desc_act else ''}",
-                     perplexity(q, ev), secs, out))
+        rows.append((label, perplexity(q, ev), secs, out))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     echo(f"\nWikiText-2 test perplexity, first {ev.shape[0]} windows of {seqlen} tokens "
          f"(calibration: {calib.shape[0]} x {seqlen} tokens of WikiText-2 valid)")
-    echo(f"| {'model':<40} | {'perplexity':>10} | {'quantize s':>10} |")
-    echo(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|")
+    echo(f"| {'model':<46} | {'perplexity':>10} | {'quantize s':>10} |")
+    echo(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|")
     for name, ppl, secs, _ in rows:
-        echo(f"| {name:<40} | {ppl:>10.2f} | {('%.1f' % secs) if secs else '-':>10} |")
+        echo(f"| {name:<46} | {ppl:>10.2f} | {('%.1f' % secs) if secs else '-':>10} |")
     echo(f"peak RSS {peak:.0f} MB")
     gptq_dir = rows[-1][3]
     q = load_quantized(gptq_dir)

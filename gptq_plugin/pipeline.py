@@ -333,7 +333,9 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
         report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
     else:
         res = gptq_quantize(W, H, cfg, name=full)
-        rtn_Q = rtn_quantize(W, cfg).dequantize()
+        # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
+        grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
+        rtn_Q = rtn_quantize(W, cfg, grid).dequantize()
         report.layers.append(LayerReport(full, _rel_err(W, res.dequantize(), H), _rel_err(W, rtn_Q, H),
                                          res.damp_percent, res.fallback, time.time() - t))
     _check_scales(full, W, res, report.layers[-1])

@@ -98,15 +98,18 @@ def _group_params(W: torch.Tensor, cfg: QuantizeConfig) -> tuple[torch.Tensor, t
     return torch.cat(scales), torch.cat(zeros)
 
 
-def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig) -> QuantResult:
+def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
+                 grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantResult:
     """Round-to-nearest on the same grid as GPTQ (the baseline; no calibration data).
 
     Args:
         W: ``[out, in]`` weight, any float dtype.
+        grid: ``(scales, zeros)`` ``[G, out]`` in input order to round onto (e.g. GPTQ's static groups, which are
+            computed the same way), instead of computing them.
     """
     W = W.float()
     maxq = 2**cfg.bits - 1
-    scales, zeros = _group_params(W, cfg)
+    scales, zeros = (grid[0].float(), grid[1].float()) if grid is not None else _group_params(W, cfg)
     g_idx = _input_order_g_idx(W.shape[1], cfg.group_size)
     g = g_idx.long()
     codes = quantize(W, scales[g].t(), zeros[g].t(), maxq)

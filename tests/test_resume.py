@@ -35,7 +35,7 @@ def small_model(demo_model_dir, tmp_path_factory) -> Path:
 
 def _cmd(src: Path, out: Path, data_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gptq_plugin.cli", "quantize", str(src), str(out), "--nsamples", "8", "--seqlen",
-            "128", "--batch-size", "2", "--group-size", "64", "--act-order", "--threads", "1",
+            "128", "--batch-size", "2", "--group-size", "64", "--act-order", "--mse", "0", "--threads", "1",
             "--dataset", str(data_dir / "wikitext-2" / "valid.tokens.txt"), *extra]
 
 
