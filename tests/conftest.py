@@ -12,6 +12,30 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GPTQ_PLUGIN_DATA", REPO.parent / "shared" / "data"))
 
 
+def _triton_interpreter_first() -> None:
+    """Without a GPU the Triton kernel tests run in Triton's CPU interpreter, which ``@triton.jit`` chooses when it
+    decorates a function (``TRITON_INTERPRET=1``), including Triton's own ``triton.language`` helpers at their
+    first import. Collecting the vLLM tests imports vLLM, which imports Triton; so import our Triton kernels (and
+    with them ``triton.language``) under the interpreter here, before any test module is collected."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("gptq_plugin.kernels.triton_jit")
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_triton_interpreter_first()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
