@@ -56,6 +56,14 @@ def real_ckpt(tmp_path_factory) -> Path:
     return out
 
 
+def _fresh_copy(ckpt: Path, tmp_path: Path) -> Path:
+    """A new copy of ``ckpt`` for one example (hypothesis reuses ``tmp_path`` across examples)."""
+    ck = tmp_path / "m"
+    shutil.rmtree(ck, ignore_errors=True)
+    shutil.copytree(ckpt, ck)
+    return ck
+
+
 def _load_or_clear_error(path: Path) -> None:
     for read in (lambda: load_quantized(path), lambda: read_checkpoint(path)):
         try:
@@ -67,9 +75,7 @@ def _load_or_clear_error(path: Path) -> None:
 @SETTINGS
 @given(data=st.data())
 def test_mutated_safetensors_load_or_fail_clearly(real_ckpt, tmp_path, data):
-    ck = tmp_path / "m"
-    shutil.rmtree(ck, ignore_errors=True)
-    shutil.copytree(real_ckpt, ck)
+    ck = _fresh_copy(real_ckpt, tmp_path)
     f = ck / "model.safetensors"
     raw = bytearray(f.read_bytes())
     header_len = int.from_bytes(raw[:8], "little")
@@ -93,9 +99,7 @@ def test_mutated_safetensors_load_or_fail_clearly(real_ckpt, tmp_path, data):
 def test_mutated_tensors_and_configs_load_or_fail_clearly(real_ckpt, tmp_path, data):
     from safetensors.torch import load_file, save_file
 
-    ck = tmp_path / "m"
-    shutil.rmtree(ck, ignore_errors=True)
-    shutil.copytree(real_ckpt, ck)
+    ck = _fresh_copy(real_ckpt, tmp_path)
     state = load_file(str(ck / "model.safetensors"))
     keys = sorted(state)
     for _ in range(data.draw(st.integers(1, 3))):

@@ -54,6 +54,18 @@ def _done(partial: Path) -> int:
         return 0
 
 
+def _kill_after(cmd: list[str], partial: Path, blocks: int) -> int:
+    """Start ``cmd``, SIGKILL it as soon as its resume state records ``blocks`` finished blocks; return how many
+    the state records after the kill."""
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _done(partial) < blocks and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return _done(partial)
+
+
 def test_kill_9_then_resume_is_byte_identical(small_model, data_dir, tmp_path):
     from gptq_plugin.resume import state_dir
 
@@ -63,14 +75,7 @@ def test_kill_9_then_resume_is_byte_identical(small_model, data_dir, tmp_path):
 
     out = tmp_path / "killed"
     partial = state_dir(out)
-    p = subprocess.Popen(_cmd(small_model, out, data_dir), env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while _done(partial) < 2 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    done = _done(partial)
+    done = _kill_after(_cmd(small_model, out, data_dir), partial, 2)
     assert not out.exists(), "the run finished before it could be killed: nothing was tested"
     assert 2 <= done < N_BLOCKS
 
@@ -86,14 +91,7 @@ def test_changed_config_is_refused_until_restart(small_model, data_dir, tmp_path
 
     out = tmp_path / "q"
     partial = state_dir(out)
-    p = subprocess.Popen(_cmd(small_model, out, data_dir), env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while _done(partial) < 1 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert _done(partial) >= 1 and not out.exists()
+    assert _kill_after(_cmd(small_model, out, data_dir), partial, 1) >= 1 and not out.exists()
 
     r = subprocess.run(_cmd(small_model, out, data_dir, "--bits", "3"), env=_env(), capture_output=True, text=True)
     assert r.returncode == 2
