@@ -131,7 +131,7 @@ def quantize(
     low_memory: Optional[bool] = typer.Option(
         None, "--low-memory/--one-pass", show_default="auto",
         help="How true-sequential GPTQ runs the calibration batches: --one-pass (fastest, all batches' "
-             "activations in memory at once) or --low-memory (one batch at a time, ~1.7x slower). Default: one "
+             "activations in memory at once) or --low-memory (one batch at a time, ~1.5x slower). Default: one "
              "pass when it fits in half the available memory. Same checkpoint either way."),
     report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here."),
     forward_dtype: str = typer.Option(

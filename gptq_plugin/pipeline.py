@@ -369,7 +369,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         low_memory: how ``true_sequential`` runs the calibration batches through a block. False: one forward in
             which every batch pauses at each layer group (fastest; holds every batch's activations at once,
             e.g. ~1.5 GB for 128x512 tokens of a 576-wide model). True: the block is re-run up to each group, one
-            batch at a time (about 1.7x slower here; one batch's activations). None (default): one pass when
+            batch at a time (about 1.5x slower on the demo model; one batch's activations). None (default): one pass when
             its estimated activations take under half the available memory, else low memory. The checkpoints
             are identical either way.
         forward_dtype: run the calibration forwards of the decoder blocks under autocast to this dtype (e.g.
