@@ -153,7 +153,7 @@ def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dty
     for prefix, tensors in layers.items():
         for leaf, v in fmt.from_internal(tensors, cfg, prefix).items():
             state[f"{prefix}.{leaf}"] = v.contiguous()
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
 
@@ -184,21 +184,26 @@ def save_quantized(model: nn.Module, cfg: QuantizeConfig, out_dir: str | Path, t
         qcfg["meta"].update(extra_meta)
     with atomic_output_dir(out_dir, overwrite, source_dir) as tmp:
         write_shards(state, tmp, max_shard_bytes)
-        config = model.config.to_dict()
-        config["quantization_config"] = qcfg
-        config["torch_dtype"] = "float16"
-        config["dtype"] = "float16"
-        config.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if source_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(source_dir) / name
-                if src.is_file() and not (tmp / name).exists():
-                    shutil.copyfile(src, tmp / name)
+        write_model_files(tmp, model.config.to_dict(), qcfg, tokenizer, source_dir)
     return Path(out_dir).resolve()
+
+
+def write_model_files(folder: Path, config: dict, qcfg: dict, tokenizer=None, source_dir: str | Path | None = None
+                      ) -> None:
+    """Write everything of a checkpoint but its weights into ``folder``: ``config.json`` (the model's ``config``
+    dict with ``quantization_config`` = ``qcfg`` and dtype float16), ``quantize_config.json``, and the tokenizer
+    (saved from ``tokenizer``, else its files and ``generation_config.json`` copied from ``source_dir``)."""
+    config = dict(config, quantization_config=qcfg, torch_dtype="float16", dtype="float16")
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.is_file() and not (folder / name).exists():
+                shutil.copyfile(src, folder / name)
 
 
 # --- reading ---------------------------------------------------------------------------------------------

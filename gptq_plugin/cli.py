@@ -106,6 +106,24 @@ def load_model(path: Path, dtype: str = "float32", allow_pickle: bool = False):
         raise GPTQPluginError(f"{path}: Transformers cannot load this model ({type(e).__name__}: {e})") from None
 
 
+def _streaming_needed(model: Path) -> bool:
+    """Whether MODEL's weights in fp32 take over half the available memory (then quantize it streaming)."""
+    from .errors import CheckpointError
+    from .pipeline import available_memory
+    from .streaming import SourceWeights
+
+    try:
+        need = SourceWeights(model).nbytes(4)
+    except CheckpointError:
+        return False  # pickle weights or an unusual layout: the in-memory driver reports what is wrong
+    avail = available_memory()
+    if avail is not None and need > avail // 2:
+        log.info("%s takes %.1f GB in fp32, over half the available %.1f GB: quantizing it streaming", model,
+                 need / 1e9, avail / 1e9)
+        return True
+    return False
+
+
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Hugging Face model folder (unquantized)."),
@@ -139,6 +157,15 @@ def quantize(
                         "CPUs with AMX/AVX512-BF16, as GPTQModel computes; Hessians stay fp32)."),
     restart: bool = typer.Option(False, "--restart", help="Discard the progress of an interrupted run for OUT "
                                  "instead of resuming it."),
+    streaming: Optional[bool] = typer.Option(
+        None, "--streaming/--in-memory", show_default="auto",
+        help="--streaming: read one decoder block at a time from the safetensors shards and write the checkpoint "
+             "shard by shard (peak memory ~ one block + its GPTQ work + activations; for models larger than "
+             "memory). --in-memory: load the whole model (fp32). Default: streaming when the fp32 model takes "
+             "over half the available memory. Same tensors either way."),
+    activation_memory: Optional[float] = typer.Option(
+        None, help="Streaming: MB of calibration activations kept in memory; the rest stays on disk only (0: one "
+                   "batch at a time). Default: a quarter of the available memory."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT.
@@ -180,28 +207,38 @@ def quantize(
     if forward_dtype not in ("float32", "bfloat16", "float16"):
         raise GPTQPluginError(f"--forward-dtype {forward_dtype}: use float32, bfloat16 or float16")
     fdtype = getattr(torch, forward_dtype)
-    state = ResumeState.open(out, fingerprint(cfg, model, calib, batch_size, forward_dtype), restart)
-    m = load_model(model)
-    t0 = time.time()
-    rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
-                         forward_dtype=None if fdtype == torch.float32 else fdtype)
-    wall = time.time() - t0
+    if activation_memory is not None and activation_memory < 0:
+        raise GPTQPluginError(f"--activation-memory {activation_memory}: use a size in MB >= 0")
+    if streaming is None:
+        streaming = _streaming_needed(Path(model))
     meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
                             "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
     if forward_dtype != "float32":  # recorded only when it is not the exact default
         meta["calibration"]["forward_dtype"] = forward_dtype
-    fallbacks = {l.name: l.fallback for l in rep.layers if l.fallback}
-    if fallbacks:
-        meta["fallbacks"] = fallbacks
-    notes = {l.name: l.note for l in rep.layers if l.note}
-    if notes:
-        meta["notes"] = notes
-    save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite, extra_meta=meta)
+    driver = "streaming" if streaming else "in-memory"
+    state = ResumeState.open(out, fingerprint(cfg, model, calib, batch_size, forward_dtype, driver), restart)
+    t0 = time.time()
+    if streaming:
+        from .streaming import quantize_streaming
+
+        rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
+                                 low_memory=low_memory is not False,
+                                 forward_dtype=None if fdtype == torch.float32 else fdtype,
+                                 activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
+                                 overwrite=overwrite, extra_meta=meta)
+    else:
+        m = load_model(model)
+        rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
+                             forward_dtype=None if fdtype == torch.float32 else fdtype)
+        save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
+                       extra_meta=dict(meta, **rep.checkpoint_meta()))
+    wall = time.time() - t0
     state.remove()
     if report:
         report.write_text(json.dumps(rep.to_dict(), indent=2))
     errs = [l for l in rep.layers if l.rel_err is not None]
-    msg = f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}) in {wall:.1f} s, peak RSS {_peak_rss_mb():.0f} MB -> {out}"
+    msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {driver}) in "
+           f"{wall:.1f} s, peak RSS {_peak_rss_mb():.0f} MB -> {out}")
     if errs:
         mean = sum(l.rel_err for l in errs) / len(errs)
         rmean = sum(l.rtn_rel_err for l in errs) / len(errs)
@@ -306,6 +343,25 @@ def bench(ctx: typer.Context):
 
     args = ["--help" if a == "--help-bench" else a for a in ctx.args]
     raise typer.Exit(bench_mod.main(args) or 0)
+
+
+@app.command("synthetic-model")
+def synthetic_model(
+    out: Path = typer.Argument(..., help="Folder to create."),
+    hidden: int = typer.Option(4096), layers: int = typer.Option(32), intermediate: int = typer.Option(11008),
+    heads: int = typer.Option(32), kv_heads: int = typer.Option(32),
+    vocab: int = typer.Option(49152, help="Vocabulary size (49152 fits the demo tokenizer)."),
+    seed: int = typer.Option(0),
+    tokenizer_from: Optional[Path] = typer.Option(None, help="Copy the tokenizer from this folder (e.g. the demo model)."),
+    overwrite: bool = typer.Option(False),
+):
+    """Write a Llama-shaped model with random bf16 weights (default: Llama-2-7B's shape, ~14 GB), shard by shard,
+    for measuring the streaming driver's memory on models larger than this machine's."""
+    _setup(None)
+    from .synthetic import write_synthetic_llama
+
+    typer.echo(str(write_synthetic_llama(out, hidden, layers, intermediate, heads, kv_heads, vocab, seed,
+                                         tokenizer_from=tokenizer_from, overwrite=overwrite)))
 
 
 @app.command("demo-model")

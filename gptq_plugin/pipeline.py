@@ -64,6 +64,18 @@ class QuantizeReport:
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "layers": [vars(l) for l in self.layers]}
 
+    def checkpoint_meta(self) -> dict:
+        """What the checkpoint's ``quantization_config["meta"]`` records of this run: per-layer ``fallbacks``
+        (e.g. RTN where the Hessian stayed singular) and ``notes`` (e.g. clipped fp16 scales), when any."""
+        meta = {}
+        fallbacks = {l.name: l.fallback for l in self.layers if l.fallback}
+        if fallbacks:
+            meta["fallbacks"] = fallbacks
+        notes = {l.name: l.note for l in self.layers if l.note}
+        if notes:
+            meta["notes"] = notes
+        return meta
+
 
 def _linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -81,11 +93,13 @@ def _call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dt
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
-                         progress: bool = True) -> tuple[list[torch.Tensor], list[dict]]:
+                         progress: bool = True, store=None) -> tuple[list[torch.Tensor], list[dict]]:
     """Run the model on the calibration batches up to the first block; return its inputs and kwargs.
 
     Args:
         calib: int64 ``[n, seqlen]`` token ids.
+        store: when given, called with each batch's input tensor instead of keeping it (the returned input list
+            is then empty), e.g. to write it to a disk-backed buffer.
 
     Returns:
         ``(inputs, kwargs)``: one ``[b, seqlen, hidden]`` tensor and one kwargs dict per batch.
@@ -96,7 +110,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
 
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(x.detach())
+        (store or inputs.append)(x.detach())
         kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
         raise _StopForward
 
@@ -266,13 +280,14 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
 
 
 def _groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
-                    quantize_group, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+                    quantize_group, dtype: torch.dtype | None = None, sink=None) -> list[torch.Tensor]:
     """The low-memory form of :func:`_sequential_pass`, with the same result: for each layer group in forward
     order, run every calibration batch, one at a time, through ``block`` only as far as the group's first layer
     (a forward pre-hook adds the input to the group's Hessian and stops the forward there), quantize the group,
     then go on to the next group; a last full forward gives the block's outputs. Only one batch's activations
     are alive at a time, at the cost of re-running the start of the block once per group (about 2x the
-    forward compute of the one-pass driver for a Llama block)."""
+    forward compute of the one-pass driver for a Llama block). With ``sink``, each batch's output is passed to
+    ``sink(i, y)`` as soon as it is computed (and an empty list returned), so outputs need not all be held."""
     linears = _linear_modules(block)
     for g in groups:
         head = g[0]
@@ -293,18 +308,62 @@ def _groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
         finally:
             handle.remove()
         quantize_group(g, acc.finalize() if acc.n else None)
+    outputs = []
     with torch.no_grad():
-        return [_call_block(block, x, kw, dtype) for x, kw in zip(inputs, kwargs_list)]
+        for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+            y = _call_block(block, x, kw, dtype)
+            if sink is None:
+                outputs.append(y)
+            else:
+                sink(i, y)
+    return outputs
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: ``/proc/meminfo`` MemAvailable, lowered to the memory cgroup's
+    limit minus its usage where one is set (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``; the page
+    cache counted in the usage is not subtracted, being reclaimable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [l.strip().split(":", 2) for l in f]
+    except OSError:
+        return avail
+    for hid, ctrl, path in lines:
+        if hid == "0" and ctrl == "":
+            files = (f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current", "file ")
+        elif "memory" in ctrl.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            files = (f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes", f"{base}/memory.stat")
+        else:
+            continue
+        try:
+            with open(files[0]) as f:
+                raw = f.read().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                continue
+            with open(files[1]) as f:
+                used = int(f.read())
+            cache = 0
+            if files[2].startswith("/"):
+                with open(files[2]) as f:
+                    cache = next((int(l.split()[1]) for l in f if l.startswith("total_inactive_file ")), 0)
+            avail = min(avail, int(raw) - used + cache)
+        except (OSError, ValueError):
+            continue
+    return max(avail, 0)
 
 
 def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     """Whether the one-pass driver's paused activations (every batch's forward state at a layer group, measured
     on Llama blocks at about ``4 B x tokens x max(6 x hidden, 3 x widest linear input)``) take under half of the
-    memory available now (``/proc/meminfo`` MemAvailable; True where that cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
+    memory available now (:func:`available_memory`; True where that cannot be read)."""
+    avail = available_memory()
+    if avail is None:
         return True
     tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
     hidden = inputs[0].shape[-1]
@@ -312,11 +371,15 @@ def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     return 4 * tokens * max(6 * hidden, 3 * widest) < avail / 2
 
 
-def _rel_err(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    D = W - Q
-    num = torch.einsum("ij,jk,ik->", D, H, D)
-    den = torch.einsum("ij,jk,ik->", W, H, W)
-    return float(num / den) if float(den) > 0 else 0.0
+def _rel_errs(W: torch.Tensor, H: torch.Tensor, *Qs: torch.Tensor) -> list[float]:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` with ``ΔW = W - Q`` for each ``Q`` (the denominator computed once)."""
+    den = float(torch.einsum("ij,jk,ik->", W, H, W))
+    out = []
+    for Q in Qs:
+        D = W - Q
+        num = float(torch.einsum("ij,jk,ik->", D, H, D))
+        out.append(num / den if den > 0 else 0.0)
+    return out
 
 
 def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
@@ -331,15 +394,17 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
         res = rtn_quantize(W, cfg)
         res.fallback = "no calibration tokens reached this layer: RTN"
         report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
+        Q = res.dequantize()
     else:
         res = gptq_quantize(W, H, cfg, name=full)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
         rtn_Q = rtn_quantize(W, cfg, grid).dequantize()
-        report.layers.append(LayerReport(full, _rel_err(W, res.dequantize(), H), _rel_err(W, rtn_Q, H),
-                                         res.damp_percent, res.fallback, time.time() - t))
+        Q = res.dequantize()
+        report.layers.append(LayerReport(full, *_rel_errs(W, H, Q, rtn_Q), res.damp_percent, res.fallback,
+                                         time.time() - t))
     _check_scales(full, W, res, report.layers[-1])
-    mod.weight.data = res.dequantize().to(mod.weight.dtype)
+    mod.weight.data = Q.to(mod.weight.dtype)
     return res
 
 
@@ -352,6 +417,81 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
         row.note = (f"{n_over} scales reached fp16's maximum {top:g} (weights up to {float(W.abs().max()):.4g}): the "
                     "largest weights of this layer are clipped; keep it unquantized or rescale the model")
         log.warning("%s: %s", name, row.note)
+
+
+def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
+                   report: QuantizeReport, low_memory: bool | None = None,
+                   forward_dtype: torch.dtype | None = None) -> dict[str, QuantResult]:
+    """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
+    replace each calibration input by the quantized block's output (the next block's input).
+
+    Args:
+        block: the decoder block (float weights, on CPU).
+        block_name: its state-dict prefix, e.g. ``"model.layers.3"`` (names layers in reports and errors).
+        inputs: the block's inputs, one ``[b, seqlen, hidden]`` tensor per batch: a list or any sequence that
+            supports ``len``, iteration, indexing and item assignment (e.g.
+            :class:`gptq_plugin.streaming.ActivationBuffer`, which keeps them on disk). Unused for RTN.
+        kwargs_list: the block's keyword arguments per batch (masks, rotary embeddings). Unused for RTN.
+        low_memory, forward_dtype: as in :func:`quantize_model`.
+
+    Returns:
+        The per-layer :class:`QuantResult` (layer name inside the block -> result); rows are added to ``report``.
+
+    Raises:
+        NumericalError: the block's quantized output contains NaN or Inf (names the block).
+    """
+    linears = _linear_modules(block)
+    results: dict[str, QuantResult] = {}
+
+    def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
+        if not torch.isfinite(y).all():
+            raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
+        inputs[i] = y
+
+    if cfg.method == "rtn":
+        for name, mod in linears.items():
+            t = time.time()
+            results[name] = rtn_quantize(mod.weight.data, cfg)
+            report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
+            _check_scales(f"{block_name}.{name}", mod.weight.data, results[name], report.layers[-1])
+    else:
+        x0 = inputs[0]
+        groups = _discover_groups(block, x0, kwargs_list[0])  # each group shares one input
+
+        def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
+            # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
+            with torch.autocast(device_type=x0.device.type, enabled=False):
+                for name in group:  # one Hessian, computed once, for the layers sharing an input
+                    results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
+
+        outputs: list[torch.Tensor] = []
+        if cfg.true_sequential:
+            if low_memory is None:
+                low_memory = not _one_pass_fits(block, inputs)
+                log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
+                         else "one pass per block")
+            if low_memory:
+                _groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit)
+            else:
+                outputs = _sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype)
+        else:  # every Hessian from the unquantized block, then one forward to propagate
+            accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+            _accumulate(block, accs, inputs, kwargs_list, forward_dtype)
+            for g in groups:
+                quantize_group(g, accs[g[0]].finalize() if accs[g[0]].n else None)
+            with torch.no_grad():
+                for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+                    emit(i, _call_block(block, x, kw, forward_dtype))
+        for i, y in enumerate(outputs):
+            emit(i, y)
+    for name, res in results.items():
+        mod = linears[name]
+        bias = mod.bias.data if mod.bias is not None else None
+        q = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, q)
+    return results
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
@@ -418,50 +558,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
     for bi in tqdm(range(first, n_blocks), desc=f"{cfg.method} {cfg.bits}-bit", disable=not progress,
                    initial=first, total=n_blocks):
         block = blocks[bi]
-        block_name = f"{prefix}.{bi}"
-        linears = _linear_modules(block)
-        results: dict[str, QuantResult] = {}
         n_reported = len(report.layers)
-        if cfg.method == "rtn":
-            for name, mod in linears.items():
-                t = time.time()
-                results[name] = rtn_quantize(mod.weight.data, cfg)
-                report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
-                _check_scales(f"{block_name}.{name}", mod.weight.data, results[name], report.layers[-1])
-        else:
-            groups = _discover_groups(block, inputs[0], kwargs_list[0])  # each group shares one input
-
-            def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
-                # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
-                with torch.autocast(device_type=inputs[0].device.type, enabled=False):
-                    for name in group:  # one Hessian, computed once, for the layers sharing an input
-                        results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
-
-            if cfg.true_sequential:
-                if low_memory is None:
-                    low_memory = not _one_pass_fits(block, inputs)
-                    log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
-                             else "one pass per block")
-                run_pass = _groupwise_pass if low_memory else _sequential_pass
-                outputs = run_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype)
-            else:  # every Hessian from the unquantized block, then one forward to propagate
-                accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
-                _accumulate(block, accs, inputs, kwargs_list, forward_dtype)
-                for g in groups:
-                    quantize_group(g, accs[g[0]].finalize() if accs[g[0]].n else None)
-                with torch.no_grad():
-                    outputs = [_call_block(block, x, kw, forward_dtype) for x, kw in zip(inputs, kwargs_list)]
-            for i, y in enumerate(outputs):  # the next block sees this block's quantized outputs
-                if not torch.isfinite(y).all():
-                    raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
-                inputs[i] = y
-        for name, res in results.items():
-            mod = linears[name]
-            bias = mod.bias.data if mod.bias is not None else None
-            q = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, q)
+        quantize_block(block, f"{prefix}.{bi}", inputs, kwargs_list, cfg, report, low_memory, forward_dtype)
         if resume is not None:
             resume.save_block(bi, block, inputs, [vars(l) for l in report.layers[n_reported:]])
 

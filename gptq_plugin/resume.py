@@ -12,6 +12,10 @@ Layout of ``<OUT parent>/.<OUT name>.partial/`` (removed once the checkpoint is 
   the outputs of the finished block 7: resuming starts from the very same numbers, so the final checkpoint is
   byte-identical to an uninterrupted run.
 
+The streaming driver (:mod:`gptq_plugin.streaming`) keeps ``shard-00007.safetensors`` (block 7's final
+checkpoint tensors) and ``activations/x-<block>-<batch>.safetensors`` (the calibration activations entering the
+first unfinished block, one file per batch) instead of the block and inputs files.
+
 Every file is written to a temporary name and renamed into place, and the manifest is replaced last, so a kill at
 any instant leaves either the previous state or the next one. A changed config, source model or calibration set
 is refused (``--restart`` discards the old state) instead of being mixed into one checkpoint.
@@ -57,8 +61,9 @@ def file_digest(paths: list[Path]) -> str:
 
 
 def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | None, batch_size: int,
-                forward_dtype: str = "float32") -> dict:
-    """The identity of a run: what must not change between a killed run and its resumption."""
+                forward_dtype: str = "float32", driver: str = "in-memory") -> dict:
+    """The identity of a run: what must not change between a killed run and its resumption (``driver``:
+    ``"in-memory"`` or ``"streaming"``, whose state files differ)."""
     from .config import _version
 
     src = Path(source)
@@ -68,7 +73,7 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
         calib_digest = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     return {"config": cfg.to_dict(), "source_weights": file_digest(weights), "calibration": calib_digest,
             "calibration_shape": list(calib.shape) if calib is not None else None, "batch_size": batch_size,
-            "forward_dtype": forward_dtype,
+            "forward_dtype": forward_dtype, "driver": driver,
             "gptq_plugin": _version(), "torch": torch.__version__}
 
 
@@ -82,7 +87,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
@@ -151,6 +156,13 @@ class ResumeState:
         old = self.folder / f"inputs-{index:05d}.safetensors"
         if old.exists():
             old.unlink()
+
+    def mark_done(self, index: int, reports: list[dict]) -> None:
+        """Record block ``index`` as finished (the streaming driver, which keeps its own files in :attr:`folder`,
+        writes them first): its layer reports, then the manifest."""
+        self.done = index + 1
+        self.reports.append(reports)
+        self._write_manifest()
 
     def restore_block(self, index: int, block: nn.Module, cfg: QuantizeConfig) -> None:
         """Put the recorded quantized layers of block ``index`` into ``block`` (``nn.Linear`` -> :class:`QuantLinear`).

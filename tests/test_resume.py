@@ -66,20 +66,22 @@ def _kill_after(cmd: list[str], partial: Path, blocks: int) -> int:
     return _done(partial)
 
 
-def test_kill_9_then_resume_is_byte_identical(small_model, data_dir, tmp_path):
+@pytest.mark.parametrize("driver", ["--in-memory", "--streaming"])
+def test_kill_9_then_resume_is_byte_identical(small_model, data_dir, tmp_path, driver):
     from gptq_plugin.resume import state_dir
 
     whole = tmp_path / "whole"
-    subprocess.run(_cmd(small_model, whole, data_dir), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cmd(small_model, whole, data_dir, driver), env=_env(), check=True, capture_output=True)
     assert not state_dir(whole).exists(), "the resume state must be removed once the checkpoint is complete"
 
     out = tmp_path / "killed"
     partial = state_dir(out)
-    done = _kill_after(_cmd(small_model, out, data_dir), partial, 2)
+    done = _kill_after(_cmd(small_model, out, data_dir, driver), partial, 2)
     assert not out.exists(), "the run finished before it could be killed: nothing was tested"
     assert 2 <= done < N_BLOCKS
 
-    r = subprocess.run(_cmd(small_model, out, data_dir, "--verbose"), env=_env(), capture_output=True, text=True)
+    r = subprocess.run(_cmd(small_model, out, data_dir, driver, "--verbose"), env=_env(), capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from {partial}: {done} blocks already quantized" in r.stderr
     assert _digests(out) == _digests(whole)
