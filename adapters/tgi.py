@@ -23,10 +23,17 @@ Sharding (TGI ``GPTQWeightsLoader`` conventions, rank ``r`` of ``W`` ranks, ``K`
   are sharded by group and ``g_idx`` is shifted to start at 0 (as TGI does); otherwise (act-order, a group
   straddling two shards, ``group_size=-1``) every rank keeps the full ``scales``/``qzeros`` and the absolute
   ``g_idx`` (as TGI does for act-order), which is exact for any ``g_idx``.
+
+compressed-tensors ``pack-quantized`` checkpoints (``weight_packed [N, K*bits/32]``, ``weight_scale [N, G]``,
+``weight_zero_point [N*bits/32, G]``, ``weight_g_idx``, ``weight_shape``: the GPTQ tensors transposed) are sharded the
+same way with the dims swapped (column-parallel: dim 0 of every tensor; row-parallel: the packed input dim 1 of
+``weight_packed`` and the group dim 1 of ``weight_scale``/``weight_zero_point``); each layer is then converted to the
+GPTQ layout by the core's format handler (``to_internal``), so fused layers and kernels are the GPTQ path's.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +44,8 @@ from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, ConfigError
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.packing import default_g_idx, num_groups, pack_dim0, packed_rows, unpack_dim0
+
+_CT = "compressed-tensors"  # the core's compressed-tensors pack-quantized format handler
 
 
 # --- the Weight ------------------------------------------------------------------------------------------
@@ -93,7 +102,8 @@ class GPTQPluginWeight:
 
 # --- the WeightsLoader -----------------------------------------------------------------------------------
 class GPTQPluginWeightsLoader:
-    """A TGI ``WeightsLoader`` for GPTQ checkpoints (``quant_method: "gptq"``, format "gptq" or "gptq_v2").
+    """A TGI ``WeightsLoader`` for GPTQ checkpoints (``quant_method: "gptq"``, format "gptq" or "gptq_v2") and
+    compressed-tensors ``pack-quantized`` ones.
 
     Registered as a virtual subclass of TGI's ``WeightsLoader`` by :func:`.tgi_launcher.install`. Exposes the
     attributes TGI code reads from its own GPTQ loader (``bits``, ``groupsize``, ``desc_act``, ``sym``,
@@ -102,8 +112,11 @@ class GPTQPluginWeightsLoader:
     Args:
         config (`QuantizeConfig`): the checkpoint's quantization config.
         modules_to_not_convert (`Sequence[str]`, *optional*, defaults to ()): prefixes of layers stored
-            unquantized (``quantization_config.modules_to_not_convert``); they load as plain tensors, which TGI
-            turns into its own unquantized linear layers.
+            unquantized (``quantization_config.modules_to_not_convert``; compressed-tensors: its ``ignore`` list,
+            names or ``re:`` patterns); they load as plain tensors, which TGI turns into its own unquantized
+            linear layers.
+        checkpoint_format (`str`, *optional*): the on-disk format ("gptq", "gptq_v2", "compressed-tensors");
+            defaults to ``config.checkpoint_format``.
     """
 
     quant_method = "gptq"
@@ -119,14 +132,17 @@ class GPTQPluginWeightsLoader:
     @classmethod
     def from_quantization_config(cls, d: dict[str, Any]) -> GPTQPluginWeightsLoader:
         """From a checkpoint's ``quantization_config`` object, parsed by the core's format handler. Raises
-        :class:`ConfigError` for an invalid one or a format other than GPTQ v1/v2."""
+        :class:`ConfigError` for an invalid one or a format other than GPTQ v1/v2 and compressed-tensors
+        pack-quantized (:class:`CheckpointError` for a compressed-tensors scheme that is not integer weight-only)."""
         from gptq_plugin.formats import detect_format
 
         handler = detect_format(d, "quantization_config")
-        if handler.name not in ("gptq", "gptq_v2"):
+        if handler.name not in ("gptq", "gptq_v2", _CT):
             raise ConfigError(f"quantization_config is a {handler.name} checkpoint: the gptq-plugin TGI route serves "
-                              "GPTQ checkpoints (v1 and v2); convert it with `gptq-plugin convert SRC DST --to gptq`")
-        return cls(handler.parse_config(d), d.get("modules_to_not_convert") or (), handler.name)
+                              "GPTQ (v1, v2) and compressed-tensors pack-quantized checkpoints; convert it with "
+                              "`gptq-plugin convert SRC DST --to gptq`")
+        skip = d.get("ignore") if handler.name == _CT else d.get("modules_to_not_convert")
+        return cls(handler.parse_config(d), skip or (), handler.name)
 
     # TGI code reads these from `weights.loader`.
     @property
@@ -155,6 +171,8 @@ class GPTQPluginWeightsLoader:
         """The whole layer ``prefix``, unsharded."""
         if self._skipped(prefix):
             return weights.get_tensor(f"{prefix}.weight")
+        if self.checkpoint_format == _CT:
+            return self._weight(weights, prefix, **self._ct_layer(weights, prefix), fmt="gptq")
         self._require(weights, prefix)
         qweight = weights.get_tensor(f"{prefix}.qweight")
         scales = weights.get_tensor(f"{prefix}.scales", to_dtype=False)
@@ -167,10 +185,15 @@ class GPTQPluginWeightsLoader:
         ``Weights.get_packed_sharded``: a number of equal blocks or their proportions)."""
         if self._skipped(prefix):
             return weights.get_packed_sharded(f"{prefix}.weight", dim=0, block_sizes=block_sizes)
+        parts = block_sizes if isinstance(block_sizes, list) else [1] * block_sizes
+        if self.checkpoint_format == _CT:
+            def read(name, **kw):
+                return weights.get_packed_sharded(name, dim=0, block_sizes=block_sizes, **kw)
+
+            return self._weight(weights, prefix, **self._ct_layer(weights, prefix, (read, parts)), fmt="gptq")
         self._require(weights, prefix)
         rank, world = _rank_world(weights)
         n = weights.get_shape(f"{prefix}.scales")[1]
-        parts = block_sizes if isinstance(block_sizes, list) else [1] * block_sizes
         _packed_ranges(n, parts, rank, world, f"{prefix}.qweight")  # a clear error for a split TGI cannot do
         qweight = weights.get_packed_sharded(f"{prefix}.qweight", dim=1, block_sizes=block_sizes)
         scales = weights.get_packed_sharded(f"{prefix}.scales", dim=1, block_sizes=block_sizes, to_dtype=False)
@@ -190,7 +213,13 @@ class GPTQPluginWeightsLoader:
             return torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=dim)
         rank, world = _rank_world(weights)
         qweights, scales, qzeros, g_idxs = [], [], [], []
+        ct = self.checkpoint_format == _CT
         for p in prefixes:
+            if ct:  # each layer converted to the in-memory v1 layout, then concatenated like GPTQ ones
+                t = self._ct_layer(weights, p, (lambda name, **kw: weights.get_sharded(name, dim=0, **kw), [1]))
+                for acc, key in ((qweights, "qweight"), (scales, "scales"), (qzeros, "qzeros"), (g_idxs, "g_idx")):
+                    acc.append(t[key])
+                continue
             self._require(weights, p)
             n = weights.get_shape(f"{p}.scales")[1]
             _check_divisible(f"{p}.scales", "output channels", n, world)
@@ -205,12 +234,15 @@ class GPTQPluginWeightsLoader:
                                       "layer must share their input-channel grouping; re-quantize them together")
         widths = [s.shape[1] for s in scales]
         return self._weight(weights, ",".join(prefixes), torch.cat(qweights, dim=1),
-                            _cat_packed_cols(qzeros, widths, self.config.bits), torch.cat(scales, dim=1), g_idxs[0])
+                            _cat_packed_cols(qzeros, widths, self.config.bits), torch.cat(scales, dim=1), g_idxs[0],
+                            fmt="gptq" if ct else None)
 
     def get_weights_row(self, weights, prefix: str):
         """Layer ``prefix`` split across ranks along the input dim (each rank's output is a partial sum)."""
         if self._skipped(prefix):
             return weights.get_sharded(f"{prefix}.weight", dim=1)
+        if self.checkpoint_format == _CT:
+            return self._weight(weights, prefix, **self._ct_layer(weights, prefix, row=True), fmt="gptq")
         self._require(weights, prefix)
         rank, world = _rank_world(weights)
         bits, gs = self.config.bits, self.config.group_size
@@ -244,15 +276,88 @@ class GPTQPluginWeightsLoader:
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _skipped(self, prefix: str) -> bool:
-        return any(m in prefix for m in self.modules_to_not_convert)
+        return any(re.match(m[3:], prefix) if m.startswith("re:") else m in prefix
+                   for m in self.modules_to_not_convert)
 
     def _require(self, weights, prefix: str) -> None:
-        name = f"{prefix}.qweight"
+        ct = self.checkpoint_format == _CT
+        name = f"{prefix}.{'weight_packed' if ct else 'qweight'}"
         if not weights.has_tensor(name):
             hint = (f"; the checkpoint has {prefix}.weight: an unquantized layer (list it in "
-                    "quantization_config.modules_to_not_convert or quantize it)"
+                    f"quantization_config.{'ignore' if ct else 'modules_to_not_convert'} or quantize it)"
                     if weights.has_tensor(f"{prefix}.weight") else "")
             raise CheckpointError(f"{name} is missing from the checkpoint loaded with --quantize gptq{hint}")
+
+    def _ct_layer(self, weights, prefix: str, col: tuple[Callable, list[int]] | None = None, row: bool = False
+                  ) -> dict[str, torch.Tensor]:
+        """This rank's shard of compressed-tensors layer ``prefix`` in the in-memory GPTQ v1 layout (``qweight``,
+        ``qzeros``, ``scales``, ``g_idx``), converted by the core's handler.
+
+        Args:
+            col: column-parallel: ``(read, parts)``, ``read(name, **kw)`` reading dim 0 of a tensor sharded the way
+                the caller's TGI method shards it, and the proportions of the blocks stacked along the outputs.
+            row: row-parallel: split the input channels.
+            Neither: the whole layer.
+        """
+        from gptq_plugin.formats import get_format
+
+        self._require(weights, prefix)
+        bits, gs = self.config.bits, self.config.group_size
+        rank, world = _rank_world(weights)
+        packed, scale, zero = (f"{prefix}.{leaf}" for leaf in ("weight_packed", "weight_scale", "weight_zero_point"))
+        n, k = (int(v) for v in weights.get_tensor(f"{prefix}.weight_shape", to_dtype=False).reshape(-1).tolist())
+        shape = list(weights.get_shape(packed))
+        if shape != [n, packed_rows(k, bits)]:
+            raise CheckpointError(
+                f"{packed} has shape {shape}, expected [{n}, {packed_rows(k, bits)}] for weight_shape [{n}, {k}] at "
+                f"num_bits={bits}: config_groups num_bits does not match the tensors, or (3 bits) the codes use "
+                "compressed-tensors' older packing; rewrite it with "
+                "`gptq-plugin convert SRC DST --to compressed-tensors`")
+        has_zero = weights.has_tensor(zero)
+        if weights.has_tensor(f"{prefix}.weight_g_idx"):
+            g_idx = weights.get_tensor(f"{prefix}.weight_g_idx")
+        else:
+            g_idx = default_g_idx(k, gs)
+        t: dict[str, torch.Tensor] = {}
+        n_groups = None  # ceil(k_local / group_size), unless a row shard keeps every group
+        if col is not None:
+            read, parts = col
+            ranges = _packed_ranges(n, parts, rank, world, packed)
+            t["weight_packed"], t["weight_scale"] = read(packed), read(scale, to_dtype=False)
+            if has_zero:
+                t["weight_zero_point"] = self._qzeros_cols(weights, zero, n, parts, rank, world, read, dim=0)
+            n, k_local = sum(b - a for a, b in ranges), k
+        elif row:
+            _check_divisible(packed, "input channels", k, world)
+            k_local = k // world
+            lo, hi = rank * k_local, (rank + 1) * k_local
+            if world == 1 or (k_local * bits) % 32 == 0:  # shard boundaries fall on word boundaries
+                t["weight_packed"] = weights.get_sharded(packed, dim=1)
+            else:  # shard boundaries inside words: repack the codes
+                codes = unpack_dim0(weights.get_tensor(packed).t().contiguous(), bits, k)[lo:hi]
+                t["weight_packed"] = pack_dim0(codes, bits).t().contiguous()
+            g_idx = g_idx[lo:hi]
+            in_order = gs != -1 and torch.equal(g_idx.long().cpu(), torch.arange(lo, hi) // gs)
+            if world > 1 and in_order and k_local % gs == 0:  # whole groups in input order: shard them too
+                t["weight_scale"] = weights.get_sharded(scale, dim=1, to_dtype=False)
+                if has_zero:
+                    t["weight_zero_point"] = weights.get_sharded(zero, dim=1)
+                g_idx = g_idx - g_idx[0]
+            else:  # act-order, straddling groups or one group: keep all groups, g_idx absolute
+                t["weight_scale"] = weights.get_tensor(scale, to_dtype=False)
+                if has_zero:
+                    t["weight_zero_point"] = weights.get_tensor(zero)
+                n_groups = int(t["weight_scale"].shape[1])
+        else:
+            t["weight_packed"] = weights.get_tensor(packed)
+            t["weight_scale"] = weights.get_tensor(scale, to_dtype=False)
+            if has_zero:
+                t["weight_zero_point"] = weights.get_tensor(zero)
+            k_local = k
+        t["weight_g_idx"] = g_idx.to(device=t["weight_packed"].device, dtype=torch.int32)
+        t["weight_shape"] = torch.tensor([n, k_local], dtype=torch.int64)
+        out = get_format(_CT).to_internal(t, self.config, prefix, n_groups=n_groups)
+        return {key: out[key] for key in ("qweight", "qzeros", "scales", "g_idx")}
 
     def _g_idx(self, weights, prefix: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         name = f"{prefix}.g_idx"
@@ -262,10 +367,11 @@ class GPTQPluginWeightsLoader:
         return default_g_idx(k, self.config.group_size).to(qweight.device)
 
     def _qzeros_cols(self, weights, name: str, n: int, parts: list[int], rank: int, world: int,
-                     read_sharded: Callable[[str], torch.Tensor]) -> torch.Tensor:
+                     read_sharded: Callable[[str], torch.Tensor], dim: int = 1) -> torch.Tensor:
         """The ``qzeros`` words of this rank's output channels (``n`` in blocks proportional to ``parts``, each
         split in ``world``): read through TGI's word-level sharding when it selects exactly those channels' words,
-        else by unpacking the whole tensor, slicing the codes and repacking them."""
+        else by unpacking the whole tensor, slicing the codes and repacking them. ``dim``: the packed (output) dim,
+        1 for GPTQ's ``qzeros [G, words]``, 0 for compressed-tensors' ``weight_zero_point [words, G]``."""
         bits = self.config.bits
         ranges = _packed_ranges(n, parts, rank, world, name)
         words = packed_rows(n, bits)
@@ -277,19 +383,22 @@ class GPTQPluginWeightsLoader:
                 wa * 32 == a * bits and (wb * 32 == b * bits or (b == n and wb == words))
                 for (a, b), (wa, wb) in zip(ranges, word_ranges)):
             return read_sharded(name)
-        full = weights.get_tensor(name)  # [G, ceil(n * bits / 32)]
-        codes = unpack_dim0(full.t().contiguous(), bits, n)  # stored values [n, G]
+        full = weights.get_tensor(name)  # [G, ceil(n * bits / 32)] (dim 1) or its transpose (dim 0)
+        codes = unpack_dim0(full.t().contiguous() if dim == 1 else full, bits, n)  # stored values [n, G]
         codes = torch.cat([codes[a:b] for a, b in ranges])
-        return pack_dim0(codes, bits).t().contiguous()
+        packed = pack_dim0(codes, bits)
+        return packed.t().contiguous() if dim == 1 else packed
 
-    def _weight(self, weights, prefix: str, qweight, qzeros, scales, g_idx) -> GPTQPluginWeight:
+    def _weight(self, weights, prefix: str, qweight, qzeros, scales, g_idx, fmt: str | None = None
+                ) -> GPTQPluginWeight:
+        """The layer from GPTQ-layout tensors whose ``qzeros`` are in format ``fmt`` (default: the checkpoint's)."""
         bits, gs = self.config.bits, self.config.group_size
         g_idx = g_idx.to(torch.int32)
         k, n = int(g_idx.numel()), int(scales.shape[1])
         from gptq_plugin.formats import get_format
 
         stored = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
-        qzeros = get_format(self.checkpoint_format).to_internal(stored, self.config, prefix)["qzeros"]
+        qzeros = get_format(fmt or self.checkpoint_format).to_internal(stored, self.config, prefix)["qzeros"]
         _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, gs, k, n)
         return GPTQPluginWeight(qweight, qzeros, scales, g_idx, bits, gs, self.config.sym,
                                 getattr(weights, "dtype", None))

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gptq_plugin.errors import ConfigError, GPTQPluginError
+from gptq_plugin.errors import CheckpointError, ConfigError, GPTQPluginError
 
 from .tgi import GPTQPluginWeight, GPTQPluginWeightsLoader
 
@@ -122,17 +122,19 @@ def _read_quantization_config(quantization, model_id: str, revision: str | None)
 
 
 def _routed_get_loader(quantize: str | None, model_id: str, revision: str | None):
-    """TGI's ``get_loader`` with GPTQ checkpoints (``quant_method: "gptq"``) routed to the plugin's loader;
-    everything else (AWQ, other methods, checkpoints without a quantization config) goes to TGI's own."""
+    """TGI's ``get_loader`` with GPTQ checkpoints (``quant_method: "gptq"``) and compressed-tensors ones
+    (``quant_method: "compressed-tensors"``, served with ``--quantize gptq``) routed to the plugin's loader;
+    everything else (AWQ, other methods, ``--quantize compressed-tensors``, checkpoints without a quantization
+    config) goes to TGI's own."""
     from text_generation_server.utils import quantization
 
     if quantize == "gptq":
         d = _read_quantization_config(quantization, model_id, revision)
-        if d is not None and str(d.get("quant_method", "gptq")).lower() == "gptq":
+        if d is not None and str(d.get("quant_method", "gptq")).lower() in ("gptq", "compressed-tensors"):
             try:
                 loader = GPTQPluginWeightsLoader.from_quantization_config(d)
-            except ConfigError as e:
-                raise ConfigError(f"{model_id}: {e}") from None
+            except (ConfigError, CheckpointError) as e:
+                raise type(e)(f"{model_id}: {e}") from None
             _tgi_log(f"gptq-plugin: loading GPTQ weights of {model_id} with {loader!r}")
             return loader
     return _original_get_loader(quantize, model_id, revision)

@@ -16,15 +16,20 @@ What the quantizer does inside ``from_pretrained``:
 * **Load a GPTQ checkpoint**: the linears named by the checkpoint's ``*.qweight`` tensors become empty
   ``QuantLinear`` shells before Transformers loads the weights into them; ``gptq_v2`` zero points are
   converted and every layer is validated afterwards.
+* **Load a compressed-tensors ``pack-quantized`` checkpoint** (``*.weight_packed`` tensors): the shells hold
+  buffers with the checkpoint's names and shapes (``weight_packed``, ``weight_scale``, ``weight_zero_point``,
+  ``weight_g_idx``, ``weight_shape``), which Transformers fills; the core's format handler then converts each layer
+  to the GPTQ layout. Layers in the config's ``ignore`` list have no packed tensors and stay ``nn.Linear``.
 
 The route for ``quant_method: "gptq"`` checkpoints (Transformers sends those to its own GPTQ quantizer, which
 needs optimum and gptqmodel) is a thin wrapper around ``AutoHfQuantizer.merge_quantization_configs``
 (:func:`route_checkpoint_config`): a GPTQ checkpoint is loaded through the plugin when
 
-1. the user passes ``quantization_config=GPTQPluginConfig()`` (any GPTQ checkpoint, any writer), or
+1. the user passes ``quantization_config=GPTQPluginConfig()`` (any GPTQ checkpoint, any writer; also a
+   compressed-tensors ``pack-quantized`` one), or
 2. no ``quantization_config`` is passed and the checkpoint was written by gptq-plugin
-   (``meta.quantizer`` names ``gptq-plugin``), or Transformers' own GPTQ backend (optimum + gptqmodel) is
-   not installed.
+   (``meta.quantizer`` names ``gptq-plugin``), or Transformers' own backend for it (GPTQ: optimum + gptqmodel;
+   compressed-tensors: the ``compressed-tensors`` package) is not installed.
 
 Anything else (``GPTQConfig`` passed, other quantization methods) is left to Transformers unchanged.
 Precedence when a checkpoint is loaded: its ``quantization_config`` describes its tensors and always wins; a
@@ -65,6 +70,8 @@ from gptq_plugin.linear import QuantLinear
 log = logging.getLogger(__name__)
 
 METHOD_NAME = "gptq_plugin"
+_CT = "compressed-tensors"  # the core's compressed-tensors pack-quantized format handler
+_CT_METHODS = ("compressed-tensors", "compressed_tensors")
 # fields that describe a checkpoint's tensors: a user value that contradicts the checkpoint is an error
 LAYOUT_FIELDS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
 # fields that only matter while quantizing (recorded in the checkpoint, ignored when loading one)
@@ -157,12 +164,19 @@ class GPTQPluginConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         """Parse a checkpoint's ``quantization_config`` (ours, AutoGPTQ's or GPTQModel's; ``quant_method``
-        "gptq" or "gptq_plugin"). Keyword arguments naming attributes override them.
+        "gptq" or "gptq_plugin"; or compressed-tensors ``pack-quantized``, read as its GPTQ equivalent by the
+        core's format handler). Keyword arguments naming attributes override them.
 
         Raises:
             ConfigError: not a GPTQ config, or an invalid field.
+            CheckpointError: a compressed-tensors config other than integer weight-only ``pack-quantized``.
         """
-        core = QuantizeConfig.from_dict(config_dict)
+        if str(config_dict.get("quant_method", "")).lower() in _CT_METHODS:
+            from gptq_plugin.formats import get_format
+
+            core = get_format(_CT).parse_config(config_dict)
+        else:
+            core = QuantizeConfig.from_dict(config_dict)
         config = cls(**{n: getattr(core, n) for n in LAYOUT_FIELDS + QUANTIZE_FIELDS}, meta=core.meta)
         config._checkpoint = dict(config_dict)
         unused = {}
@@ -256,11 +270,17 @@ class GPTQPluginHfQuantizer(HfQuantizer):
             return model
         from gptq_plugin.checkpoint import replace_with_quant_linear
 
-        names = _quantized_module_names(model, checkpoint_files)
+        fmt = _handler(self.quantization_config)
+        names = _quantized_module_names(model, checkpoint_files, fmt)
         if not names:
-            raise CheckpointError(f"{model.name_or_path}: no *.qweight tensors: not a GPTQ checkpoint (quantize it first)")
-        replace_with_quant_linear(model, list(names), self.quantization_config.to_quantize_config())
-        _check_checkpoint_shapes(model, names, model.name_or_path)
+            kind = "compressed-tensors" if fmt.name == _CT else "GPTQ"
+            raise CheckpointError(f"{model.name_or_path}: no *.{fmt.marker} tensors: not a {kind} checkpoint "
+                                  "(quantize it first)")
+        cfg = self.quantization_config.to_quantize_config()
+        replace_with_quant_linear(model, list(names), cfg)
+        if fmt.name == _CT:
+            _hold_ct_tensors(model, names, cfg)
+        _check_checkpoint_shapes(model, names, model.name_or_path, fmt.name if fmt.name == _CT else None)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -365,14 +385,27 @@ def _checkpoint_shapes(checkpoint_files) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _quantized_module_names(model, checkpoint_files) -> dict[str, dict[str, tuple[int, ...]]]:
+def _handler(cfg: GPTQPluginConfig):
+    """The core's format handler of the checkpoint ``cfg`` was read from (GPTQ v1 for a config made in memory)."""
+    from gptq_plugin.formats import detect_format
+
+    return detect_format(cfg.checkpoint_dict(), "quantization_config")
+
+
+def _quantized_module_names(model, checkpoint_files, fmt=None) -> dict[str, dict[str, tuple[int, ...]]]:
     """``{module name: {leaf: shape}}`` for the modules of ``model`` that the checkpoint quantizes (its
-    ``*.qweight`` tensors); every decoder-block linear, with no shapes, when the checkpoint files are unknown
+    ``*.qweight`` tensors, or the marker tensors of format handler ``fmt``: ``*.weight_packed`` for
+    compressed-tensors); every decoder-block linear, with no shapes, when the checkpoint files are unknown
     (``from_pretrained(state_dict=...)``).
 
     Raises:
-        CheckpointError: a quantized layer lacks one of ``qzeros``/``scales``/``g_idx``, or names no module.
+        CheckpointError: a quantized layer lacks one of ``qzeros``/``scales``/``g_idx`` (compressed-tensors:
+            ``weight_scale``/``weight_shape``), or names no module.
     """
+    ct = fmt is not None and fmt.name == _CT
+    marker = "weight_packed" if ct else "qweight"
+    required = ("weight_scale", "weight_shape") if ct else ("qzeros", "scales", "g_idx")
+    leaves = fmt.leaves if ct else ("qweight", "qzeros", "scales", "g_idx")
     if not checkpoint_files:
         from gptq_plugin.layouts import find_layout
 
@@ -383,30 +416,54 @@ def _quantized_module_names(model, checkpoint_files) -> dict[str, dict[str, tupl
     where = Path(str(checkpoint_files[0])).parent
     names = {}
     for k in sorted(keys):
-        if not k.endswith(".qweight"):
+        if not k.endswith("." + marker):
             continue
-        prefix = k[: -len(".qweight")]
-        for leaf in ("qzeros", "scales", "g_idx"):
+        prefix = k[: -len(marker) - 1]
+        for leaf in required:
             if f"{prefix}.{leaf}" not in keys:
                 raise CheckpointError(f"{where}: tensor {prefix}.{leaf} is missing: the checkpoint is incomplete")
-        names[_resolve_module(model, prefix, where)] = {leaf: keys[f"{prefix}.{leaf}"]
-                                                       for leaf in ("qweight", "qzeros", "scales", "g_idx")}
+        names[_resolve_module(model, prefix, where, marker)] = {leaf: keys[f"{prefix}.{leaf}"]
+                                                               for leaf in leaves if f"{prefix}.{leaf}" in keys}
     return names
 
 
-def _check_checkpoint_shapes(model, names: dict[str, dict[str, tuple[int, ...]]], where) -> None:
+def _hold_ct_tensors(model, names: dict[str, dict[str, tuple[int, ...]]], cfg: QuantizeConfig) -> None:
+    """Give the ``QuantLinear`` shells at ``names`` buffers with the compressed-tensors names and shapes (the leaves
+    the checkpoint has; without its files: ``weight_zero_point`` when asymmetric, ``weight_g_idx`` for actorder
+    "group") in place of the GPTQ ones, so that Transformers' loader fills them (:func:`_finish_loaded_layers`
+    converts them)."""
+    for name, shapes in names.items():
+        m = model.get_submodule(name)
+        device, scales_dtype = m.qweight.device, m.scales.dtype
+        expected = m.expected_tensors(_CT)
+        leaves = list(shapes) or ["weight_packed", "weight_scale", "weight_shape"] + (
+            ["weight_zero_point"] if not cfg.sym else []) + (
+            ["weight_g_idx"] if cfg.desc_act and not cfg.static_groups else [])
+        for leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            m.register_buffer(leaf, None)
+        for leaf in leaves:
+            shape, dtype = expected[leaf]
+            m.register_buffer(leaf, torch.zeros(shape, dtype=dtype or scales_dtype, device=device))
+
+
+def _check_checkpoint_shapes(model, names: dict[str, dict[str, tuple[int, ...]]], where,
+                             checkpoint_format: str | None = None) -> None:
     """Refuse tensors whose shapes contradict the config before Transformers loads them (recent Transformers
-    versions would otherwise stop at their own, less specific, size-mismatch report)."""
+    versions would otherwise stop at their own, less specific, size-mismatch report). ``checkpoint_format``: the
+    layout of the tensors when it is not GPTQ's (e.g. "compressed-tensors")."""
     for name, shapes in names.items():
         m = model.get_submodule(name)
         for leaf, shape in shapes.items():
             try:
-                m.check_shape(leaf, shape, name)
+                m.check_shape(leaf, shape, name, checkpoint_format)
             except CheckpointError as e:
-                raise CheckpointError(f"{where}: {e}") from None
+                hint = ("; a 3-bit compressed-tensors checkpoint in the older packing (10 codes per word) can be "
+                        "rewritten with `gptq-plugin convert SRC DST --to compressed-tensors`"
+                        if checkpoint_format == _CT and leaf == "weight_packed" else "")
+                raise CheckpointError(f"{where}: {e}{hint}") from None
 
 
-def _resolve_module(model, name: str, where) -> str:
+def _resolve_module(model, name: str, where, marker: str = "qweight") -> str:
     base = getattr(model, "base_model_prefix", "") or ""
     candidates = [name]
     if base:
@@ -417,12 +474,12 @@ def _resolve_module(model, name: str, where) -> str:
         except AttributeError:
             continue
         return c
-    raise CheckpointError(f"{where}: tensor {name}.qweight names no module of {type(model).__name__}: the checkpoint "
-                          "does not match its config.json")
+    raise CheckpointError(f"{where}: tensor {name}.{marker} names no module of {type(model).__name__}: the "
+                          "checkpoint does not match its config.json")
 
 
-def _layer_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
-    t = {leaf: getattr(m, leaf) for leaf in ("qweight", "qzeros", "scales", "g_idx")}
+def _layer_tensors(m: QuantLinear, leaves=("qweight", "qzeros", "scales", "g_idx")) -> dict[str, torch.Tensor]:
+    t = {leaf: getattr(m, leaf) for leaf in leaves if getattr(m, leaf, None) is not None}
     if m.bias is not None:
         t["bias"] = m.bias
     return t
@@ -442,8 +499,9 @@ def _finish_loaded_layers(model, cfg: GPTQPluginConfig) -> None:
     path = Path(str(model.name_or_path))
     qcfg = cfg.checkpoint_dict()
     handler = detect_format(qcfg, f"{path}/config.json")
+    leaves = handler.leaves if handler.name == _CT else ("qweight", "qzeros", "scales", "g_idx")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state = {f"{n}.{leaf}": t for n, m in layers.items() for leaf, t in _layer_tensors(m).items()}
+    state = {f"{n}.{leaf}": t for n, m in layers.items() for leaf, t in _layer_tensors(m, leaves).items()}
     missing = [k for k, t in state.items() if t.is_meta]
     if missing:
         raise CheckpointError(f"{path}: no value for {missing[0]}: the checkpoint is incomplete")
@@ -456,6 +514,9 @@ def _finish_loaded_layers(model, cfg: GPTQPluginConfig) -> None:
         for leaf, value in ck.layer(name).items():
             if value is not getattr(m, leaf):
                 setattr(m, leaf, value)
+        if handler.name == _CT:  # the GPTQ buffers are set: drop the checkpoint's
+            for leaf in handler.leaves:
+                m._buffers.pop(leaf, None)
         m.validate(name)
         m.reset_kernel()
 
@@ -477,6 +538,12 @@ def _transformers_gptq_available() -> bool:
     return bool(is_optimum_available() and is_gptqmodel_available())
 
 
+def _compressed_tensors_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("compressed_tensors") is not None
+
+
 def route_checkpoint_config(checkpoint_config, user_config) -> GPTQPluginConfig | None:
     """Decide who loads a pre-quantized checkpoint: the config to load it through gptq-plugin, or None to
     leave it to Transformers.
@@ -490,12 +557,19 @@ def route_checkpoint_config(checkpoint_config, user_config) -> GPTQPluginConfig 
     """
     if not isinstance(checkpoint_config, dict):
         return None
-    if str(checkpoint_config.get("quant_method", "")).lower() not in ("gptq", METHOD_NAME):
+    method = str(checkpoint_config.get("quant_method", "")).lower()
+    if method not in ("gptq", METHOD_NAME) + _CT_METHODS:
         return None
     if isinstance(user_config, GPTQPluginConfig):
         return user_config.for_checkpoint(checkpoint_config)
     if user_config is not None:
         return None  # the user chose another backend (e.g. GPTQConfig): Transformers decides
+    if method in _CT_METHODS:
+        if _compressed_tensors_available() or str(checkpoint_config.get("format")) != "pack-quantized":
+            return None  # Transformers' compressed-tensors backend (or its error for what it needs)
+        log.info("gptq-plugin: loading a compressed-tensors pack-quantized checkpoint through the plugin (the "
+                 "compressed-tensors package, which Transformers' own backend needs, is not installed)")
+        return GPTQPluginConfig.from_dict(checkpoint_config)
     if _written_by_plugin(checkpoint_config):
         log.info("gptq-plugin: loading a GPTQ checkpoint written by gptq-plugin through the plugin")
         return GPTQPluginConfig.from_dict(checkpoint_config)

@@ -22,7 +22,11 @@ Tensor parallelism (GPTQ layout, ``qweight [K/pack, N]``, ``scales [G, N]``, ``g
   straddles the cut) every rank keeps all groups: a rank's ``g_idx`` then names *global* groups, and the
   rank keeps the span of groups it uses. This is what vLLM's former GPTQ method did for act-order.
 
-Format: GPTQ "gptq" (v1, ``qzeros`` store ``zero - 1``) and "gptq_v2"; see :mod:`gptq_plugin.packing`.
+Formats: GPTQ "gptq" (v1, ``qzeros`` store ``zero - 1``) and "gptq_v2" (see :mod:`gptq_plugin.packing`), and
+compressed-tensors "pack-quantized". For the latter the parameters carry the checkpoint's names and layout
+(``weight_packed [N, K*bits/32]``, ``weight_scale [N, G]``, ``weight_zero_point [N*bits/32, G]``, ``weight_g_idx``,
+``weight_shape``: output dim 0, input dim 1), so vLLM shards and merges them the same way; after loading, the
+core's format handler converts each rank's shard to the GPTQ layout above and the rest is the GPTQ path.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ try:
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
     from vllm.model_executor.parameter import (
+        BasevLLMParameter,
         ChannelQuantScaleParameter,
         GroupQuantScaleParameter,
         PackedColumnParameter,
@@ -67,6 +72,9 @@ from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, ConfigError, KernelError
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.packing import num_groups, packed_rows
+
+_CT = "compressed-tensors"  # the name of the core's compressed-tensors pack-quantized format handler
+_CT_METHODS = ("compressed-tensors", "compressed_tensors")
 
 # A child of vLLM's logger, so that lines reach vLLM's handler (and its log) in every vLLM process.
 log = logging.getLogger("vllm.gptq_plugin")
@@ -162,7 +170,8 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 
 def _safetensors_metadata(model: str) -> dict[str, dict[str, Any]]:
     """``{tensor name: {"dtype": "I32", "shape": [...]}}`` for the ``*.safetensors`` files of a local folder;
-    ``{}`` for anything else (a Hub id is resolved by vLLM later; we never download)."""
+    ``{}`` for anything else (a Hub id is resolved by vLLM later; we never download). compressed-tensors'
+    ``*.weight_shape`` (int64 ``[2]``) also get their ``"value"`` (``[out_features, in_features]``)."""
     path = Path(model)
     if not path.is_dir():
         return {}
@@ -171,9 +180,13 @@ def _safetensors_metadata(model: str) -> dict[str, dict[str, Any]]:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
                 out[name] = {"dtype": info["dtype"], "shape": list(info["shape"])}
+                if name.endswith(".weight_shape") and info["dtype"] == "I64" and info["shape"] == [2]:
+                    fh.seek(8 + n + info["data_offsets"][0])
+                    out[name]["value"] = list(struct.unpack("<2q", fh.read(16)))
     return out
 
 
@@ -215,15 +228,19 @@ def _check_zero_points(path: Path, modules: list[str], cfg: QuantizeConfig, chec
                       f"{path}/config.json")
 
 
-def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
-    """Check every quantized module of a GPTQ checkpoint against ``cfg`` before vLLM builds the model.
+def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig,
+                     checkpoint_format: str = "gptq") -> dict[str, Any]:
+    """Check every quantized module of a GPTQ (or compressed-tensors) checkpoint against ``cfg`` before vLLM builds
+    the model.
 
     Args:
-        meta: tensor name -> ``{"dtype": safetensors dtype string, "shape": list}``.
-        cfg: the checkpoint's quantization config.
+        meta: tensor name -> ``{"dtype": safetensors dtype string, "shape": list}`` (compressed-tensors:
+            ``*.weight_shape`` entries may carry ``"value"``, see :func:`_safetensors_metadata`).
+        cfg: the checkpoint's quantization config (the in-memory view).
+        checkpoint_format: "gptq", "gptq_v2" or "compressed-tensors".
 
     Returns:
-        ``{"modules": sorted names of modules with a qweight, "scales_dtype": torch dtype of the scales,
+        ``{"modules": sorted names of quantized modules, "scales_dtype": torch dtype of the scales,
         "has_g_idx": bool}``.
 
     Raises:
@@ -231,6 +248,8 @@ def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> di
             ``lm_head``, a missing ``scales``/``qzeros``, a wrong dtype, or shapes that do not match ``bits``
             and ``group_size``).
     """
+    if checkpoint_format == _CT:
+        return _check_ct_checkpoint(meta, cfg)
     modules = sorted(n[: -len(".qweight")] for n in meta if n.endswith(".qweight"))
     scales_dtypes = set()
     has_g_idx = False
@@ -284,6 +303,90 @@ def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> di
     return {"modules": modules, "scales_dtype": scales_dtype, "has_g_idx": has_g_idx}
 
 
+def _check_ct_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
+    """:func:`check_checkpoint` for compressed-tensors ``pack-quantized`` tensors (``weight_packed`` ...)."""
+    bits, convert = cfg.bits, "convert it with `gptq-plugin convert SRC DST --to gptq`"
+    modules = sorted(n[: -len(".weight_packed")] for n in meta if n.endswith(".weight_packed"))
+    scales_dtypes, with_g_idx = set(), set()
+    for m in modules:
+        if m == "lm_head" or m.endswith(".lm_head"):
+            raise CheckpointError(
+                f"{m}.weight_packed: this checkpoint has a quantized lm_head, which the gptq-plugin vLLM adapter does "
+                "not serve (vLLM computes logits through its own vocab-parallel head); re-quantize with lm_head in "
+                "the ignore list, or serve it with Transformers through gptq-plugin")
+        for key in ("weight_scale", "weight_shape"):
+            if f"{m}.{key}" not in meta:
+                raise CheckpointError(f"{m}.{key} is missing: a compressed-tensors layer needs weight_packed, "
+                                      "weight_scale and weight_shape; the checkpoint is incomplete")
+        wp, sc, ws = meta[m + ".weight_packed"], meta[m + ".weight_scale"], meta[m + ".weight_shape"]
+        zp, gi = meta.get(m + ".weight_zero_point"), meta.get(m + ".weight_g_idx")
+        if wp["dtype"] != "I32" or len(wp["shape"]) != 2:
+            raise CheckpointError(f"{m}.weight_packed has dtype {wp['dtype']} and shape {wp['shape']}, expected I32 "
+                                  "[out_features, packed words] (int32 packed codes)")
+        if sc["dtype"] not in _FLOAT_DTYPES or len(sc["shape"]) != 2:
+            raise CheckpointError(f"{m}.weight_scale has dtype {sc['dtype']} and shape {sc['shape']}, expected F16, "
+                                  "BF16 or F32 [out_features, groups]")
+        scales_dtypes.add(sc["dtype"])
+        if ws["dtype"] != "I64" or ws["shape"] != [2]:
+            raise CheckpointError(f"{m}.weight_shape has dtype {ws['dtype']} and shape {ws['shape']}, expected I64 [2]")
+        n = wp["shape"][0]
+        if "value" in ws:
+            if ws["value"][0] != n or ws["value"][1] < 1:
+                raise CheckpointError(f"{m}.weight_shape holds {ws['value']}, but {m}.weight_packed has {n} rows "
+                                      "(output channels): the checkpoint is inconsistent")
+            k = ws["value"][1]
+        elif gi is not None:
+            k = gi["shape"][0]
+        else:
+            k = wp["shape"][1] * 32 // bits  # whole words (weight_shape unread: a test's metadata)
+        if wp["shape"][1] != packed_rows(k, bits):
+            older = bits == 3 and wp["shape"][1] == -(-k // (32 // bits))
+            why = (f"{bits}-bit codes in compressed-tensors' older packing ({32 // bits} per word), which vLLM "
+                   "cannot shard by word; rewrite it with `gptq-plugin convert SRC DST --to compressed-tensors` (or "
+                   "--to gptq)" if older else f"config_groups num_bits={bits} does not match the tensors")
+            raise CheckpointError(f"{m}.weight_packed has shape {wp['shape']}, expected [{n}, {packed_rows(k, bits)}] "
+                                  f"for {k} input channels at num_bits={bits}: {why}")
+        g = num_groups(k, cfg.group_size)
+        if sc["shape"] != [n, g]:
+            raise CheckpointError(
+                f"{m}.weight_scale has shape {sc['shape']}, expected [{n}, {g}] for {k} input channels at "
+                f"group_size={cfg.group_size}: config_groups group_size does not match the tensors")
+        if zp is not None and cfg.sym:
+            raise CheckpointError(f"{m}.weight_zero_point is stored although the config says symmetric: true; "
+                                  f"{convert}")
+        if zp is None and not cfg.sym:
+            raise CheckpointError(f"{m}.weight_zero_point is missing although the config says symmetric: false: the "
+                                  "checkpoint is incomplete")
+        if zp is not None and (zp["dtype"] != "I32" or zp["shape"] != [packed_rows(n, bits), g]):
+            raise CheckpointError(f"{m}.weight_zero_point has dtype {zp['dtype']} and shape {zp['shape']}, expected "
+                                  f"I32 [{packed_rows(n, bits)}, {g}] (zero points packed along the outputs); "
+                                  f"{convert}")
+        if gi is not None:
+            if gi["dtype"] != "I32" or gi["shape"] != [k]:
+                raise CheckpointError(f"{m}.weight_g_idx has dtype {gi['dtype']} and shape {gi['shape']}, expected "
+                                      f"I32 [{k}]")
+            with_g_idx.add(m)
+    if with_g_idx and len(with_g_idx) != len(modules):
+        without = next(m for m in modules if m not in with_g_idx)
+        raise CheckpointError(f"{without}.weight_g_idx is missing while other layers have one: mixed act-order "
+                              f"layouts are not served; {convert}")
+    scales_dtype = _FLOAT_DTYPES[scales_dtypes.pop()] if len(scales_dtypes) == 1 else torch.float16
+    return {"modules": modules, "scales_dtype": scales_dtype, "has_g_idx": bool(with_g_idx)}
+
+
+def _ignored(prefix: str, ignore: list[str], fused: Mapping[str, list[str]]) -> bool:
+    """Whether layer ``prefix`` (or every projection fused into it) is in a compressed-tensors ``ignore`` list
+    (module names, or ``re:`` patterns)."""
+    import re
+
+    def one(p: str) -> bool:
+        return any(re.match(i[3:], p) if i.startswith("re:") else p == i or p.endswith("." + i) for i in ignore)
+
+    proj = prefix.rpartition(".")[2]
+    parts = [prefix[: -len(proj)] + s for s in fused.get(proj, [])] or [prefix]
+    return all(one(p) for p in parts)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The config
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +405,8 @@ class GPTQPluginConfig(QuantizationConfig):
         self.checkpoint_format = checkpoint_format  # the on-disk format; its handler converts each layer
         self.quantized_modules: list[str] | None = None  # from the checkpoint's tensors, when readable
         self.scales_dtype = torch.float16
+        # compressed-tensors stores weight_g_idx only for actorder "group"; the tensors say for sure when readable
+        self.has_g_idx = quant.desc_act and not quant.static_groups
 
     def __repr__(self) -> str:
         q = self.quant
@@ -331,10 +436,10 @@ class GPTQPluginConfig(QuantizationConfig):
         from gptq_plugin.formats import detect_format
 
         handler = detect_format(config, "quantization_config")
-        if handler.name not in ("gptq", "gptq_v2"):
+        if handler.name not in ("gptq", "gptq_v2", _CT):
             raise ConfigError(f"quantization_config is a {handler.name} checkpoint: the gptq-plugin vLLM adapter "
-                              "serves GPTQ checkpoints (v1 and v2); convert it with `gptq-plugin convert SRC DST "
-                              "--to gptq`, or serve it with vLLM's built-in compressed-tensors support")
+                              "serves GPTQ (v1, v2) and compressed-tensors pack-quantized checkpoints; convert it with "
+                              "`gptq-plugin convert SRC DST --to gptq`")
         quant = handler.parse_config(config)  # the in-memory view; the handler converts the stored tensors
         if config.get("dynamic"):
             raise ConfigError("quantization_config.dynamic (per-module overrides) is not supported by the "
@@ -347,10 +452,10 @@ class GPTQPluginConfig(QuantizationConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
                                      hf_config: Any = None) -> str | None:
-        """``"gptq-plugin"`` when the user passed ``--quantization gptq-plugin`` for a GPTQ checkpoint, else
-        None (so a plain ``vllm serve`` of a GPTQ checkpoint keeps vLLM's built-in method)."""
+        """``"gptq-plugin"`` when the user passed ``--quantization gptq-plugin`` for a GPTQ or compressed-tensors
+        checkpoint, else None (so a plain ``vllm serve`` keeps vLLM's built-in method)."""
         method = str(hf_quant_cfg.get("quant_method", "")).lower()
-        if user_quant in _ALIASES and method in _GPTQ_METHODS:
+        if user_quant in _ALIASES and method in _GPTQ_METHODS + _CT_METHODS:
             return METHOD_NAME
         return None
 
@@ -370,14 +475,18 @@ class GPTQPluginConfig(QuantizationConfig):
         meta = _safetensors_metadata(model_name)
         if not meta:
             return
-        info = check_checkpoint(meta, self.quant)
+        info = check_checkpoint(meta, self.quant, self.checkpoint_format)
         self.quantized_modules = info["modules"]
         self.scales_dtype = info["scales_dtype"]
-        _check_zero_points(Path(model_name), info["modules"], self.quant, self.checkpoint_format)
+        if self.checkpoint_format == _CT:
+            self.has_g_idx = info["has_g_idx"]
+        else:
+            _check_zero_points(Path(model_name), info["modules"], self.quant, self.checkpoint_format)
 
     def _is_quantized(self, prefix: str) -> bool:
-        if not self.quantized_modules:
-            return True  # unknown: assume quantized (loading then fails loudly if it is not)
+        if not self.quantized_modules:  # unknown: assume quantized (loading then fails loudly if it is not)
+            ignore = self.full_config.get("ignore") if self.checkpoint_format == _CT else None
+            return not (ignore and _ignored(prefix, list(ignore), self.packed_modules_mapping))
         from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
 
         return is_layer_gptq_quantized(prefix, self.quantized_modules, self.packed_modules_mapping)
@@ -418,6 +527,7 @@ class GPTQPluginLinearMethod(LinearMethodBase):
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         q = self.quant_config.quant
         bits, group_size = q.bits, q.group_size
+        ct = self.quant_config.checkpoint_format == _CT
         name = getattr(layer, "prefix", "") or self.prefix
         weight_loader = extra_weight_attrs.get("weight_loader")
         k_local = input_size_per_partition
@@ -427,21 +537,24 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         pack = Fraction(32, bits)
         if pack.denominator == 1:
             pack = int(pack)
+        leaf = {"qweight": "weight_packed", "qzeros": "weight_zero_point"} if ct else {}
 
-        # vLLM splits packed int32 words, not codes: every cut must fall on a word boundary.
+        # vLLM splits packed int32 words, not codes: every cut must fall on a word boundary. compressed-tensors packs
+        # the codes along the input like GPTQ (the same bit stream, transposed), so the same cuts are exact.
         if is_row_parallel and (k_local * bits) % 32:
             raise CheckpointError(
-                f"{name}.qweight: {bits}-bit codes of {input_size} input channels are packed 32 bits per word; "
-                f"a tensor-parallel slice of {k_local} channels does not end on a word boundary. Use a "
-                "tensor-parallel size that divides the layer into multiples of 32 input channels")
-        if len(output_partition_sizes) > 1 or n_local != output_size:
+                f"{name}.{leaf.get('qweight', 'qweight')}: {bits}-bit codes of {input_size} input channels are packed "
+                f"32 bits per word; a tensor-parallel slice of {k_local} channels does not end on a word boundary. "
+                "Use a tensor-parallel size that divides the layer into multiples of 32 input channels")
+        has_zeros = not (ct and q.sym)  # compressed-tensors stores no symmetric zero points
+        if has_zeros and (len(output_partition_sizes) > 1 or n_local != output_size):
             bad = [s for s in output_partition_sizes if (s * bits) % 32]
             if bad:
                 raise CheckpointError(
-                    f"{name}.qzeros: {bits}-bit zero points are packed along the output dimension; a shard of {bad[0]} "
-                    "output channels does not end on an int32 word boundary, so vLLM cannot merge or split it. "
-                    "Use a tensor-parallel size (or bit width) for which every projection's slice is a multiple "
-                    f"of {32 // math.gcd(32, bits)} channels")
+                    f"{name}.{leaf.get('qzeros', 'qzeros')}: {bits}-bit zero points are packed along the output "
+                    f"dimension; a shard of {bad[0]} output channels does not end on an int32 word boundary, so vLLM "
+                    "cannot merge or split it. Use a tensor-parallel size (or bit width) for which every projection's "
+                    f"slice is a multiple of {32 // math.gcd(32, bits)} channels")
 
         gs = input_size if group_size == -1 else group_size
         shard_groups = is_row_parallel and group_size != -1 and not q.desc_act and k_local % gs == 0
@@ -450,12 +563,20 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         else:
             n_groups = num_groups(input_size, group_size)
         first = tp_rank * k_local if is_row_parallel else 0
+        default_g_idx = (torch.arange(first, first + k_local) // gs).to(torch.int32)  # input order
+        self._shape = dict(k_local=k_local, n_local=n_local, first=first, gs=gs, shard_groups=shard_groups,
+                           params_dtype=params_dtype, name=name, g_idx=default_g_idx)
+        if ct:
+            self._create_ct_weights(layer, k_local, n_local, n_groups, pack, shard_groups, has_zeros,
+                                    input_size, output_size if len(output_partition_sizes) == 1 else None,
+                                    weight_loader)
+            return
 
         qweight = PackedvLLMParameter(
             data=torch.empty(packed_rows(k_local, bits), n_local, dtype=torch.int32),
             input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack, weight_loader=weight_loader)
         g_idx = RowvLLMParameter(
-            data=(torch.arange(first, first + k_local) // gs).to(torch.int32),  # input order if g_idx is absent
+            data=default_g_idx.clone(),  # input order if g_idx is absent
             input_dim=0, weight_loader=self._checked_g_idx_loader(weight_loader, name))
         scales_data = torch.empty(n_groups, n_local, dtype=self.quant_config.scales_dtype)
         qzeros_data = torch.empty(n_groups, packed_rows(n_local, bits), dtype=torch.int32)
@@ -471,11 +592,38 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         layer.register_parameter("qzeros", qzeros)
         layer.register_parameter("scales", scales)
         layer.register_parameter("g_idx", g_idx)
-        self._shape = dict(k_local=k_local, n_local=n_local, first=first, gs=gs, shard_groups=shard_groups,
-                           params_dtype=params_dtype, name=name)
+
+    def _create_ct_weights(self, layer, k_local: int, n_local: int, n_groups: int, pack, shard_groups: bool,
+                           has_zeros: bool, input_size: int, output_size: int | None, weight_loader) -> None:
+        """The compressed-tensors parameters: the GPTQ ones transposed (output dim 0, input dim 1), same sharding."""
+        bits, name = self.quant_config.quant.bits, self._shape["name"]
+        weight_packed = PackedvLLMParameter(
+            data=torch.empty(n_local, packed_rows(k_local, bits), dtype=torch.int32),
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=pack, weight_loader=weight_loader)
+        scale_data = torch.empty(n_local, n_groups, dtype=self.quant_config.scales_dtype)
+        zero_data = torch.empty(packed_rows(n_local, bits), n_groups, dtype=torch.int32)
+        if shard_groups:
+            scale = GroupQuantScaleParameter(data=scale_data, input_dim=1, output_dim=0, weight_loader=weight_loader)
+            zero = PackedvLLMParameter(data=zero_data, input_dim=1, output_dim=0, packed_dim=0, packed_factor=pack,
+                                       weight_loader=weight_loader)
+        else:  # every rank keeps all groups
+            scale = ChannelQuantScaleParameter(data=scale_data, output_dim=0, weight_loader=weight_loader)
+            zero = PackedColumnParameter(data=zero_data, output_dim=0, packed_dim=0, packed_factor=pack,
+                                         weight_loader=weight_loader)
+        layer.register_parameter("weight_packed", weight_packed)
+        layer.register_parameter("weight_scale", scale)
+        if has_zeros:
+            layer.register_parameter("weight_zero_point", zero)
+        if self.quant_config.has_g_idx:
+            layer.register_parameter("weight_g_idx", RowvLLMParameter(
+                data=self._shape["g_idx"].clone(), input_dim=0,
+                weight_loader=self._checked_g_idx_loader(weight_loader, name, "weight_g_idx")))
+        layer.register_parameter("weight_shape", BasevLLMParameter(
+            data=torch.zeros(2, dtype=torch.int64),
+            weight_loader=self._checked_shape_loader(name, input_size, output_size)))
 
     @staticmethod
-    def _checked_g_idx_loader(weight_loader, name: str):
+    def _checked_g_idx_loader(weight_loader, name: str, leaf: str = "g_idx"):
         """Wrap the layer's loader: q/k/v (gate/up) each carry a g_idx for the one fused parameter, and they
         must agree (they do when the projections share an input, as GPTQ quantizes them)."""
         if weight_loader is None:
@@ -486,9 +634,24 @@ class GPTQPluginLinearMethod(LinearMethodBase):
             weight_loader(param, loaded_weight, *shard_id)
             if before is not None and not torch.equal(before, param.data):
                 raise CheckpointError(
-                    f"{name}.g_idx: the projections fused into this layer (shard {shard_id[0] if shard_id else '?'}) "
+                    f"{name}.{leaf}: the projections fused into this layer (shard {shard_id[0] if shard_id else '?'}) "
                     "have different g_idx (act-order permutations), so they cannot share one fused layer")
             param._gptq_plugin_loaded = param.data.clone()
+
+        return load
+
+    @staticmethod
+    def _checked_shape_loader(name: str, input_size: int, output_size: int | None):
+        """A loader for compressed-tensors' ``weight_shape`` (``[out_features, in_features]`` of the whole
+        projection): it must name this layer's input size (and, unless fused, its output size)."""
+
+        def load(param, loaded_weight, *shard_id):
+            shape = [int(v) for v in loaded_weight.reshape(-1).tolist()]
+            if len(shape) != 2 or shape[1] != input_size or (output_size is not None and shape[0] != output_size):
+                want = f"[{output_size if output_size is not None else 'out_features'}, {input_size}]"
+                raise CheckpointError(f"{name}.weight_shape holds {shape}, expected {want}: the checkpoint does not "
+                                      "match the model's config.json")
+            param.data.copy_(loaded_weight.reshape(2))
 
         return load
 
@@ -497,35 +660,58 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         q = self.quant_config.quant
         s = self._shape
         name = s["name"]
-        g_idx = layer.g_idx.data.long()
-        if hasattr(layer.g_idx, "_gptq_plugin_loaded"):
-            del layer.g_idx._gptq_plugin_loaded
-        scales, qzeros = layer.scales.data, layer.qzeros.data
+        ct = self.quant_config.checkpoint_format == _CT
+        if ct:  # views in the GPTQ orientation: [G, N] and [G, N*bits/32]
+            scales = layer.weight_scale.data.t()
+            qzeros = layer.weight_zero_point.data.t() if hasattr(layer, "weight_zero_point") else None
+            g_param, g_leaf = getattr(layer, "weight_g_idx", None), "weight_g_idx"
+        else:
+            scales, qzeros = layer.scales.data, layer.qzeros.data
+            g_param, g_leaf = layer.g_idx, "g_idx"
+        g_idx = (s["g_idx"] if g_param is None else g_param.data).long()
+        if hasattr(g_param, "_gptq_plugin_loaded"):
+            del g_param._gptq_plugin_loaded
         if s["shard_groups"]:
             g_idx = g_idx - s["first"] // s["gs"]
             expected = torch.arange(s["k_local"], device=g_idx.device) // s["gs"]
             if not torch.equal(g_idx, expected):
                 raise CheckpointError(
-                    f"{name}.g_idx is not in input order although quantization_config.desc_act is false; with "
+                    f"{name}.{g_leaf} is not in input order although quantization_config.desc_act is false; with "
                     "tensor parallelism the adapter then cannot split the scales. Fix desc_act in the checkpoint's "
                     "config (set it to true)")
         elif s["k_local"]:
             lo, hi = int(g_idx.min()), int(g_idx.max())
             if lo < 0 or hi >= scales.shape[0]:
-                raise CheckpointError(f"{name}.g_idx has values in [{lo}, {hi}], outside [0, {scales.shape[0]}) "
+                raise CheckpointError(f"{name}.{g_leaf} has values in [{lo}, {hi}], outside [0, {scales.shape[0]}) "
                                       f"groups: corrupt checkpoint")
             if lo > 0 or hi < scales.shape[0] - 1:  # a row-parallel rank: keep only the groups it uses
-                scales, qzeros, g_idx = scales[lo: hi + 1], qzeros[lo: hi + 1], g_idx - lo
+                scales, g_idx = scales[lo: hi + 1], g_idx - lo
+                qzeros = None if qzeros is None else qzeros[lo: hi + 1]
         from gptq_plugin.formats import get_format
 
-        stored = {"qweight": layer.qweight.data, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.to(torch.int32)}
-        qzeros = get_format(self.quant_config.checkpoint_format).to_internal(stored, q, name)["qzeros"]
+        handler = get_format(self.quant_config.checkpoint_format)
+        if ct:  # this rank's shard, in the checkpoint's layout, through the core's handler
+            stored = {"weight_packed": layer.weight_packed.data, "weight_scale": scales.t(),
+                      "weight_g_idx": g_idx.to(torch.int32),
+                      "weight_shape": torch.tensor([s["n_local"], s["k_local"]], dtype=torch.int64)}
+            if qzeros is not None:
+                stored["weight_zero_point"] = qzeros.t()
+            internal = handler.to_internal(stored, q, name, n_groups=scales.shape[0])
+            qweight, qzeros, scales = internal["qweight"], internal["qzeros"], internal["scales"]
+            for leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape"):
+                if hasattr(layer, leaf):
+                    delattr(layer, leaf)  # the GPTQ copy below replaces them
+        else:
+            qweight = layer.qweight.data
+            stored = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.to(torch.int32)}
+            qzeros = handler.to_internal(stored, q, name)["qzeros"]
         if not torch.isfinite(scales.float()).all():
-            raise CheckpointError(f"{name}.scales contains NaN or Inf: corrupt checkpoint")
+            leaf = "weight_scale" if ct else "scales"
+            raise CheckpointError(f"{name}.{leaf} contains NaN or Inf: corrupt checkpoint")
 
         view = QuantLinear(s["k_local"], s["n_local"], q.bits, q.group_size, bias=False, sym=q.sym,
                            dtype=scales.dtype, device="meta")
-        view.qweight = layer.qweight.data
+        view.qweight = qweight
         view.qzeros = qzeros.contiguous()
         view.scales = scales.contiguous()
         view.g_idx = g_idx.to(torch.int32).contiguous()

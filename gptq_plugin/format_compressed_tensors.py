@@ -193,14 +193,29 @@ class CompressedTensorsFormat(CheckpointFormat):
             "version": ct_meta.get("version", CT_FORMAT_VERSION),
         }
 
-    def to_internal(self, tensors, cfg, name):
+    def expected_tensors(self, cfg, in_features, out_features):
+        g = num_groups(in_features, cfg.group_size)
+        return {"weight_packed": ((out_features, packed_rows(in_features, cfg.bits)), torch.int32),
+                "weight_scale": ((out_features, g), None),
+                "weight_zero_point": ((packed_rows(out_features, cfg.bits), g), torch.int32),
+                "weight_g_idx": ((in_features,), torch.int32),
+                "weight_shape": ((2,), torch.int64)}
+
+    def to_internal(self, tensors, cfg, name, n_groups: int | None = None):
+        """See :meth:`CheckpointFormat.to_internal`.
+
+        Args:
+            n_groups (`int`, *optional*): the number of groups the layer stores, when it is not
+                ``ceil(in_features / group_size)``: a tensor-parallel shard of the input dimension that keeps every
+                group of the whole layer (its ``weight_g_idx`` names them). Defaults to ``ceil(K / group_size)``.
+        """
         require_leaves(tensors, name, ("weight_packed", "weight_scale", "weight_shape"))
         bits = cfg.bits
         shape = tensors["weight_shape"].reshape(-1).tolist()
         if len(shape) != 2 or min(shape) < 1:
             raise CheckpointError(f"tensor {name}.weight_shape holds {shape}, expected [out_features, in_features]")
         n, k = (int(s) for s in shape)
-        g = num_groups(k, cfg.group_size)
+        g = num_groups(k, cfg.group_size) if n_groups is None else int(n_groups)
         packed = tensors["weight_packed"]
         expected = f"[{n}, {packed_rows(k, bits)}] for weight_shape {[n, k]}"
         if packed.dim() != 2 or packed.shape[0] != n:
@@ -230,12 +245,12 @@ class CompressedTensorsFormat(CheckpointFormat):
             if not cfg.sym:
                 raise CheckpointError(f"tensor {name}.weight_zero_point is missing although the config says "
                                       "symmetric: false: the checkpoint is incomplete")
-            zeros = torch.full((g, n), mid, dtype=torch.int32)
+            zeros = torch.full((g, n), mid, dtype=torch.int32, device=packed.device)
         if zeros.shape[0] != g:
             raise CheckpointError(f"tensor {name}.weight_zero_point has {zeros.shape[0]} groups, expected {g}")
         g_idx = tensors.get("weight_g_idx")
         if g_idx is None:
-            g_idx = default_g_idx(k, cfg.group_size)
+            g_idx = default_g_idx(k, cfg.group_size).to(packed.device)
         elif g_idx.dim() != 1 or g_idx.numel() != k:
             raise CheckpointError(f"tensor {name}.weight_g_idx has shape {tuple(g_idx.shape)}, expected [{k}]")
         out = {"qweight": qweight, "qzeros": pack_qzeros(zeros, bits, "gptq"), "scales": scales,

@@ -18,7 +18,7 @@ import torch
 from .config import QuantizeConfig
 from .errors import CheckpointError
 from .formats import CheckpointFormat, require_leaves
-from .packing import pack_qzeros, packed_rows, unpack_dim0, unpack_qzeros
+from .packing import num_groups, pack_qzeros, packed_rows, unpack_dim0, unpack_qzeros
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ class _GPTQFormat(CheckpointFormat):
         if method not in ("gptq", "gptq_plugin", "gptq-plugin"):
             return False
         return str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower() == self.name
+
+    def expected_tensors(self, cfg, in_features, out_features):
+        g = num_groups(in_features, cfg.group_size)
+        return {"qweight": ((packed_rows(in_features, cfg.bits), out_features), torch.int32),
+                "qzeros": ((g, packed_rows(out_features, cfg.bits)), torch.int32),
+                "scales": ((g, out_features), None),
+                "g_idx": ((in_features,), torch.int32)}
 
     def parse_config(self, qcfg: Mapping) -> QuantizeConfig:
         if qcfg.get("is_marlin_format"):

@@ -90,6 +90,13 @@ class CheckpointFormat:
         v1 tensors); :meth:`from_internal` and :meth:`config_dict` are then called with the result."""
         return cfg
 
+    def expected_tensors(self, cfg: QuantizeConfig, in_features: int, out_features: int
+                         ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """``{leaf: (shape, dtype or None)}`` of every tensor this format may store for one quantized layer with
+        ``in_features`` inputs and ``out_features`` outputs under ``cfg`` (optional leaves included: the caller
+        checks those present), for shape checks before any tensor is read."""
+        raise NotImplementedError
+
     def layer_prefixes(self, keys: Iterable[str]) -> list[str]:
         """The quantized layers among the tensor names ``keys``, sorted."""
         suffix = "." + self.marker

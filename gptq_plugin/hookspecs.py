@@ -40,7 +40,8 @@ def gptq_plugin_checkpoint_formats() -> list[object]:
     Each handler has a unique ``name``; ``detect(quantization_config) -> bool`` (exactly one handler must accept
     a given config), ``parse_config(quantization_config) -> QuantizeConfig``, and per quantized layer
     ``to_internal(tensors, cfg, name)`` / ``from_internal(tensors, cfg, name)`` between its tensors and the
-    in-memory GPTQ v1 layout of ``QuantLinear``.
+    in-memory GPTQ v1 layout of ``QuantLinear``; optionally ``expected_tensors(cfg, in_features, out_features)``
+    (the shapes it stores, for checks before loading).
     """
 
 

@@ -76,8 +76,16 @@ class QuantLinear(nn.Module):
         return LayerSpec(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
                          self.bias is not None, dtype or self.scales.dtype, self.qweight.device.type)
 
-    def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-        """``{leaf: (shape, dtype or None)}`` of the GPTQ v1 tensors this layer's config implies."""
+    def expected_tensors(self, checkpoint_format: str | None = None
+                         ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """``{leaf: (shape, dtype or None)}`` of the GPTQ v1 tensors this layer's config implies (the buffers), or,
+        with ``checkpoint_format`` (e.g. "compressed-tensors"), of the tensors that format stores for it."""
+        if checkpoint_format is not None:
+            from .config import QuantizeConfig
+            from .formats import get_format
+
+            cfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, sym=self.sym)
+            return get_format(checkpoint_format).expected_tensors(cfg, self.in_features, self.out_features)
         G = num_groups(self.in_features, self.group_size)
         return {
             "qweight": ((packed_rows(self.in_features, self.bits), self.out_features), torch.int32),
@@ -86,9 +94,10 @@ class QuantLinear(nn.Module):
             "g_idx": ((self.in_features,), torch.int32),
         }
 
-    def check_shape(self, key: str, shape, name: str = "") -> None:
-        """Raise :class:`CheckpointError` unless tensor ``key`` of shape ``shape`` fits this layer's config."""
-        want = self.expected_tensors()[key][0]
+    def check_shape(self, key: str, shape, name: str = "", checkpoint_format: str | None = None) -> None:
+        """Raise :class:`CheckpointError` unless tensor ``key`` of shape ``shape`` fits this layer's config (in
+        ``checkpoint_format``'s layout when given, see :meth:`expected_tensors`)."""
+        want = self.expected_tensors(checkpoint_format)[key][0]
         if tuple(shape) != want:
             where = f"{name}." if name else ""
             raise CheckpointError(f"{where}{key} has shape {tuple(shape)}, expected {want} for "

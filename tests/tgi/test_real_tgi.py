@@ -70,10 +70,33 @@ def real_weights(real_tgi, ckpt, rank: int, world: int, dtype=torch.float32):
                                     process_group=StandInProcessGroup(rank, world), weights_loader=loader)
 
 
+@pytest.fixture(scope="session")
+def ct_copies(tmp_path_factory):
+    """``copy(ckpt)``: the compressed-tensors conversion of a :class:`Checkpoint` (same refs), made once."""
+    import dataclasses
+
+    from gptq_plugin.convert import convert_checkpoint
+
+    cache = {}
+
+    def copy(ckpt):
+        if ckpt.path not in cache:
+            out = tmp_path_factory.mktemp("ct") / "ct"
+            convert_checkpoint(ckpt.path, out, "compressed-tensors")
+            cache[ckpt.path] = dataclasses.replace(ckpt, path=out)
+        return cache[ckpt.path]
+
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_tgi_layers_through_the_plugin_equal_the_core(real_tgi, checkpoint, world):
+def test_tgi_layers_through_the_plugin_equal_the_core(real_tgi, checkpoint, world, fmt, ct_copies):
     """TGI's TensorParallelColumnLinear.load_multi/load_qkv/load_gate_up/load and TensorParallelRowLinear.load
-    on TGI's Weights, for every rank; ranks' outputs reassembled as TGI's collectives would."""
+    on TGI's Weights, for every rank; ranks' outputs reassembled as TGI's collectives would. The checkpoint as
+    written (GPTQ) and converted to compressed-tensors (served with ``--quantize gptq`` through the same route)."""
+    if fmt == "compressed-tensors":
+        checkpoint = ct_copies(checkpoint)
     Column, Row, config = real_tgi.Column, real_tgi.Row, real_tgi.config
     x = inputs(HIDDEN)
     qkv_sizes = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]

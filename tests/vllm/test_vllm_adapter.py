@@ -130,7 +130,8 @@ def test_maybe_update_config_reads_the_folder(tmp_path: Path):
 def test_mislabelled_zero_points_fail_before_loading(tmp_path: Path, stored_as, labelled):
     """A symmetric 4-bit checkpoint whose qzeros follow one convention (v1 stores 7, v2 stores 8) while its
     config names the other: the core's zero-point check stops vLLM before it loads garbage; the right label
-    passes, and a compressed-tensors config is refused with the convert command."""
+    passes, and a compressed-tensors config that is not integer pack-quantized is refused naming its format
+    (pack-quantized ones are served: test_vllm_compressed_tensors.py)."""
     from safetensors.torch import save_file
 
     from gptq_plugin.formats import get_format
@@ -150,8 +151,8 @@ def test_mislabelled_zero_points_fail_before_loading(tmp_path: Path, stored_as, 
         else:
             with pytest.raises(CheckpointError, match=rf"{stored_as}|zero - 1|zero as is"):
                 cfg.maybe_update_config(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"compressed-tensors.*gptq-plugin convert"):
-        adapter.GPTQPluginConfig.from_config({"quant_method": "compressed-tensors", "format": "pack-quantized",
+    with pytest.raises(CheckpointError, match=r"compressed-tensors format float-quantized.*pack-quantized"):
+        adapter.GPTQPluginConfig.from_config({"quant_method": "compressed-tensors", "format": "float-quantized",
                                               "config_groups": {}})
 
 
