@@ -250,15 +250,17 @@ class GPTQPluginHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Loading a checkpoint: compute in ``dtype`` (Transformers' ``"auto"`` resolves it to the checkpoint's
-        ``config.json`` dtype, float16 for GPTQ checkpoints). Quantizing: load in float32 (GPTQ reads weights
-        and calibration activations in fp32), then cast the unquantized weights to ``dtype``. Scales stay fp16."""
+        ``config.json`` dtype, float16 for GPTQ checkpoints); scales keep the checkpoint's dtype. Quantizing: load in
+        float32 (GPTQ reads weights and calibration activations in fp32), then cast the unquantized weights to
+        ``dtype``. Scales stay fp16."""
         if dtype not in _COMPUTE_DTYPES:
             raise ConfigError(f"dtype={dtype} is not supported by gptq-plugin: use torch.float16, torch.bfloat16 "
                               "or torch.float32")
         self.target_dtype = dtype
         if self.pre_quantized:
             log.info("gptq-plugin: computing in %s (the dtype passed to from_pretrained, else the checkpoint's); "
-                     "GPTQ scales stay float16; pass dtype=torch.bfloat16 or torch.float32 to change it", dtype)
+                     "scales keep the checkpoint's dtype; pass dtype=torch.bfloat16 or torch.float32 to change it",
+                     dtype)
             return dtype
         log.info("gptq-plugin: loading in torch.float32 to quantize, then casting unquantized weights to %s (the "
                  "dtype passed to from_pretrained, else the model's); GPTQ scales are float16", dtype)
@@ -271,13 +273,16 @@ class GPTQPluginHfQuantizer(HfQuantizer):
         from gptq_plugin.checkpoint import replace_with_quant_linear
 
         fmt = _handler(self.quantization_config)
-        names = _quantized_module_names(model, checkpoint_files, fmt)
+        names, scale_dtypes = _quantized_module_names(model, checkpoint_files, fmt)
         if not names:
             kind = "compressed-tensors" if fmt.name == _CT else "GPTQ"
             raise CheckpointError(f"{model.name_or_path}: no *.{fmt.marker} tensors: not a {kind} checkpoint "
                                   "(quantize it first)")
         cfg = self.quantization_config.to_quantize_config()
         replace_with_quant_linear(model, list(names), cfg)
+        for name, dtype in scale_dtypes.items():  # as the core's reader: fp32 scales are not rounded to fp16
+            m = model.get_submodule(name)
+            m.register_buffer("scales", m.scales.to(dtype))
         if fmt.name == _CT:
             _hold_ct_tensors(model, names, cfg)
         _check_checkpoint_shapes(model, names, model.name_or_path, fmt.name if fmt.name == _CT else None)
@@ -369,8 +374,12 @@ def _cast_unquantized(model, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def _checkpoint_shapes(checkpoint_files) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` over ``checkpoint_files``, read from the safetensors headers (no tensor data)."""
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _checkpoint_shapes(checkpoint_files, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` over ``checkpoint_files``, read from the safetensors headers (no tensor data);
+    ``dtypes``, when given, receives ``{tensor name: dtype}`` of the fp16/bf16/fp32 tensors."""
     shapes: dict[str, tuple[int, ...]] = {}
     for f in checkpoint_files:
         f = str(f)
@@ -378,10 +387,16 @@ def _checkpoint_shapes(checkpoint_files) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
 
             with safe_open(f, "pt") as h:
-                shapes.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    shapes[k] = tuple(sl.get_shape())
+                    if dtypes is not None and sl.get_dtype() in _FLOAT_DTYPES:
+                        dtypes[k] = _FLOAT_DTYPES[sl.get_dtype()]
         else:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+            if dtypes is not None:
+                dtypes.update({k: v.dtype for k, v in sd.items() if v.dtype in _FLOAT_DTYPES.values()})
     return shapes
 
 
@@ -392,11 +407,13 @@ def _handler(cfg: GPTQPluginConfig):
     return detect_format(cfg.checkpoint_dict(), "quantization_config")
 
 
-def _quantized_module_names(model, checkpoint_files, fmt=None) -> dict[str, dict[str, tuple[int, ...]]]:
+def _quantized_module_names(model, checkpoint_files, fmt=None
+                            ) -> tuple[dict[str, dict[str, tuple[int, ...]]], dict[str, torch.dtype]]:
     """``{module name: {leaf: shape}}`` for the modules of ``model`` that the checkpoint quantizes (its
     ``*.qweight`` tensors, or the marker tensors of format handler ``fmt``: ``*.weight_packed`` for
     compressed-tensors); every decoder-block linear, with no shapes, when the checkpoint files are unknown
-    (``from_pretrained(state_dict=...)``).
+    (``from_pretrained(state_dict=...)``). Second: ``{module name: dtype}`` of the stored scales (``scales``,
+    compressed-tensors ``weight_scale``), from the file headers.
 
     Raises:
         CheckpointError: a quantized layer lacks one of ``qzeros``/``scales``/``g_idx`` (compressed-tensors:
@@ -411,10 +428,12 @@ def _quantized_module_names(model, checkpoint_files, fmt=None) -> dict[str, dict
 
         blocks, prefix = find_layout(model).blocks(model)
         return {f"{prefix}.{i}.{n}": {} for i, b in enumerate(blocks) for n, m in b.named_modules()
-                if isinstance(m, torch.nn.Linear)}
-    keys = _checkpoint_shapes(checkpoint_files)
+                if isinstance(m, torch.nn.Linear)}, {}
+    dtypes: dict[str, torch.dtype] = {}
+    keys = _checkpoint_shapes(checkpoint_files, dtypes)
     where = Path(str(checkpoint_files[0])).parent
-    names = {}
+    names, scale_dtypes = {}, {}
+    scale = "weight_scale" if ct else "scales"
     for k in sorted(keys):
         if not k.endswith("." + marker):
             continue
@@ -422,9 +441,11 @@ def _quantized_module_names(model, checkpoint_files, fmt=None) -> dict[str, dict
         for leaf in required:
             if f"{prefix}.{leaf}" not in keys:
                 raise CheckpointError(f"{where}: tensor {prefix}.{leaf} is missing: the checkpoint is incomplete")
-        names[_resolve_module(model, prefix, where, marker)] = {leaf: keys[f"{prefix}.{leaf}"]
-                                                               for leaf in leaves if f"{prefix}.{leaf}" in keys}
-    return names
+        module = _resolve_module(model, prefix, where, marker)
+        names[module] = {leaf: keys[f"{prefix}.{leaf}"] for leaf in leaves if f"{prefix}.{leaf}" in keys}
+        if f"{prefix}.{scale}" in dtypes:
+            scale_dtypes[module] = dtypes[f"{prefix}.{scale}"]
+    return names, scale_dtypes
 
 
 def _hold_ct_tensors(model, names: dict[str, dict[str, tuple[int, ...]]], cfg: QuantizeConfig) -> None:

@@ -6,7 +6,10 @@ not configured or does not start.
 ``GPTQ_PLUGIN_GPTQMODEL_PYTHON`` python of a venv with GPTQModel (``bash benchmarks/setup_gptqmodel_venv.sh``)
 ``GPTQ_PLUGIN_GPTQMODEL_CKPT``   optional: a checkpoint GPTQModel wrote (e.g. of the full demo model)
 ``GPTQ_PLUGIN_LLMC_PYTHON``      python of a venv with llm-compressor (``bash tests/interop/setup_llmc_venv.sh``)
-``GPTQ_PLUGIN_VLLM_PYTHON``      python of a venv with vLLM (its built-in GPTQ is used, not the plugin)
+``GPTQ_PLUGIN_VLLM_PYTHON``      python of a venv with vLLM (its built-in GPTQ; with gptq-plugin installed there
+                                 too, test_llmc_adapters.py also runs ``--quantization gptq-plugin``)
+``GPTQ_PLUGIN_TGI_PYTHON``       python of a venv with TGI's server dependencies and gptq-plugin (docs/tgi.md),
+                                 with ``TGI_SERVER_SRC``: a text-generation-inference checkout's ``server/``
 ``GPTQ_PLUGIN_INTEROP_WINDOWS``  evaluation windows (default 8) of 256 tokens of WikiText-2 test
 ``GPTQ_PLUGIN_INTEROP_CACHE``    optional folder where the checkpoints the other tools write are kept and reused
 =============================== ==========================================================================
