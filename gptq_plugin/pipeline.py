@@ -435,13 +435,20 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         low_memory, forward_dtype: as in :func:`quantize_model`.
 
     Returns:
-        The per-layer :class:`QuantResult` (layer name inside the block -> result); rows are added to ``report``.
+        The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
+        ``report``.
 
     Raises:
         NumericalError: the block's quantized output contains NaN or Inf (names the block).
     """
     linears = _linear_modules(block)
-    results: dict[str, QuantResult] = {}
+    packed: dict[str, QuantLinear] = {}
+
+    def keep(name: str, res: QuantResult) -> None:
+        # packed at once: the int32 codes are as large as the fp32 weight, so a block's worth would double its memory
+        mod = linears[name]
+        bias = mod.bias.data if mod.bias is not None else None
+        packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
 
     def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
         if not torch.isfinite(y).all():
@@ -451,9 +458,11 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     if cfg.method == "rtn":
         for name, mod in linears.items():
             t = time.time()
-            results[name] = rtn_quantize(mod.weight.data, cfg)
+            res = rtn_quantize(mod.weight.data, cfg)
             report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
-            _check_scales(f"{block_name}.{name}", mod.weight.data, results[name], report.layers[-1])
+            _check_scales(f"{block_name}.{name}", mod.weight.data, res, report.layers[-1])
+            keep(name, res)
+            del res
     else:
         x0 = inputs[0]
         groups = _discover_groups(block, x0, kwargs_list[0])  # each group shares one input
@@ -462,7 +471,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 for name in group:  # one Hessian, computed once, for the layers sharing an input
-                    results[name] = _quantize_layer(name, linears[name], H, cfg, block_name, report)
+                    keep(name, _quantize_layer(name, linears[name], H, cfg, block_name, report))
 
         outputs: list[torch.Tensor] = []
         if cfg.true_sequential:
@@ -484,14 +493,11 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                     emit(i, _call_block(block, x, kw, forward_dtype))
         for i, y in enumerate(outputs):
             emit(i, y)
-    for name, res in results.items():
-        mod = linears[name]
-        bias = mod.bias.data if mod.bias is not None else None
-        q = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
+    for name, q in packed.items():
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, q)
-    return results
+    return packed
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
