@@ -134,38 +134,49 @@ def test_streaming_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
     assert not state.folder.exists()
 
 
-def test_missing_tensor_is_named_and_nothing_written(source, tmp_path):
+def _broken_copy(source: Path, tmp_path: Path, victim: str, mutate) -> Path:
+    """A copy of ``source`` whose shard holding ``victim`` has ``mutate(tensors)`` applied."""
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in source.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
-    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = broken / json.loads((source / "model.safetensors.index.json").read_text())["weight_map"][victim]
+    tensors = load_file(str(shard))
+    mutate(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return broken
+
+
+def test_missing_tensor_is_named_and_nothing_written(source, tmp_path):
     victim = "model.layers.1.mlp.down_proj.weight"
-    shard = broken / index["weight_map"][victim]
-    t = load_file(str(shard))
-    del t[victim]
-    save_file(t, str(shard), metadata={"format": "pt"})
+    broken = _broken_copy(source, tmp_path, victim, lambda t: t.pop(victim))
     with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
         quantize_streaming(broken, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_wrong_shape_is_named(source, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in source.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    index = json.loads((source / "model.safetensors.index.json").read_text())
     victim = "model.layers.2.self_attn.q_proj.weight"
-    shard = broken / index["weight_map"][victim]
-    t = load_file(str(shard))
-    t[victim] = t[victim][:, :32].contiguous()
-    save_file(t, str(shard), metadata={"format": "pt"})
+    broken = _broken_copy(source, tmp_path, victim, lambda t: t.update({victim: t[victim][:, :32].contiguous()}))
     with pytest.raises(CheckpointError, match=r"q_proj\.weight has shape \(64, 32\)"):
         quantize_streaming(broken, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
+
+def test_cli_streams_when_the_fp32_model_exceeds_half_the_available_memory(source, monkeypatch):
+    from gptq_plugin import cli, pipeline
+
+    fp32 = 4 * sum(torch.Size(shape).numel() for shape, _ in streaming.SourceWeights(source).shapes.values())
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * fp32 + 1024)
+    assert not cli._streaming_needed(source)
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * fp32 - 1024)
+    assert cli._streaming_needed(source)
+
+
+def test_available_memory_is_positive():
+    from gptq_plugin.pipeline import available_memory
+
+    avail = available_memory()
+    assert avail is None or avail > 0
