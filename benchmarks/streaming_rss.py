@@ -104,7 +104,7 @@ def main() -> None:
     print("|---:|---:|---:|---|---:|---:|---:|")
     print(f"| {disk / 1e9:.1f} GB | {n_blocks} | {block / 1e9:.2f} GB | {limit_desc} | {peak / 1e9:.2f} GB | "
           f"{peak / block:.1f}x | {wall:.0f} s |")
-    print(p.stdout.strip().splitlines()[-2] if p.stdout.strip() else "")
+    print("\n".join(l for l in p.stdout.splitlines() if l.startswith(("quantized", "mean relative"))))
 
 
 if __name__ == "__main__":
