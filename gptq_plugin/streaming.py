@@ -46,6 +46,9 @@ from .resume import ResumeState, _atomic_save
 log = logging.getLogger(__name__)
 
 
+_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 class ActivationBuffer:
     """The calibration activations at one decoder-block boundary, one fp32 ``[b, seqlen, hidden]`` tensor per
     batch, kept on disk with at most ``max_resident_bytes`` of them also held in memory.
@@ -152,14 +155,15 @@ class SourceWeights:
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download the model") from None
 
-    def nbytes(self, itemsize: int = 4) -> int:
-        """Bytes of every tensor at ``itemsize`` bytes per element (4: the fp32 model in memory)."""
+    def nbytes(self, itemsize: int | None = 4) -> int:
+        """Bytes of every tensor at ``itemsize`` bytes per element (4: the fp32 model in memory; None: as
+        stored)."""
         total = 0
-        for shape, _ in self.shapes.values():
+        for shape, dtype in self.shapes.values():
             n = 1
             for d in shape:
                 n *= d
-            total += n * itemsize
+            total += n * (itemsize or _ITEMSIZE.get(dtype, 4))
         return total
 
     def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -229,28 +233,6 @@ def _to_meta(root: nn.Module, names: list[str]) -> None:
 
     for n in names:
         set_module_tensor_to_device(root, n, "meta")
-
-
-def _header_index(files: list[Path]) -> tuple[dict[str, str], int]:
-    """``(weight_map, total_size)`` of safetensors ``files`` read from their headers."""
-    from safetensors import safe_open
-
-    weight_map, total = {}, 0
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                weight_map[k] = f.name
-                sl = h.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * _itemsize(sl.get_dtype())
-    return weight_map, total
-
-
-def _itemsize(st_dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
-            "BOOL": 1}.get(st_dtype, 4)
 
 
 def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor | None, cfg: QuantizeConfig,
@@ -387,9 +369,10 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             _atomic_save(rest, tmp / last)
             del rest
             names.append(last)
-            weight_map, size = _header_index([tmp / n for n in names])
+            written = SourceWeights(tmp)  # the shard headers
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2, sort_keys=True))
+                {"metadata": {"total_size": written.nbytes(None)},
+                 "weight_map": {k: f.name for k, f in written.where.items()}}, indent=2, sort_keys=True))
             qcfg = cfg.to_dict()
             qcfg["meta"].update(extra_meta or {}, **report.checkpoint_meta())
             write_model_files(tmp, model.config.to_dict(), qcfg, None, source)

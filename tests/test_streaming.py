@@ -175,8 +175,27 @@ def test_cli_streams_when_the_fp32_model_exceeds_half_the_available_memory(sourc
     assert cli._streaming_needed(source)
 
 
-def test_available_memory_is_positive():
-    from gptq_plugin.pipeline import available_memory
+def test_available_memory_honours_a_cgroup_limit(monkeypatch):
+    """MemAvailable is lowered to the cgroup's limit - usage + reclaimable page cache (v1 and v2 files faked)."""
+    import io
 
-    avail = available_memory()
-    assert avail is None or avail > 0
+    from gptq_plugin import pipeline
+
+    files = {"/proc/meminfo": "MemTotal: 32000000 kB\nMemAvailable: 20000000 kB\n"}
+    v1 = "/sys/fs/cgroup/memory/job"
+    v1_files = {"/proc/self/cgroup": "4:memory:/job\n", f"{v1}/memory.limit_in_bytes": str(5 << 30),
+                f"{v1}/memory.usage_in_bytes": str(3 << 30), f"{v1}/memory.stat": f"total_inactive_file {1 << 30}\n"}
+    v2_files = {"/proc/self/cgroup": "0::/job\n", "/sys/fs/cgroup/job/memory.max": str(4 << 30),
+                "/sys/fs/cgroup/job/memory.current": str(1 << 30)}
+    for extra, expected in ((v1_files, (5 - 3 + 1) << 30), (v2_files, 3 << 30),
+                            ({"/proc/self/cgroup": "0::/job\n", "/sys/fs/cgroup/job/memory.max": "max"},
+                             20000000 * 1024)):
+        table = {**files, **extra}
+
+        def fake_open(path, *args, **kwargs):
+            if path not in table:
+                raise FileNotFoundError(path)
+            return io.StringIO(table[path])
+
+        monkeypatch.setattr(pipeline, "open", fake_open, raising=False)
+        assert pipeline.available_memory() == expected
