@@ -30,6 +30,7 @@ from .config import QuantizeConfig
 from .errors import ConfigError, NumericalError
 from .layouts import find_layout
 from .linear import QuantLinear
+from .packing import unpack_qweight, unpack_qzeros
 from .solver import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
 
 if TYPE_CHECKING:
@@ -371,41 +372,80 @@ def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     return 4 * tokens * max(6 * hidden, 3 * widest) < avail / 2
 
 
-def _rel_errs(W: torch.Tensor, H: torch.Tensor, *Qs: torch.Tensor) -> list[float]:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` with ``ΔW = W - Q`` for each ``Q`` (the denominator computed once)."""
-    den = float(torch.einsum("ij,jk,ik->", W, H, W))
-    out = []
-    for Q in Qs:
-        D = W - Q
-        num = float(torch.einsum("ij,jk,ik->", D, H, D))
-        out.append(num / den if den > 0 else 0.0)
-    return out
+def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeConfig,
+              grid: tuple[torch.Tensor, torch.Tensor] | None, chunk_bytes: int = 1 << 25) -> tuple[float, float]:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` with ``ΔW = W - Q`` for GPTQ's ``res`` and for RTN of ``W`` (on ``grid`` when
+    given), summed over blocks of ~``chunk_bytes`` of output rows (RTN's grid is per row, so RTN of a block of rows
+    is those rows of RTN): a few block-sized temporaries instead of several weight-sized ones."""
+    step = max(1, chunk_bytes // (4 * max(W.shape[1], 1)))
+    den = num = rtn_num = 0.0
+    for r0 in range(0, W.shape[0], step):
+        rows = slice(r0, r0 + step)
+        Wr = W[rows].float()
+        den += float(torch.sum((Wr @ H).mul_(Wr)))
+        D = Wr - res.dequantize(rows)
+        num += float(torch.sum((D @ H).mul_(D)))
+        rtn = rtn_quantize(Wr, cfg, None if grid is None else (grid[0][:, rows], grid[1][:, rows]))
+        D = Wr - rtn.dequantize()
+        rtn_num += float(torch.sum((D @ H).mul_(D)))
+    return (num / den, rtn_num / den) if den > 0 else (0.0, 0.0)
 
 
 def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                  report: QuantizeReport) -> QuantResult:
-    """Quantize one layer with GPTQ (RTN when no calibration token reached it) and put the dequantized weight
-    in place so later layers see quantized outputs."""
+                    report: QuantizeReport, keep_weight: bool = True) -> QuantResult:
+    """Quantize one layer with GPTQ (RTN when no calibration token reached it). With ``keep_weight``, put the
+    dequantized weight in place so later layers see quantized outputs; otherwise the caller replaces the
+    layer (see :class:`_DequantizedLinear`)."""
     t = time.time()
     full = f"{block_name}.{name}"
-    W = mod.weight.data.float()
+    W = mod.weight.data
     if H is None:
         log.warning("%s received no calibration tokens: quantized with RTN", full)
         res = rtn_quantize(W, cfg)
         res.fallback = "no calibration tokens reached this layer: RTN"
         report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
-        Q = res.dequantize()
     else:
         res = gptq_quantize(W, H, cfg, name=full)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
-        rtn_Q = rtn_quantize(W, cfg, grid).dequantize()
-        Q = res.dequantize()
-        report.layers.append(LayerReport(full, *_rel_errs(W, H, Q, rtn_Q), res.damp_percent, res.fallback,
+        report.layers.append(LayerReport(full, *_rel_errs(W, H, res, cfg, grid), res.damp_percent, res.fallback,
                                          time.time() - t))
     _check_scales(full, W, res, report.layers[-1])
-    mod.weight.data = Q.to(mod.weight.dtype)
+    if keep_weight:
+        mod.weight.data = res.dequantize().to(mod.weight.dtype)
     return res
+
+
+class _DequantizedLinear(nn.Module):
+    """Stands in for a just-quantized ``nn.Linear`` during the calibration forwards: ``y = x @ Qᵀ + bias`` with
+    ``Q`` dequantized from the packed layer on every call, bit for bit as :meth:`QuantResult.dequantize` gives it
+    (same values and memory layout, in the original weight's dtype) and with the original bias. The fp32 weight
+    is dropped, so a block being quantized holds its not-yet-quantized layers in full and the rest packed
+    (``bits / 32`` of the size); each call allocates one weight-sized tensor (the unpacking goes 32 input
+    channels x ~1 MB at a time)."""
+
+    def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.packed, self.bias, self.dtype = packed, bias, dtype
+        self.scales = packed.scales.float()  # [G, out]
+        self.zeros = unpack_qzeros(packed.qzeros, packed.bits, packed.out_features).float()
+
+    def weight(self) -> torch.Tensor:
+        """``[out, in]`` (a transposed view of an ``[in, out]`` tensor), ``scales[g] * (codes - zeros[g])``."""
+        q = self.packed
+        K, N = q.in_features, q.out_features
+        W = torch.empty(K, N)
+        g = q.g_idx.long()
+        step = max(32, (1 << 18) // max(N, 1) // 32 * 32)  # input channels per chunk, a multiple of 32 codes
+        for k0 in range(0, K, step):
+            k1 = min(k0 + step, K)
+            codes = unpack_qweight(q.qweight[k0 * q.bits // 32:(k1 * q.bits + 31) // 32], q.bits, k1 - k0)
+            gk = g[k0:k1]
+            torch.mul(self.scales[gk], codes.float() - self.zeros[gk], out=W[k0:k1])
+        return W.t().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight(), self.bias)
 
 
 def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport) -> None:
@@ -444,11 +484,14 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     linears = _linear_modules(block)
     packed: dict[str, QuantLinear] = {}
 
-    def keep(name: str, res: QuantResult) -> None:
+    def keep(name: str, res: QuantResult, stand_in: bool = False) -> None:
         # packed at once: the int32 codes are as large as the fp32 weight, so a block's worth would double its memory
         mod = linears[name]
         bias = mod.bias.data if mod.bias is not None else None
         packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
+        if stand_in:  # the fp32 weight goes; later forwards dequantize the packed layer
+            _replace(block, name, _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype))
+            mod.weight = None
 
     def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
         if not torch.isfinite(y).all():
@@ -466,19 +509,22 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     else:
         x0 = inputs[0]
         groups = _discover_groups(block, x0, kwargs_list[0])  # each group shares one input
+        if cfg.true_sequential and low_memory is None:
+            low_memory = not _one_pass_fits(block, inputs)
+            log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
+                     else "one pass per block")
+        # the one-pass driver's paused batches resume inside the nn.Linear just quantized: it keeps its weight
+        stand_in = bool(low_memory) or not cfg.true_sequential
 
         def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
             # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 for name in group:  # one Hessian, computed once, for the layers sharing an input
-                    keep(name, _quantize_layer(name, linears[name], H, cfg, block_name, report))
+                    res = _quantize_layer(name, linears[name], H, cfg, block_name, report, keep_weight=not stand_in)
+                    keep(name, res, stand_in)
 
         outputs: list[torch.Tensor] = []
         if cfg.true_sequential:
-            if low_memory is None:
-                low_memory = not _one_pass_fits(block, inputs)
-                log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
-                         else "one pass per block")
             if low_memory:
                 _groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit)
             else:
@@ -494,10 +540,13 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         for i, y in enumerate(outputs):
             emit(i, y)
     for name, q in packed.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, q)
+        _replace(block, name, q)
     return packed
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
 
 
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,

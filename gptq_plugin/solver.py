@@ -74,12 +74,13 @@ class QuantResult:
     damp_percent: float = 0.0
     fallback: str | None = None
 
-    def dequantize(self) -> torch.Tensor:
-        """fp32 ``[out, in]``: ``scales[g_idx] * (codes - zeros[g_idx])`` transposed to the weight layout."""
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """fp32 ``[out, in]`` (or the output ``rows``): ``scales[g_idx] * (codes - zeros[g_idx])`` transposed to the
+        weight layout."""
         g = self.g_idx.long()
-        s = self.scales.float()[g].t()  # [out, in]
-        z = self.zeros.float()[g].t()
-        return s * (self.codes.float() - z)
+        s = self.scales[:, rows].float()[g].t()  # [out, in]
+        z = self.zeros[:, rows].float()[g].t()
+        return s * (self.codes[rows].float() - z)
 
 
 def _group_params(W: torch.Tensor, cfg: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +132,8 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: fl
                              ) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, raising ``damp`` by
     ``increment`` while ``H + λI`` is not positive definite. Returns ``(None, damp)`` when even
-    ``damp`` near 1 fails. ``H``'s diagonal is overwritten (with the dampened one); the factorisations run in
-    place in one more ``H``-sized buffer (for a 14336-wide layer each is 0.8 GB)."""
+    ``damp`` near 1 fails. ``H``'s diagonal is overwritten (with the dampened one), the rest is not; the
+    factorisations run in place in one more ``H``-sized buffer (for a 14336-wide layer each is 0.8 GB)."""
     diag = H.diagonal()
     d0 = diag.clone()
     mean_diag = torch.mean(d0)
@@ -143,7 +144,7 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: fl
         if int(info) == 0:
             torch.cholesky_inverse(U, out=U)
             torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
-            if int(info) == 0 and torch.isfinite(U).all():
+            if int(info) == 0 and _all_finite(U):
                 if damp != damp_percent:
                     log.warning("%s: Hessian not positive definite at damp_percent=%g; used %g",
                                 name, damp_percent, damp)
@@ -152,6 +153,11 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: fl
         if increment <= 0 or damp + increment >= 1:
             return None, damp
         damp = round(damp + increment, 10)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()`` a block of rows at a time (at once, its temporaries are ~1.7x ``t``)."""
+    return all(bool(torch.isfinite(rows).all()) for rows in t.split(1024))
 
 
 @contextlib.contextmanager
@@ -171,12 +177,40 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
         return _gptq_quantize(W, H, cfg, name)
 
 
+def _permute_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 1 << 24) -> None:
+    """``H ← H[perm][:, perm]`` in place, with one row and ~``chunk_bytes`` of rows as scratch (a gathered copy of
+    a 14336-wide Hessian would be another 0.8 GB). Rows follow the permutation's cycles; columns are gathered a
+    block of rows at a time."""
+    n = H.shape[0]
+    p = perm.tolist()
+    seen = bytearray(n)
+    for start in range(n):
+        if seen[start]:
+            continue
+        seen[start] = 1
+        if p[start] == start:
+            continue
+        first = H[start].clone()
+        i = start
+        while p[i] != start:  # new row i is old row p[i]
+            H[i].copy_(H[p[i]])
+            i = p[i]
+            seen[i] = 1
+        H[i].copy_(first)
+    step = max(1, chunk_bytes // max(1, n * H.element_size()))
+    for r in range(0, n, step):
+        H[r:r + step] = H[r:r + step, perm]
+
+
 def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
     """Quantize one weight matrix with GPTQ.
 
     Args:
         W: ``[out, in]`` weight (any float dtype; computed in fp32; not modified).
-        H: fp32 ``[in, in]`` Hessian ``2/n Σ x xᵀ`` of the layer's calibration inputs (not modified).
+        H: ``[in, in]`` Hessian ``2/n Σ x xᵀ`` of the layer's calibration inputs. When fp32 and contiguous (as
+            :class:`HessianAccumulator` gives it) it is borrowed: the solver permutes and dampens it in place
+            (saving a Hessian-sized copy) and restores it, bit for bit, before returning or raising; do not read
+            it from another thread meanwhile. Otherwise the solver works on an fp32 copy.
         cfg: bits, group_size, desc_act, static_groups, sym, damp_percent, mse, block_size.
         name: the layer's name, for log lines.
 
@@ -186,38 +220,47 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
 
     Raises:
         NumericalError: ``W`` or ``H`` contains NaN or Inf.
+        ValueError: ``H`` is not ``[in, in]``.
     """
-    W = W.detach().clone().float()
-    H = H.detach().float()  # not modified: the permuted or cloned copy below is
+    W = W.detach()
+    rows, columns = W.shape
+    if tuple(H.shape) != (columns, columns):
+        raise ValueError(f"{name}: the Hessian has shape {tuple(H.shape)}, expected [{columns}, {columns}]")
+    H = H.detach()
+    if H.dtype != torch.float32 or not H.is_contiguous():
+        H = H.float().contiguous()
     if not torch.isfinite(W).all():
         raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
     if not torch.isfinite(H).all():
         raise NumericalError(f"{name}: the Hessian contains NaN or Inf (calibration activations overflowed)")
-    rows, columns = W.shape
     maxq = 2**cfg.bits - 1
     gs = columns if cfg.group_size == -1 else cfg.group_size
 
-    dead = torch.diag(H) == 0  # input channels that never saw a non-zero activation
-    W[:, dead] = 0
-
-    if cfg.static_groups:
-        static_scales, static_zeros = _group_params(W, cfg)  # [G, out], groups in input order
-
+    diag0 = H.diagonal().clone()
+    dead = diag0 == 0  # input channels that never saw a non-zero activation
     perm = invperm = None
     if cfg.desc_act:
-        diag = torch.diag(H).clone()
+        diag = diag0.clone()
         diag[dead] = 1
         perm = torch.argsort(diag, descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm[:, None], perm]  # one gather: the solver's own copy
-        dead = dead[perm]
         invperm = torch.argsort(perm)
+        W = W.float()[:, perm]  # the solver's own copy, permuted
+        dead = dead[perm]
     else:
-        H = H.clone()
-    H[dead, dead] = 1
+        W = W.float().clone()
+    W[:, dead] = 0
+    if cfg.static_groups:  # groups in input order
+        static_scales, static_zeros = _group_params(W if perm is None else W[:, invperm], cfg)  # [G, out]
 
-    Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
-    del H
+    try:
+        if perm is not None:
+            _permute_(H, perm)
+        H.diagonal()[dead] = 1
+        Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
+    finally:  # give H back as it came
+        if perm is not None:
+            _permute_(H, invperm)
+        H.diagonal().copy_(diag0)
     if Hinv is None:
         reason = f"Hessian not positive definite for any damp_percent < 1 (last tried {damp:g}): fell back to RTN"
         log.warning("%s: %s", name, reason)
@@ -225,7 +268,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         res.fallback = reason
         return res
 
-    Q = torch.zeros_like(W)  # codes, permuted column order
+    Q = torch.zeros(W.shape, dtype=torch.int32)  # codes, permuted column order
     G = num_groups(columns, cfg.group_size)
     scales = torch.zeros(G, rows)
     zeros = torch.zeros(G, rows)
@@ -269,7 +312,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
                 Err1[:, i] = err
 
             Q[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the remaining columns
+    del Hinv, W, W1, Q1, Err1  # before the un-permuted copy of the codes
 
     if cfg.static_groups:
         scales, zeros = static_scales, static_zeros
@@ -277,5 +321,5 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     if invperm is not None:
         Q = Q[:, invperm]
         g_idx = g_idx[invperm]
-    return QuantResult(Q.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits,
+    return QuantResult(Q, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits,
                        damp_percent=damp)
