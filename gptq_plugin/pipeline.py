@@ -392,10 +392,10 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
 
 
 def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                    report: QuantizeReport, keep_weight: bool = True) -> QuantResult:
+                    report: QuantizeReport, keep_weight: bool = True, offload_dir=None) -> QuantResult:
     """Quantize one layer with GPTQ (RTN when no calibration token reached it). With ``keep_weight``, put the
     dequantized weight in place so later layers see quantized outputs; otherwise the caller replaces the
-    layer (see :class:`_DequantizedLinear`)."""
+    layer (see :class:`_DequantizedLinear`). ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`."""
     t = time.time()
     full = f"{block_name}.{name}"
     W = mod.weight.data
@@ -405,7 +405,7 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
         res.fallback = "no calibration tokens reached this layer: RTN"
         report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
     else:
-        res = gptq_quantize(W, H, cfg, name=full)
+        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
         report.layers.append(LayerReport(full, *_rel_errs(W, H, res, cfg, grid), res.damp_percent, res.fallback,
@@ -461,7 +461,7 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
 
 def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
                    report: QuantizeReport, low_memory: bool | None = None,
-                   forward_dtype: torch.dtype | None = None) -> dict[str, QuantResult]:
+                   forward_dtype: torch.dtype | None = None, offload_dir=None) -> dict[str, QuantResult]:
     """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
     replace each calibration input by the quantized block's output (the next block's input).
 
@@ -473,6 +473,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             :class:`gptq_plugin.streaming.ActivationBuffer`, which keeps them on disk). Unused for RTN.
         kwargs_list: the block's keyword arguments per batch (masks, rotary embeddings). Unused for RTN.
         low_memory, forward_dtype: as in :func:`quantize_model`.
+        offload_dir: a folder where the solver parks large Hessians while it runs (see
+            :func:`gptq_plugin.solver.gptq_quantize`); None keeps them in memory.
 
     Returns:
         The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
@@ -520,7 +522,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
             with torch.autocast(device_type=x0.device.type, enabled=False):
                 for name in group:  # one Hessian, computed once, for the layers sharing an input
-                    res = _quantize_layer(name, linears[name], H, cfg, block_name, report, keep_weight=not stand_in)
+                    res = _quantize_layer(name, linears[name], H, cfg, block_name, report, not stand_in, offload_dir)
                     keep(name, res, stand_in)
 
         outputs: list[torch.Tensor] = []

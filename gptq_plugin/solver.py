@@ -9,7 +9,10 @@ Reads top to bottom like the paper and the reference code (IST-DASLab/gptq ``gpt
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -170,11 +173,12 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
+                  offload_dir: str | os.PathLike | None = None) -> QuantResult:
     """Quantize one weight matrix with GPTQ (see :func:`_gptq_quantize`); fp32 throughout, also when called
     under autocast (the driver calls it from a forward hook)."""
     with torch.autocast(device_type=W.device.type, enabled=False):
-        return _gptq_quantize(W, H, cfg, name)
+        return _gptq_quantize(W, H, cfg, name, offload_dir)
 
 
 def _permute_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 1 << 24) -> None:
@@ -202,7 +206,55 @@ def _permute_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 1 << 24) -
         H[r:r + step] = H[r:r + step, perm]
 
 
-def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer") -> QuantResult:
+#: Hessians at least this large (bytes) are written to ``offload_dir`` during the column loop (a 7B ``down_proj``'s
+#: 11008-wide Hessian is 0.48 GB; a 4096-wide one, 67 MB, stays).
+OFFLOAD_MIN_BYTES = 1 << 27
+
+
+def _raw(t: torch.Tensor):
+    """The bytes of contiguous CPU ``t`` as a writable buffer (not through ``t.numpy()``, which would make the
+    storage non-resizable)."""
+    return (ctypes.c_char * t.untyped_storage().nbytes()).from_address(t.untyped_storage().data_ptr())
+
+
+@contextlib.contextmanager
+def _offloaded(t: torch.Tensor, folder: str | os.PathLike | None):
+    """Free the memory of contiguous CPU ``t`` while the block runs: its bytes go to a temporary file in ``folder``
+    and its storage is resized to 0, then restored bit for bit on exit (also on errors). A no-op when ``folder`` is
+    None, ``t`` is under :data:`OFFLOAD_MIN_BYTES` or does not own its whole storage; when the file cannot be
+    written or the storage cannot be resized, ``t`` stays in memory (logged)."""
+    storage = t.untyped_storage()
+    nbytes = storage.nbytes()
+    if (folder is None or nbytes < OFFLOAD_MIN_BYTES or t.storage_offset() != 0
+            or nbytes != t.numel() * t.element_size() or not storage.resizable()):
+        yield
+        return
+    path = None
+    try:
+        fd, path = tempfile.mkstemp(prefix="hessian-", suffix=".bin", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_raw(t))
+    except OSError as e:
+        log.warning("could not offload a %.2f GB Hessian to %s (%s): keeping it in memory", nbytes / 1e9, folder, e)
+        if path is not None:
+            os.unlink(path)
+        yield
+        return
+    try:
+        storage.resize_(0)
+        try:
+            yield
+        finally:
+            storage.resize_(nbytes)
+            with open(path, "rb") as f:
+                if f.readinto(_raw(t)) != nbytes:
+                    raise OSError(f"{path}: the offloaded Hessian was truncated")
+    finally:
+        os.unlink(path)
+
+
+def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
+                   offload_dir: str | os.PathLike | None = None) -> QuantResult:
     """Quantize one weight matrix with GPTQ.
 
     Args:
@@ -213,6 +265,9 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
             it from another thread meanwhile. Otherwise the solver works on an fp32 copy.
         cfg: bits, group_size, desc_act, static_groups, sym, damp_percent, mse, block_size.
         name: the layer's name, for log lines.
+        offload_dir: a folder where a Hessian of :data:`OFFLOAD_MIN_BYTES` or more is parked during the column
+            loop, which needs only its inverse Cholesky factor (the peak is then one Hessian-sized buffer plus
+            the weight, not two). None keeps it in memory.
 
     Returns:
         :class:`QuantResult`. When ``H`` stays non positive definite for every dampening below 1, the layer
@@ -229,12 +284,10 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     H = H.detach()
     if H.dtype != torch.float32 or not H.is_contiguous():
         H = H.float().contiguous()
-    if not torch.isfinite(W).all():
+    if not _all_finite(W):
         raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
-    if not torch.isfinite(H).all():
+    if not _all_finite(H):
         raise NumericalError(f"{name}: the Hessian contains NaN or Inf (calibration activations overflowed)")
-    maxq = 2**cfg.bits - 1
-    gs = columns if cfg.group_size == -1 else cfg.group_size
 
     diag0 = H.diagonal().clone()
     dead = diag0 == 0  # input channels that never saw a non-zero activation
@@ -244,29 +297,53 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         diag[dead] = 1
         perm = torch.argsort(diag, descending=True, stable=True)
         invperm = torch.argsort(perm)
-        W = W.float()[:, perm]  # the solver's own copy, permuted
-        dead = dead[perm]
-    else:
-        W = W.float().clone()
-    W[:, dead] = 0
-    if cfg.static_groups:  # groups in input order
-        static_scales, static_zeros = _group_params(W if perm is None else W[:, invperm], cfg)  # [G, out]
 
+    def zeroed(order: torch.Tensor | None = None) -> torch.Tensor:
+        """The solver's own fp32 copy of ``W``, dead columns zeroed, columns in ``order`` (input order if None)."""
+        Wz = W.float().clone() if order is None else W.float()[:, order]
+        Wz[:, dead if order is None else dead[order]] = 0
+        return Wz
+
+    static = _group_params(zeroed(), cfg) if cfg.static_groups else None  # ([G, out], [G, out]), input order
     try:
         if perm is not None:
             _permute_(H, perm)
-        H.diagonal()[dead] = 1
+        H.diagonal()[dead if perm is None else dead[perm]] = 1
         Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
+        solved = Hinv is not None
+        if solved:
+            with _offloaded(H, offload_dir):
+                codes, scales, zeros, col_group = _column_loop(zeroed(perm), Hinv, cfg, perm, static)
+                del Hinv  # before H comes back
     finally:  # give H back as it came
         if perm is not None:
             _permute_(H, invperm)
         H.diagonal().copy_(diag0)
-    if Hinv is None:
+    if not solved:
         reason = f"Hessian not positive definite for any damp_percent < 1 (last tried {damp:g}): fell back to RTN"
         log.warning("%s: %s", name, reason)
-        res = rtn_quantize(W[:, invperm] if invperm is not None else W, cfg)
+        res = rtn_quantize(zeroed(), cfg)
         res.fallback = reason
         return res
+    g_idx = col_group.to(torch.int32)
+    if invperm is not None:
+        codes = codes[:, invperm]
+        g_idx = g_idx[invperm]
+    return QuantResult(codes, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits, damp_percent=damp)
+
+
+def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm: torch.Tensor | None,
+                 static: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop (Algorithm 1) on ``W`` ``[out, in]`` (columns in ``perm`` order, updated in place) with the
+    upper Cholesky factor ``Hinv`` of the inverse Hessian in the same order. Returns ``(codes int32 [out, in]
+    permuted order, scales [G, out], zeros [G, out], group of each permuted column)``; ``static`` grids, when
+    given, are used for every group (input order)."""
+    rows, columns = W.shape
+    maxq = 2**cfg.bits - 1
+    gs = columns if cfg.group_size == -1 else cfg.group_size
+    if static is not None:
+        static_scales, static_zeros = static
 
     Q = torch.zeros(W.shape, dtype=torch.int32)  # codes, permuted column order
     G = num_groups(columns, cfg.group_size)
@@ -289,7 +366,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
                 col = i1 + i
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                if cfg.static_groups:
+                if static is not None:
                     g = (perm[col].item() if perm is not None else col) // gs
                     scale, zero = static_scales[g], static_zeros[g]
                 elif col % gs == 0:
@@ -313,13 +390,6 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
 
             Q[:, i1:i2] = Q1
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the remaining columns
-    del Hinv, W, W1, Q1, Err1  # before the un-permuted copy of the codes
-
-    if cfg.static_groups:
-        scales, zeros = static_scales, static_zeros
-    g_idx = col_group.to(torch.int32)
-    if invperm is not None:
-        Q = Q[:, invperm]
-        g_idx = g_idx[invperm]
-    return QuantResult(Q, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits,
-                       damp_percent=damp)
+    if static is not None:
+        scales, zeros = static
+    return Q, scales, zeros, col_group

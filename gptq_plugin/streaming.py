@@ -339,7 +339,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             names = [k for k, _ in block.state_dict().items()]
             _materialize(block, names, src, block_name + ".")
             n_reported = len(report.layers)
-            quantize_block(block, block_name, buf, kwargs_list, cfg, report, low_memory, forward_dtype)
+            quantize_block(block, block_name, buf, kwargs_list, cfg, report, low_memory, forward_dtype, offload_dir=work)
             state = {f"{block_name}.{k}": v for k, v in quantized_state_dict(block, cfg).items()}
             _atomic_save(state, work / f"shard-{bi:05d}.safetensors")
             del state

@@ -33,3 +33,67 @@ def test_one_pass_and_low_memory_drivers_agree(forward_dtype):
 def test_bf16_forwards_are_applied():
     a, b = _quantized(False, None), _quantized(False, torch.bfloat16)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 activations change some Hessians, so some codes
+
+
+@pytest.mark.parametrize("bits,k,group_size,desc_act", [(2, 300, 64, False), (3, 1000, 128, True), (4, 96, 32, False),
+                                                          (8, 4100, -1, True)])
+def test_stand_in_forwards_with_the_solvers_dequantized_weight(bits, k, group_size, desc_act):
+    """Low-memory passes drop a quantized layer's fp32 weight and forward through its packed form: the weight it
+    rebuilds (in chunks of input channels) must be the solver's dequantized weight bit for bit, layout included,
+    or the next layers' Hessians (and the one-pass / low-memory equality) would change."""
+    from gptq_plugin.linear import QuantLinear
+    from gptq_plugin.pipeline import _DequantizedLinear
+    from gptq_plugin.solver import gptq_quantize
+
+    g = torch.Generator().manual_seed(bits)
+    W, X = torch.randn(40, k, generator=g), torch.randn(300, k, generator=g)
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=False)
+    res = gptq_quantize(W, 2 * X.t() @ X / 300, cfg)
+    bias = torch.randn(40, generator=g)
+    layer = _DequantizedLinear(QuantLinear.from_result(res, group_size, bias, sym=False), bias, torch.float32)
+    Q = res.dequantize()
+    assert torch.equal(layer.weight(), Q) and layer.weight().stride() == Q.stride()
+    assert torch.equal(layer(X[:5]), torch.nn.functional.linear(X[:5], Q, bias))
+
+
+def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch):
+    """While a layer group is quantized in a low-memory pass, the groups before it hold no fp32 weight."""
+    from gptq_plugin import pipeline
+
+    held = {}
+    real = pipeline._quantize_layer
+
+    def spy(name, mod, H, cfg, block_name, report, keep_weight=True, offload_dir=None):
+        if block_name.endswith(".0"):
+            block = model.model.layers[0]
+            held[name] = sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)
+                                and m.weight is not None)
+        return real(name, mod, H, cfg, block_name, report, keep_weight, offload_dir)
+
+    monkeypatch.setattr(pipeline, "_quantize_layer", spy)
+    model = tiny_llama(seed=3)
+    quantize_model(model, CALIB, CFG, batch_size=2, progress=False, low_memory=True, max_blocks=1)
+    assert held["mlp.down_proj"] == ["mlp.down_proj"]
+    assert held["self_attn.o_proj"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj"]
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_error_report_by_row_blocks_matches_the_whole_matrix_formula(static_groups):
+    from gptq_plugin.pipeline import _rel_errs
+    from gptq_plugin.solver import gptq_quantize, rtn_quantize
+
+    g = torch.Generator().manual_seed(7)
+    W, X = torch.randn(50, 64, generator=g), torch.randn(200, 64, generator=g)
+    H = 2 * X.t() @ X / 200
+    cfg = QuantizeConfig(bits=3, group_size=16, desc_act=True, static_groups=static_groups, mse=2.4)
+    res = gptq_quantize(W, H, cfg)
+    grid = (res.scales, res.zeros) if static_groups else None
+
+    def rel(Q):
+        D = W - Q
+        return float(torch.einsum("ij,jk,ik->", D, H, D) / torch.einsum("ij,jk,ik->", W, H, W))
+
+    want = rel(res.dequantize()), rel(rtn_quantize(W, cfg, grid).dequantize())
+    got = _rel_errs(W, H, res, cfg, grid, chunk_bytes=4 * 64 * 7)  # 7 rows per block
+    assert got == pytest.approx(want, rel=1e-4)
+    assert want[0] < want[1]

@@ -187,3 +187,66 @@ def test_group_params_match_per_group_grids(group_size, mse):
     for g in range(scales.shape[0]):
         s, z = find_params(W[:, g * gs:(g + 1) * gs], 3, False, mse)
         assert torch.equal(scales[g], s) and torch.equal(zeros[g], z)
+
+
+@pytest.mark.parametrize("case", ["act-order", "in-order-dead-columns", "damping-retry", "rtn-fallback"])
+def test_hessian_is_borrowed_and_restored_bit_for_bit(case):
+    """The solver permutes and dampens the caller's Hessian in place (no Hessian-sized copy) and must hand it back
+    unchanged, also when it retries damping or falls back to RTN."""
+    k, n = 80, 12
+    X = correlated_inputs(400, k, seed=5)
+    if case == "in-order-dead-columns":
+        X[:, [2, 50]] = 0
+    H = 2 * X.t() @ X / 400
+    if case == "damping-retry":
+        H -= 0.02 * torch.diag(H).mean() * torch.eye(k)
+    if case == "rtn-fallback":
+        H = -torch.eye(k)
+    cfg = QuantizeConfig(bits=4, group_size=16, desc_act=case != "in-order-dead-columns", damp_percent=0.01,
+                         damp_auto_increment=0.05)
+    before = H.clone()
+    res = gptq_quantize(torch.randn(n, k), H, cfg)
+    assert torch.equal(H.view(torch.int32), before.view(torch.int32))
+    assert (res.fallback is not None) == (case == "rtn-fallback")
+    assert (res.damp_percent > 0.01) == (case == "damping-retry")
+    # a copy-based solve gives the same codes: the in-place permutation is the gather H[perm][:, perm]
+    again = gptq_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(2)), before.double(), cfg)
+    same = gptq_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(2)), H, cfg)
+    assert torch.equal(again.codes, same.codes)
+
+
+def test_in_place_permutation_is_the_gather():
+    from gptq_plugin.solver import _permute_
+
+    H = torch.randn(37, 37)
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(0))
+    P = H.clone()
+    _permute_(P, perm, chunk_bytes=4 * 37 * 5)  # 5 rows per column block
+    assert torch.equal(P, H[perm][:, perm])
+    _permute_(P, torch.argsort(perm))
+    assert torch.equal(P, H)
+
+
+@pytest.mark.parametrize("folder_exists", [True, False])
+def test_offloaded_hessian_frees_its_memory_during_the_loop_and_comes_back(tmp_path, monkeypatch, caplog, folder_exists):
+    from gptq_plugin import solver
+
+    k, n = 64, 10
+    X = correlated_inputs(300, k, seed=8)
+    H = 2 * X.t() @ X / 300
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(9))
+    cfg = QuantizeConfig(bits=4, group_size=16, desc_act=True)
+    want = gptq_quantize(W, H, cfg)
+    before = H.clone()
+    seen = []
+    loop = solver._column_loop
+    monkeypatch.setattr(solver, "_column_loop", lambda *a: seen.append(H.untyped_storage().nbytes()) or loop(*a))
+    monkeypatch.setattr(solver, "OFFLOAD_MIN_BYTES", 0)
+    folder = tmp_path if folder_exists else tmp_path / "missing"
+    with caplog.at_level(logging.WARNING):
+        got = gptq_quantize(W, H, cfg, offload_dir=folder)
+    assert seen == ([0] if folder_exists else [H.numel() * 4])  # parked on disk, or kept (with a warning)
+    assert folder_exists or "could not offload" in caplog.text
+    assert torch.equal(H.view(torch.int32), before.view(torch.int32))
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert not list(tmp_path.rglob("hessian-*"))
