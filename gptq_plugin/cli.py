@@ -178,6 +178,8 @@ def quantize(
 
     if mse is None:
         mse = RECOMMENDED["mse"] if method == Method.gptq else 0.0
+    if method != Method.gptq:  # RTN has no Hessian: input order, no act-order to record in the checkpoint
+        act_order = static_groups = False
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method.value,
                          checkpoint_format=checkpoint_format)

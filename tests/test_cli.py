@@ -84,5 +84,6 @@ def test_quantize_rtn_end_to_end_and_inspect(demo_model_dir, tmp_path, capsys):
     rc, text, err = run_cli("inspect", out)
     assert rc == 0, err
     assert "bits: 3" in text and "n_quantized_layers: 210" in text
+    assert "desc_act: False" in text and "static_groups: False" in text  # RTN is input order whatever the flags
     rc, text, err = run_cli("plugins")
     assert rc == 0 and "reference" in text and "generic-causal-lm" in text, err
