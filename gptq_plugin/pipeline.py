@@ -359,6 +359,22 @@ def available_memory() -> int | None:
     return max(avail, 0)
 
 
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). Called after each
+    block, and after each layer in the low-memory passes: glibc serves the MB-sized temporaries of the solver and
+    the forwards from its heap once its mmap threshold has risen, the heap fragments, and its free pages are not
+    returned. Measured on a
+    12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per block (0.92 -> 1.78 GB)
+    without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave 0.82 GB but ran 25% slower."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     """Whether the one-pass driver's paused activations (every batch's forward state at a layer group, measured
     on Llama blocks at about ``4 B x tokens x max(6 x hidden, 3 x widest linear input)``) take under half of the
@@ -524,6 +540,9 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                 for name in group:  # one Hessian, computed once, for the layers sharing an input
                     res = _quantize_layer(name, linears[name], H, cfg, block_name, report, not stand_in, offload_dir)
                     keep(name, res, stand_in)
+                    del res
+                    if stand_in:  # the low-memory passes
+                        release_free_memory()
 
         outputs: list[torch.Tensor] = []
         if cfg.true_sequential:
@@ -617,6 +636,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         block = blocks[bi]
         n_reported = len(report.layers)
         quantize_block(block, f"{prefix}.{bi}", inputs, kwargs_list, cfg, report, low_memory, forward_dtype)
+        release_free_memory()
         if resume is not None:
             resume.save_block(bi, block, inputs, [vars(l) for l in report.layers[n_reported:]])
 

@@ -40,7 +40,8 @@ from .checkpoint import atomic_output_dir, checkpoint_files, quantized_state_dic
 from .config import QuantizeConfig
 from .errors import CheckpointError, ConfigError, NumericalError
 from .layouts import find_layout
-from .pipeline import (LayerReport, QuantizeReport, available_memory, capture_block_inputs, quantize_block)
+from .pipeline import (LayerReport, QuantizeReport, available_memory, capture_block_inputs, quantize_block,
+                       release_free_memory)
 from .resume import ResumeState, _atomic_save
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             if buf is not None:
                 buf.advance()
             gc.collect()
+            release_free_memory()
 
         # the last shard: embeddings, final norm, lm_head (fp16, as the in-memory writer stores them)
         shard_files = [work / f"shard-{bi:05d}.safetensors" for bi in range(n_blocks)]
