@@ -433,19 +433,22 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
 
 
 class _DequantizedLinear(nn.Module):
-    """Stands in for a just-quantized ``nn.Linear`` during the calibration forwards: ``y = x @ Qᵀ + bias`` with
-    ``Q`` dequantized from the packed layer on every call, bit for bit as :meth:`QuantResult.dequantize` gives it
-    (same values and memory layout, in the original weight's dtype) and with the original bias. The fp32 weight
-    is dropped, so a block being quantized holds its not-yet-quantized layers in full and the rest packed
-    (``bits / 32`` of the size); each call allocates one weight-sized tensor (the unpacking goes 32 input
-    channels x ~1 MB at a time)."""
+    """Stands in for a just-quantized ``nn.Linear`` during the calibration forwards: ``y = x @ weightᵀ + bias`` with
+    ``weight`` dequantized from the packed layer on every access, bit for bit as :meth:`QuantResult.dequantize`
+    gives it (same values and memory layout, in the original weight's dtype), and the original bias. The fp32
+    weight is dropped, so a block being quantized holds its not-yet-quantized layers in full and the rest packed
+    (``bits / 32`` of the size); each access builds one weight (the unpacking goes 32 input channels x ~1 MB at a
+    time). ``weight``, ``bias``, ``in_features`` and ``out_features`` read as on ``nn.Linear`` (some blocks read
+    ``layer.weight.dtype`` in their forward)."""
 
     def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.packed, self.bias, self.dtype = packed, bias, dtype
+        self.in_features, self.out_features = packed.in_features, packed.out_features
         self.scales = packed.scales.float()  # [G, out]
         self.zeros = unpack_qzeros(packed.qzeros, packed.bits, packed.out_features).float()
 
+    @property
     def weight(self) -> torch.Tensor:
         """``[out, in]`` (a transposed view of an ``[in, out]`` tensor), ``scales[g] * (codes - zeros[g])``."""
         q = self.packed
@@ -461,7 +464,7 @@ class _DequantizedLinear(nn.Module):
         return W.t().to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight(), self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport) -> None:
@@ -500,6 +503,9 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         NumericalError: the block's quantized output contains NaN or Inf (names the block).
     """
     linears = _linear_modules(block)
+    aliases: dict[int, list[str]] = {}  # a module registered under several names is replaced under each
+    for n, m in block.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
     packed: dict[str, QuantLinear] = {}
 
     def keep(name: str, res: QuantResult, stand_in: bool = False) -> None:
@@ -508,7 +514,9 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         bias = mod.bias.data if mod.bias is not None else None
         packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
         if stand_in:  # the fp32 weight goes; later forwards dequantize the packed layer
-            _replace(block, name, _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype))
+            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype)
+            for alias in aliases[id(mod)]:
+                _replace(block, alias, stand)
             mod.weight = None
 
     def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
@@ -561,7 +569,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         for i, y in enumerate(outputs):
             emit(i, y)
     for name, q in packed.items():
-        _replace(block, name, q)
+        for alias in aliases[id(linears[name])]:
+            _replace(block, alias, q)
     return packed
 
 

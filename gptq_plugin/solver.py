@@ -219,28 +219,36 @@ def _raw(t: torch.Tensor):
 
 @contextlib.contextmanager
 def _offloaded(t: torch.Tensor, folder: str | os.PathLike | None):
-    """Free the memory of contiguous CPU ``t`` while the block runs: its bytes go to a temporary file in ``folder``
-    and its storage is resized to 0, then restored bit for bit on exit (also on errors). A no-op when ``folder`` is
-    None, ``t`` is under :data:`OFFLOAD_MIN_BYTES` or does not own its whole storage; when the file cannot be
-    written or the storage cannot be resized, ``t`` stays in memory (logged)."""
+    """Free the memory of contiguous CPU ``t`` while the block runs: its bytes go to a temporary file
+    ``hessian-*.bin`` in ``folder`` and its storage is resized to 0, then restored bit for bit on exit (also on
+    errors; the file is removed). A no-op when ``folder`` is None, or ``t`` is under :data:`OFFLOAD_MIN_BYTES`,
+    not on the CPU, does not own its whole storage or its storage is not resizable; when the file cannot be
+    written, ``t`` stays in memory (logged)."""
     storage = t.untyped_storage()
     nbytes = storage.nbytes()
-    if (folder is None or nbytes < OFFLOAD_MIN_BYTES or t.storage_offset() != 0
+    if (folder is None or nbytes < OFFLOAD_MIN_BYTES or t.device.type != "cpu" or t.storage_offset() != 0
             or nbytes != t.numel() * t.element_size() or not storage.resizable()):
         yield
         return
-    path = None
     try:
         fd, path = tempfile.mkstemp(prefix="hessian-", suffix=".bin", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_raw(t))
     except OSError as e:
-        log.warning("could not offload a %.2f GB Hessian to %s (%s): keeping it in memory", nbytes / 1e9, folder, e)
-        if path is not None:
-            os.unlink(path)
-        yield
-        return
+        fd = path = None
+        error = e
     try:
+        if fd is not None:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_raw(t))
+                error = None
+            except OSError as e:
+                error = e
+        if error is not None:
+            log.warning("could not offload a %.2f GB Hessian to %s (%s): keeping it in memory", nbytes / 1e9,
+                        folder, error)
+            del error
+            yield
+            return
         storage.resize_(0)
         try:
             yield
@@ -250,7 +258,8 @@ def _offloaded(t: torch.Tensor, folder: str | os.PathLike | None):
                 if f.readinto(_raw(t)) != nbytes:
                     raise OSError(f"{path}: the offloaded Hessian was truncated")
     finally:
-        os.unlink(path)
+        if path is not None:
+            os.unlink(path)
 
 
 def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
@@ -262,7 +271,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         H: ``[in, in]`` Hessian ``2/n Σ x xᵀ`` of the layer's calibration inputs. When fp32 and contiguous (as
             :class:`HessianAccumulator` gives it) it is borrowed: the solver permutes and dampens it in place
             (saving a Hessian-sized copy) and restores it, bit for bit, before returning or raising; do not read
-            it from another thread meanwhile. Otherwise the solver works on an fp32 copy.
+            it from another thread meanwhile. Otherwise (or for an inference-mode tensor) the solver works on an
+            fp32 copy.
         cfg: bits, group_size, desc_act, static_groups, sym, damp_percent, mse, block_size.
         name: the layer's name, for log lines.
         offload_dir: a folder where a Hessian of :data:`OFFLOAD_MIN_BYTES` or more is parked during the column
@@ -282,8 +292,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     if tuple(H.shape) != (columns, columns):
         raise ValueError(f"{name}: the Hessian has shape {tuple(H.shape)}, expected [{columns}, {columns}]")
     H = H.detach()
-    if H.dtype != torch.float32 or not H.is_contiguous():
-        H = H.float().contiguous()
+    if H.dtype != torch.float32 or not H.is_contiguous() or H.is_inference():  # (inference tensors are read-only)
+        H = H.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     if not _all_finite(W):
         raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
     if not _all_finite(H):
@@ -305,9 +315,11 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         return Wz
 
     static = _group_params(zeroed(), cfg) if cfg.static_groups else None  # ([G, out], [G, out]), input order
+    permuted = False
     try:
         if perm is not None:
             _permute_(H, perm)
+            permuted = True
         H.diagonal()[dead if perm is None else dead[perm]] = 1
         Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
         solved = Hinv is not None
@@ -316,7 +328,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
                 codes, scales, zeros, col_group = _column_loop(zeroed(perm), Hinv, cfg, perm, static)
                 del Hinv  # before H comes back
     finally:  # give H back as it came
-        if perm is not None:
+        if permuted:
             _permute_(H, invperm)
         H.diagonal().copy_(diag0)
     if not solved:

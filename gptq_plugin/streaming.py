@@ -296,6 +296,8 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         out.parent.mkdir(parents=True, exist_ok=True)
         resume = ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
     work = resume.folder
+    for stale in work.glob("hessian-*.bin"):  # parked by the solver of a killed run
+        stale.unlink()
     report = QuantizeReport()
     first = min(resume.done, n_blocks)
     for bi in range(first):

@@ -52,7 +52,7 @@ def test_stand_in_forwards_with_the_solvers_dequantized_weight(bits, k, group_si
     bias = torch.randn(40, generator=g)
     layer = _DequantizedLinear(QuantLinear.from_result(res, group_size, bias, sym=False), bias, torch.float32)
     Q = res.dequantize()
-    assert torch.equal(layer.weight(), Q) and layer.weight().stride() == Q.stride()
+    assert torch.equal(layer.weight, Q) and layer.weight.stride() == Q.stride()
     assert torch.equal(layer(X[:5]), torch.nn.functional.linear(X[:5], Q, bias))
 
 
@@ -97,3 +97,37 @@ def test_error_report_by_row_blocks_matches_the_whole_matrix_formula(static_grou
     got = _rel_errs(W, H, res, cfg, grid, chunk_bytes=4 * 64 * 7)  # 7 rows per block
     assert got == pytest.approx(want, rel=1e-4)
     assert want[0] < want[1]
+
+
+class _AliasedBlock(torch.nn.Module):
+    """One nn.Linear registered under two names, and a forward that reads ``.weight.dtype`` (as DeepSeek-V3.2's
+    and GLM-5's indexers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(self.c(self.a(x.to(self.c.weight.dtype))))
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_stand_ins_replace_every_alias_and_read_like_linear(true_sequential):
+    from gptq_plugin.pipeline import QuantizeReport, quantize_block
+
+    def run(low_memory):
+        torch.manual_seed(0)
+        block = _AliasedBlock()
+        g = torch.Generator().manual_seed(1)
+        inputs = [torch.randn(2, 8, 32, generator=g) for _ in range(3)]
+        cfg = QuantizeConfig(bits=3, group_size=16, desc_act=True, sym=False, true_sequential=true_sequential)
+        packed = quantize_block(block, "blk", inputs, [{}] * 3, cfg, QuantizeReport(), low_memory)
+        assert block.a is block.b is packed["a"]  # both names end on the packed layer
+        return packed, inputs
+
+    (p1, y1), (p2, y2) = run(False), run(True)
+    for name in p1:
+        for t in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(p1[name], t), getattr(p2[name], t)), (name, t)
+    assert all(torch.equal(a, b) for a, b in zip(y1, y2))

@@ -250,3 +250,13 @@ def test_offloaded_hessian_frees_its_memory_during_the_loop_and_comes_back(tmp_p
     assert torch.equal(H.view(torch.int32), before.view(torch.int32))
     assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
     assert not list(tmp_path.rglob("hessian-*"))
+
+
+def test_inference_mode_hessian_is_copied_not_borrowed():
+    k = 32
+    X = correlated_inputs(200, k)
+    with torch.inference_mode():
+        H = 2 * X.t() @ X / 200
+    cfg = QuantizeConfig(bits=4, group_size=16, desc_act=True)
+    W = torch.randn(6, k)
+    assert torch.equal(gptq_quantize(W, H, cfg).codes, gptq_quantize(W, H.clone(), cfg).codes)

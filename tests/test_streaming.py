@@ -125,7 +125,14 @@ def test_streaming_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     state = ResumeState.open(tmp_path / "out", fp)
     assert state.done == 2
-    monkeypatch.setattr(streaming, "quantize_block", real)
+    stale = state.folder / "hessian-stale.bin"
+    stale.write_bytes(b"0" * 64)  # what a kill -9 during a solve leaves (up to a Hessian's size)
+
+    def no_stale_file(*args, **kwargs):
+        assert not stale.exists(), "the resumed run keeps a dead run's parked Hessian"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "quantize_block", no_stale_file)
     calls.clear()
     quantize_streaming(source, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False, resume=state,
                        activation_memory=0)
