@@ -33,7 +33,7 @@ def _limit_malloc_arenas(n: int = 2) -> None:
     each calibration batch in its own thread; with glibc's default of 8 arenas per core every thread keeps its
     own heap and freed activations are not reused across threads: measured on the demo model (128x512 tokens,
     act-order), peak RSS 5.3 GB by default, 2.8 GB with one arena. A no-op off glibc. (The drivers also return
-    the heap's free pages after each layer group: :func:`gptq_plugin.pipeline.release_free_memory`.)"""
+    the heap's free pages after each block: :func:`gptq_plugin.pipeline.release_free_memory`.)"""
     import ctypes
     import ctypes.util
 

@@ -363,9 +363,9 @@ def release_free_memory() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). Called after each
     block, and after each layer in the low-memory passes: glibc serves the MB-sized temporaries of the solver and
     the forwards from its heap once its mmap threshold has risen, the heap fragments, and its free pages are not
-    returned. Measured on a
-    12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per block (0.92 -> 1.78 GB)
-    without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave 0.82 GB but ran 25% slower."""
+    returned. Measured on a 12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per
+    block (0.92 -> 1.78 GB) without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave
+    0.82 GB but ran 25% slower."""
     import ctypes
     import ctypes.util
 
