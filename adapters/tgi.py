@@ -392,14 +392,24 @@ class GPTQPluginWeightsLoader:
     def _weight(self, weights, prefix: str, qweight, qzeros, scales, g_idx, fmt: str | None = None
                 ) -> GPTQPluginWeight:
         """The layer from GPTQ-layout tensors whose ``qzeros`` are in format ``fmt`` (default: the checkpoint's)."""
-        bits, gs = self.config.bits, self.config.group_size
-        g_idx = g_idx.to(torch.int32)
-        k, n = int(g_idx.numel()), int(scales.shape[1])
         from gptq_plugin.formats import get_format
+        from gptq_plugin.validate import check_g_idx_range, check_internal
 
+        bits, gs = self.config.bits, self.config.group_size
+        if scales.dim() != 2 or g_idx.dim() != 1:
+            raise CheckpointError(f"{prefix}: scales {tuple(scales.shape)} and g_idx {tuple(g_idx.shape)} must be "
+                                  "[groups, out_features] and [in_features]: corrupt checkpoint")
+        k, groups = int(g_idx.numel()), int(scales.shape[0])
+        if groups < num_groups(k, gs) and k:
+            raise CheckpointError(f"{prefix}.scales has {groups} groups, fewer than the {num_groups(k, gs)} "
+                                  f"that {k} input channels need at group_size={gs}")
+        check_g_idx_range(g_idx, groups, f"{prefix}.g_idx", gs)  # before the int32 cast: no wrap-around
+        g_idx = g_idx.to(torch.int32)
         stored = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
         qzeros = get_format(fmt or self.checkpoint_format).to_internal(stored, self.config, prefix)["qzeros"]
-        _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, gs, k, n)
+        # the core's validator on this rank's shard (which may keep every group of the layer: n_groups)
+        check_internal(prefix, {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}, bits, gs,
+                       n_groups=groups)
         return GPTQPluginWeight(qweight, qzeros, scales, g_idx, bits, gs, self.config.sym,
                                 getattr(weights, "dtype", None))
 
@@ -436,22 +446,3 @@ def _packed_ranges(n: int, parts: list[int], rank: int, world: int, name: str) -
         ranges.append((start + rank * size // world, start + (rank + 1) * size // world))
         start += size
     return ranges
-
-
-def _check_layer(prefix, qweight, qzeros, scales, g_idx, bits, group_size, k, n) -> None:
-    """Shapes, dtypes and ``g_idx`` range of a (sharded) layer; raises :class:`CheckpointError` naming it."""
-    groups = int(scales.shape[0])
-    expect = {"qweight": (qweight, (packed_rows(k, bits), n), torch.int32),
-              "qzeros": (qzeros, (groups, packed_rows(n, bits)), torch.int32)}
-    for key, (t, shape, dtype) in expect.items():
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{prefix}.{key} has shape {tuple(t.shape)} where {shape} was expected for "
-                                  f"bits={bits}: the checkpoint does not match its quantization_config")
-        if t.dtype != dtype:
-            raise CheckpointError(f"{prefix}.{key} has dtype {t.dtype}, expected {dtype}")
-    if groups < num_groups(k, group_size) and k:
-        raise CheckpointError(f"{prefix}.scales has {groups} groups, fewer than the {num_groups(k, group_size)} "
-                              f"that {k} input channels need at group_size={group_size}")
-    if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-        raise CheckpointError(f"{prefix}.g_idx has values in [{int(g_idx.min())}, {int(g_idx.max())}], outside "
-                              f"[0, {groups}): corrupt checkpoint")

@@ -169,24 +169,41 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 
 
 def _safetensors_metadata(model: str) -> dict[str, dict[str, Any]]:
-    """``{tensor name: {"dtype": "I32", "shape": [...]}}`` for the ``*.safetensors`` files of a local folder;
-    ``{}`` for anything else (a Hub id is resolved by vLLM later; we never download). compressed-tensors'
-    ``*.weight_shape`` (int64 ``[2]``) also get their ``"value"`` (``[out_features, in_features]``)."""
+    """``{tensor name: {"dtype": "I32", "shape": [...], "file": Path}}`` for the safetensors weights of a local folder
+    (:func:`gptq_plugin.checkpoint.checkpoint_files`: the index's files, all inside the folder); ``{}`` for anything
+    else (a Hub id is resolved by vLLM later; we never download). compressed-tensors' ``*.weight_shape`` (int64
+    ``[2]``) also get their ``"value"`` (``[out_features, in_features]``).
+
+    Raises:
+        CheckpointError: an index naming files outside the folder or missing ones; a file that is not safetensors
+            or is truncated (safetensors checks that the header covers the file).
+    """
+    from safetensors import safe_open
+
+    from gptq_plugin.checkpoint import checkpoint_files
+
     path = Path(model)
     if not path.is_dir():
         return {}
+    has_st = (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+    if not has_st:
+        return {}
     out: dict[str, dict[str, Any]] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                out[name] = {"dtype": info["dtype"], "shape": list(info["shape"])}
-                if name.endswith(".weight_shape") and info["dtype"] == "I64" and info["shape"] == [2]:
-                    fh.seek(8 + n + info["data_offsets"][0])
-                    out[name]["value"] = list(struct.unpack("<2q", fh.read(16)))
+    for f in checkpoint_files(path):
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt") as h:
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    out[name] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape()), "file": f}
+                    if name.endswith(".weight_shape") and out[name]["dtype"] == "I64" and out[name]["shape"] == [2]:
+                        out[name]["value"] = [int(v) for v in h.get_tensor(name).tolist()]
+        except CheckpointError:
+            raise
+        except Exception as e:  # SafetensorError (truncated, bad header), OSError
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e}); "
+                                  "re-download or re-create the checkpoint") from None
     return out
 
 
@@ -213,25 +230,50 @@ class _LazyTensors(Mapping):
         return sum(1 for _ in self)
 
 
-def _check_zero_points(path: Path, modules: list[str], cfg: QuantizeConfig, checkpoint_format: str) -> None:
+def _check_zero_points(path: Path, modules: list[str], cfg: QuantizeConfig, checkpoint_format: str,
+                       files: dict[str, Path] | None = None) -> None:
     """The core's v1/v2 zero-point check (:func:`gptq_plugin.format_gptq.check_zero_points`) on a local
     checkpoint, before vLLM loads it: a conclusively mislabelled checkpoint raises :class:`CheckpointError`."""
-    from safetensors import safe_open
-
     from gptq_plugin.format_gptq import check_zero_points
 
-    files: dict[str, Path] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            files.update({k: f for k in h.keys()})
+    files = files if files is not None else {k: v["file"] for k, v in _safetensors_metadata(str(path)).items()}
     check_zero_points(((m, _LazyTensors(files, m)) for m in modules), cfg, checkpoint_format,
                       f"{path}/config.json")
+
+
+def _check_values(meta: dict[str, dict[str, Any]], modules: list[str], cfg: QuantizeConfig,
+                  checkpoint_format: str) -> None:
+    """What headers cannot show, from each layer's small tensors only (scales, g_idx; never the packed weights):
+    :func:`gptq_plugin.validate.check_small_values` (finite scales, ``g_idx`` in ``[0, groups)``), so that a corrupt
+    checkpoint is refused in vLLM's front-end process instead of in every engine worker after the model is built."""
+    from gptq_plugin.formats import get_format
+    from gptq_plugin.validate import check_small_values
+
+    handler = get_format(checkpoint_format)
+    files = {k: v["file"] for k, v in meta.items() if "file" in v}
+    for m in modules:
+        layer = _layer_meta(meta, m, handler.leaves)
+        k, _ = handler.layer_features(cfg, m, layer)
+        check_small_values(handler, cfg, m, _LazyTensors(files, m), k)
+
+
+def _layer_meta(meta: dict[str, dict[str, Any]], prefix: str, leaves) -> dict[str, Any]:
+    """The header entries of layer ``prefix`` as :class:`gptq_plugin.validate.TensorMeta` (leaf -> meta)."""
+    from gptq_plugin.validate import TensorMeta
+
+    out = {}
+    for leaf in (*leaves, "bias"):
+        info = meta.get(f"{prefix}.{leaf}")
+        if info is not None:
+            out[leaf] = TensorMeta(list(info["shape"]), info["dtype"], info.get("value"))
+    return out
 
 
 def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig,
                      checkpoint_format: str = "gptq") -> dict[str, Any]:
     """Check every quantized module of a GPTQ (or compressed-tensors) checkpoint against ``cfg`` before vLLM builds
-    the model.
+    the model: the core's validator on the tensor headers (:func:`gptq_plugin.validate.check_layer_header`: required
+    leaves, dtypes, shapes for ``bits`` and ``group_size``), plus what only this adapter cannot serve.
 
     Args:
         meta: tensor name -> ``{"dtype": safetensors dtype string, "shape": list}`` (compressed-tensors:
@@ -248,8 +290,12 @@ def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig,
             ``lm_head``, a missing ``scales``/``qzeros``, a wrong dtype, or shapes that do not match ``bits``
             and ``group_size``).
     """
+    from gptq_plugin.formats import get_format
+    from gptq_plugin.validate import check_layer_header
+
     if checkpoint_format == _CT:
         return _check_ct_checkpoint(meta, cfg)
+    handler = get_format(checkpoint_format)
     modules = sorted(n[: -len(".qweight")] for n in meta if n.endswith(".qweight"))
     scales_dtypes = set()
     has_g_idx = False
@@ -260,43 +306,10 @@ def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig,
                 "not serve (vLLM computes logits through its own vocab-parallel head); re-quantize with "
                 "lm_head=False (the default), or serve it with Transformers through gptq-plugin"
             )
-        qw = meta[m + ".qweight"]
-        for key in ("scales", "qzeros"):
-            if f"{m}.{key}" not in meta:
-                raise CheckpointError(f"{m}.{key} is missing: a GPTQ layer needs qweight, qzeros and scales; "
-                                      "the checkpoint is incomplete")
-        sc, qz, gi = meta[m + ".scales"], meta[m + ".qzeros"], meta.get(m + ".g_idx")
-        for key, info in (("qweight", qw), ("qzeros", qz)):
-            if info["dtype"] != "I32":
-                raise CheckpointError(f"{m}.{key} has dtype {info['dtype']}, expected I32 (int32 packed codes)")
-        if sc["dtype"] not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{m}.scales has dtype {sc['dtype']}, expected F16, BF16 or F32")
-        scales_dtypes.add(sc["dtype"])
-        if len(qw["shape"]) != 2 or len(sc["shape"]) != 2 or len(qz["shape"]) != 2:
-            raise CheckpointError(f"{m}: qweight/qzeros/scales must be 2-D, got {qw['shape']}, {qz['shape']}, "
-                                  f"{sc['shape']}")
-        rows, n = qw["shape"]
-        if gi is not None:
-            has_g_idx = True
-            k = gi["shape"][0]
-        elif (rows * 32) % cfg.bits == 0:
-            k = rows * 32 // cfg.bits
-        else:
-            raise CheckpointError(f"{m}.g_idx is missing and {m}.qweight has {rows} rows, which is no whole "
-                                  f"number of {cfg.bits}-bit codes: add g_idx to the checkpoint")
-        if rows != packed_rows(k, cfg.bits):
-            raise CheckpointError(
-                f"{m}.qweight has shape {qw['shape']}, expected [{packed_rows(k, cfg.bits)}, {n}] for {k} input "
-                f"channels at bits={cfg.bits}: quantization_config.bits does not match the tensors")
-        g = num_groups(k, cfg.group_size)
-        if sc["shape"] != [g, n]:
-            raise CheckpointError(
-                f"{m}.scales has shape {sc['shape']}, expected [{g}, {n}] for {k} input channels at "
-                f"group_size={cfg.group_size}: quantization_config.group_size does not match the tensors")
-        if qz["shape"] != [g, packed_rows(n, cfg.bits)]:
-            raise CheckpointError(
-                f"{m}.qzeros has shape {qz['shape']}, expected [{g}, {packed_rows(n, cfg.bits)}] for {n} output "
-                f"channels at bits={cfg.bits}")
+        layer = _layer_meta(meta, m, handler.leaves)
+        check_layer_header(handler, cfg, m, layer, optional=("g_idx",))  # vLLM derives a missing g_idx
+        scales_dtypes.add(layer["scales"].dtype)
+        has_g_idx = has_g_idx or "g_idx" in layer
     scales_dtype = torch.float16
     if len(scales_dtypes) == 1:
         scales_dtype = _FLOAT_DTYPES[scales_dtypes.pop()]
@@ -304,7 +317,13 @@ def check_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig,
 
 
 def _check_ct_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -> dict[str, Any]:
-    """:func:`check_checkpoint` for compressed-tensors ``pack-quantized`` tensors (``weight_packed`` ...)."""
+    """:func:`check_checkpoint` for compressed-tensors ``pack-quantized`` tensors (``weight_packed`` ...): the core's
+    validator, then the layouts the core reads but vLLM's sharded parameters cannot hold (older 3-bit packing,
+    unpacked or symmetric zero points, int64 ``weight_g_idx``, act-order on some layers only)."""
+    from gptq_plugin.formats import get_format
+    from gptq_plugin.validate import check_layer_header
+
+    handler = get_format(_CT)
     bits, convert = cfg.bits, "convert it with `gptq-plugin convert SRC DST --to gptq`"
     modules = sorted(n[: -len(".weight_packed")] for n in meta if n.endswith(".weight_packed"))
     scales_dtypes, with_g_idx = set(), set()
@@ -314,57 +333,31 @@ def _check_ct_checkpoint(meta: dict[str, dict[str, Any]], cfg: QuantizeConfig) -
                 f"{m}.weight_packed: this checkpoint has a quantized lm_head, which the gptq-plugin vLLM adapter does "
                 "not serve (vLLM computes logits through its own vocab-parallel head); re-quantize with lm_head in "
                 "the ignore list, or serve it with Transformers through gptq-plugin")
-        for key in ("weight_scale", "weight_shape"):
-            if f"{m}.{key}" not in meta:
-                raise CheckpointError(f"{m}.{key} is missing: a compressed-tensors layer needs weight_packed, "
-                                      "weight_scale and weight_shape; the checkpoint is incomplete")
-        wp, sc, ws = meta[m + ".weight_packed"], meta[m + ".weight_scale"], meta[m + ".weight_shape"]
-        zp, gi = meta.get(m + ".weight_zero_point"), meta.get(m + ".weight_g_idx")
-        if wp["dtype"] != "I32" or len(wp["shape"]) != 2:
-            raise CheckpointError(f"{m}.weight_packed has dtype {wp['dtype']} and shape {wp['shape']}, expected I32 "
-                                  "[out_features, packed words] (int32 packed codes)")
-        if sc["dtype"] not in _FLOAT_DTYPES or len(sc["shape"]) != 2:
-            raise CheckpointError(f"{m}.weight_scale has dtype {sc['dtype']} and shape {sc['shape']}, expected F16, "
-                                  "BF16 or F32 [out_features, groups]")
-        scales_dtypes.add(sc["dtype"])
-        if ws["dtype"] != "I64" or ws["shape"] != [2]:
-            raise CheckpointError(f"{m}.weight_shape has dtype {ws['dtype']} and shape {ws['shape']}, expected I64 [2]")
-        n = wp["shape"][0]
-        if "value" in ws:
-            if ws["value"][0] != n or ws["value"][1] < 1:
-                raise CheckpointError(f"{m}.weight_shape holds {ws['value']}, but {m}.weight_packed has {n} rows "
-                                      "(output channels): the checkpoint is inconsistent")
-            k = ws["value"][1]
-        elif gi is not None:
-            k = gi["shape"][0]
-        else:
-            k = wp["shape"][1] * 32 // bits  # whole words (weight_shape unread: a test's metadata)
-        if wp["shape"][1] != packed_rows(k, bits):
-            older = bits == 3 and wp["shape"][1] == -(-k // (32 // bits))
-            why = (f"{bits}-bit codes in compressed-tensors' older packing ({32 // bits} per word), which vLLM "
-                   "cannot shard by word; rewrite it with `gptq-plugin convert SRC DST --to compressed-tensors` (or "
-                   "--to gptq)" if older else f"config_groups num_bits={bits} does not match the tensors")
-            raise CheckpointError(f"{m}.weight_packed has shape {wp['shape']}, expected [{n}, {packed_rows(k, bits)}] "
-                                  f"for {k} input channels at num_bits={bits}: {why}")
-        g = num_groups(k, cfg.group_size)
-        if sc["shape"] != [n, g]:
-            raise CheckpointError(
-                f"{m}.weight_scale has shape {sc['shape']}, expected [{n}, {g}] for {k} input channels at "
-                f"group_size={cfg.group_size}: config_groups group_size does not match the tensors")
+        layer = _layer_meta(meta, m, handler.leaves)
+        k, n = check_layer_header(handler, cfg, m, layer)
+        wp, sc, zp, gi = (layer.get(leaf) for leaf in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                        "weight_g_idx"))
+        scales_dtypes.add(sc.dtype)
+        if wp.shape[1] != packed_rows(k, bits):  # the validator accepts it (the core converts it); vLLM cannot
+            raise CheckpointError(f"{m}.weight_packed has shape {wp.shape}, expected [{n}, {packed_rows(k, bits)}] "
+                                  f"for {k} input channels at num_bits={bits}: {bits}-bit codes in compressed-tensors' "
+                                  f"older packing ({32 // bits} per word), which vLLM cannot shard by word; rewrite it "
+                                  "with `gptq-plugin convert SRC DST --to compressed-tensors` (or --to gptq)")
         if zp is not None and cfg.sym:
             raise CheckpointError(f"{m}.weight_zero_point is stored although the config says symmetric: true; "
                                   f"{convert}")
         if zp is None and not cfg.sym:
             raise CheckpointError(f"{m}.weight_zero_point is missing although the config says symmetric: false: the "
                                   "checkpoint is incomplete")
-        if zp is not None and (zp["dtype"] != "I32" or zp["shape"] != [packed_rows(n, bits), g]):
-            raise CheckpointError(f"{m}.weight_zero_point has dtype {zp['dtype']} and shape {zp['shape']}, expected "
+        g = num_groups(k, cfg.group_size)
+        if zp is not None and (zp.dtype != "I32" or zp.shape != [packed_rows(n, bits), g]):
+            raise CheckpointError(f"{m}.weight_zero_point has dtype {zp.dtype} and shape {zp.shape}, expected "
                                   f"I32 [{packed_rows(n, bits)}, {g}] (zero points packed along the outputs); "
                                   f"{convert}")
         if gi is not None:
-            if gi["dtype"] != "I32" or gi["shape"] != [k]:
-                raise CheckpointError(f"{m}.weight_g_idx has dtype {gi['dtype']} and shape {gi['shape']}, expected "
-                                      f"I32 [{k}]")
+            if gi.dtype != "I32":
+                raise CheckpointError(f"{m}.weight_g_idx has dtype {gi.dtype} and shape {gi.shape}, expected "
+                                      f"I32 [{k}]; {convert}")
             with_g_idx.add(m)
     if with_g_idx and len(with_g_idx) != len(modules):
         without = next(m for m in modules if m not in with_g_idx)
@@ -470,18 +463,23 @@ class GPTQPluginConfig(QuantizationConfig):
             self.quantized_modules = hf_to_vllm_mapper.apply_list(self.quantized_modules)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
-        """Read the checkpoint's tensor headers (local folders) and fail early, naming the tensor, for what
-        the adapter cannot serve (see :func:`check_checkpoint`)."""
+        """Validate a local checkpoint before the engine starts, naming the tensor, for what the adapter cannot
+        serve: the tensor headers (:func:`check_checkpoint`: the core's validator), the small tensors' values
+        (:func:`_check_values`: finite scales, ``g_idx`` in range) and the v1/v2 zero points. vLLM 0.32 calls this
+        while it builds its ``VllmConfig`` (``VllmConfig._get_quantization_config``), in the API server process,
+        before any engine process is spawned: the error is one traceback, seconds after start."""
         meta = _safetensors_metadata(model_name)
         if not meta:
             return
         info = check_checkpoint(meta, self.quant, self.checkpoint_format)
         self.quantized_modules = info["modules"]
         self.scales_dtype = info["scales_dtype"]
+        _check_values(meta, info["modules"], self.quant, self.checkpoint_format)
         if self.checkpoint_format == _CT:
             self.has_g_idx = info["has_g_idx"]
         else:
-            _check_zero_points(Path(model_name), info["modules"], self.quant, self.checkpoint_format)
+            files = {k: v["file"] for k, v in meta.items()}
+            _check_zero_points(Path(model_name), info["modules"], self.quant, self.checkpoint_format, files)
 
     def _is_quantized(self, prefix: str) -> bool:
         if not self.quantized_modules:  # unknown: assume quantized (loading then fails loudly if it is not)

@@ -12,6 +12,7 @@ model is never written to.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .errors import CheckpointError, ConfigError, GPTQPluginError
+from .errors import CheckpointError, ConfigError, GPTQPluginError, OutputError
 from .linear import QuantLinear
 from .format_gptq import GPTQv1Format, GPTQv2Format  # noqa: F401  (re-exported, older import path)
 from .formats import builtin_formats  # noqa: F401
@@ -45,36 +46,141 @@ def _format(name: str):
 
 
 # --- atomic output -----------------------------------------------------------------------------------------
-def check_output_dir(out_dir: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
-    """Validate an output folder before any work starts.
+def check_not_input(output: str | Path, inputs) -> Path:
+    """Refuse an output path that equals, lies inside or contains one of ``inputs`` (symlinks resolved): writing
+    it, or replacing it with ``--overwrite``, would modify or delete that input.
+
+    Args:
+        output: the folder or file to be written.
+        inputs: a path, or an iterable of paths (None entries and paths that do not exist are skipped): the
+            source model folder, the calibration file, a tokenizer folder ...
+
+    Returns:
+        ``output`` resolved.
 
     Raises:
-        GPTQPluginError: the output is the source or inside it, or exists and ``overwrite`` is False.
+        OutputError: ``output`` is an input, lies inside one, or contains one.
     """
-    out = Path(out_dir).resolve()
-    if source is not None:
+    out = Path(output).resolve()
+    if inputs is None or isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    for source in inputs:
+        if source is None or not Path(source).exists():
+            continue
         src = Path(source).resolve()
+        kind = "the source model folder" if src.is_dir() else "the input file"
         if out == src or src in out.parents:
-            raise GPTQPluginError(f"output {out} is inside the source model folder {src}: choose a folder outside it "
-                                  "(the source model is never modified)")
-    if out.exists() and not overwrite:
-        raise GPTQPluginError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise GPTQPluginError(f"output {out} exists and is not a folder: remove it or choose another path")
+            raise OutputError(f"output {out} is inside {kind} {src}: choose a folder outside it "
+                              "(the inputs are never modified)")
+        if out in src.parents:
+            raise OutputError(f"output {out} contains {kind} {src}: writing (or --overwrite replacing) it would "
+                              f"delete that input; choose an output folder that is not {src} or one of its parents")
     return out
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool, source=None) -> Path:
+    """Validate an output folder before any work starts.
+
+    Args:
+        out_dir: the folder to be created.
+        overwrite: whether an existing ``out_dir`` may be replaced.
+        source: the run's input (the source model or checkpoint folder), or an iterable of inputs (with e.g. the
+            calibration file); see :func:`check_not_input`.
+
+    Returns:
+        ``out_dir`` resolved.
+
+    Raises:
+        OutputError: the output equals, lies inside or contains an input (symlinks resolved); it exists and
+            ``overwrite`` is False; it exists and is not a folder.
+    """
+    out = check_not_input(out_dir, source)
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder: remove it or choose another path")
+    return out
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk, or write the output to another disk",
+    errno.EDQUOT: "free space within your disk quota, or write the output to another disk",
+    errno.EROFS: "it is on a read-only file system: choose an output folder on a writable disk",
+    errno.EACCES: "choose an output folder you can write to",
+    errno.EPERM: "choose an output folder you can write to",
+    errno.ENOENT: "its folder cannot be created there (e.g. under /proc or /sys): choose an output folder on a "
+                  "normal disk",
+}
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is an operating-system failure to write (an ``OSError``, or a safetensors error carrying one)."""
+    if isinstance(e, OSError):
+        return True
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return False
+    return isinstance(e, SafetensorError) and ("os error" in str(e).lower() or "i/o error" in str(e).lower())
+
+
+def write_error(e: BaseException, where: str | Path) -> OutputError:
+    """The one-line error for a failed write of ``where`` (the path, the system's reason, the fix).
+
+    Args:
+        e: the ``OSError`` (or safetensors error carrying one, see :func:`is_write_failure`).
+        where: the file or folder being written (named when ``e`` names no file).
+    """
+    import re
+
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    path = getattr(e, "filename", None) or where
+    reason = os.strerror(code) if code else str(e)
+    fix = _WRITE_FIXES.get(code, "choose another output folder")
+    target = Path(where).absolute().parent
+    if path != where and target not in Path(path).absolute().parents:  # an input failed to be read
+        return OutputError(f"cannot read {path}: {reason}")
+    return OutputError(f"cannot write {path}: {reason}: {fix}")
+
+
+def _make_parents(folder: Path) -> Path | None:
+    """``mkdir -p folder``; return the topmost folder it created (None when ``folder`` existed)."""
+    missing = None
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        missing = p
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to ``out_dir``; on success rename it to ``out_dir`` (replacing an
-    existing one only when ``overwrite``); on any error remove it, leaving no partial output."""
+    existing one only when ``overwrite``); on any error remove it (and the parent folders it created), leaving
+    no partial output and any replaced output in place.
+
+    Raises:
+        OutputError: as :func:`check_output_dir`; or the folder cannot be written (no space left, read-only file
+            system, no permission, a path under ``/proc``): an ``OSError`` raised while writing, here or in the
+            ``with`` body, becomes this one-line error naming the path and the fix.
+    """
     out = check_output_dir(out_dir, overwrite, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    created = None
+    try:
+        created = _make_parents(out.parent)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise write_error(e, out) from None
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is a normal folder
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is a normal folder
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
@@ -82,12 +188,20 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, source: str 
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "x")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "x", out)  # put the replaced output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if is_write_failure(e):
+            raise write_error(e, out) from None
         raise
 
 
@@ -127,11 +241,39 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int = 
     return names
 
 
-def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dtype = torch.float16
+def checkpoint_dtype(source_dir: str | Path | None = None, config=None) -> torch.dtype:
+    """The dtype of a checkpoint's unquantized tensors (embeddings, norms, ``lm_head``, biases of unquantized
+    layers) and of its config.json ``dtype``: ``torch.bfloat16`` when the source model is bf16, else
+    ``torch.float16``. GPTQ ``scales`` (and the biases of quantized layers) are fp16 whatever this says, as the
+    GPTQ format defines them.
+
+    The source's dtype is its config.json ``dtype`` (or the older ``torch_dtype``): read from ``source_dir`` when
+    given, else from ``config`` (a ``PretrainedConfig`` or its dict). Decision: bf16 is kept, as GPTQModel and
+    llm-compressor keep the source's dtype, because a bf16 model run in fp16 risks overflow (Gemma) and vLLM warns
+    for every weight whose dtype differs from the config's; an fp32 (or fp16, or unknown) source is written as
+    fp16, this project's checkpoint convention (half the size of fp32; GPTQ kernels compute in fp16 or bf16).
+    """
+    name = None
+    if source_dir is not None:
+        try:
+            d = json.loads((Path(source_dir) / "config.json").read_text())
+            name = d.get("dtype") or d.get("torch_dtype")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    if name is None and config is not None:
+        get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+        name = get("dtype") or get("torch_dtype")
+    return torch.bfloat16 if str(name).removeprefix("torch.") == "bfloat16" else torch.float16
+
+
+def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dtype | None = None
                          ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a model whose quantized layers are :class:`QuantLinear`: their GPTQ tensors
-    (``qzeros`` in ``cfg.checkpoint_format``), every other floating tensor cast to ``dtype``; tied
-    ``lm_head.weight`` dropped when the config ties it."""
+    (``qzeros`` in ``cfg.checkpoint_format``; ``scales`` and their biases fp16), every other floating tensor
+    cast to ``dtype`` (None: :func:`checkpoint_dtype` of ``model.config``, bf16 for a bf16 model, else fp16);
+    tied ``lm_head.weight`` dropped when the config ties it."""
+    if dtype is None:
+        dtype = checkpoint_dtype(config=getattr(model, "config", None))
     fmt = _format(cfg.checkpoint_format)
     qnames = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {}
@@ -171,29 +313,38 @@ def save_quantized(model: nn.Module, cfg: QuantizeConfig, out_dir: str | Path, t
             ``source_dir``.
         overwrite: replace an existing ``out_dir``.
 
+    The unquantized tensors and config.json's ``dtype`` are bf16 when the source (``source_dir``'s config.json,
+    else ``model.config``) is bf16, else fp16 (:func:`checkpoint_dtype`); GPTQ scales are fp16.
+
     Returns:
         ``out_dir`` as a resolved path.
 
     Raises:
-        GPTQPluginError: ``out_dir`` exists (without ``overwrite``) or lies inside ``source_dir``.
+        OutputError: ``out_dir`` exists (without ``overwrite``), equals, lies inside or contains ``source_dir``;
+            or it cannot be written (no space left, read-only, no permission): nothing partial is left.
     """
     check_output_dir(out_dir, overwrite, source_dir)
-    state = quantized_state_dict(model, cfg)
+    dtype = checkpoint_dtype(source_dir, model.config)
+    state = quantized_state_dict(model, cfg, dtype)
     qcfg = cfg.to_dict()
     if extra_meta:
         qcfg["meta"].update(extra_meta)
     with atomic_output_dir(out_dir, overwrite, source_dir) as tmp:
         write_shards(state, tmp, max_shard_bytes)
-        write_model_files(tmp, model.config.to_dict(), qcfg, tokenizer, source_dir)
+        write_model_files(tmp, model.config.to_dict(), qcfg, tokenizer, source_dir, dtype)
     return Path(out_dir).resolve()
 
 
-def write_model_files(folder: Path, config: dict, qcfg: dict, tokenizer=None, source_dir: str | Path | None = None
-                      ) -> None:
+def write_model_files(folder: Path, config: dict, qcfg: dict, tokenizer=None, source_dir: str | Path | None = None,
+                      dtype: torch.dtype | None = None) -> None:
     """Write everything of a checkpoint but its weights into ``folder``: ``config.json`` (the model's ``config``
-    dict with ``quantization_config`` = ``qcfg`` and dtype float16), ``quantize_config.json``, and the tokenizer
-    (saved from ``tokenizer``, else its files and ``generation_config.json`` copied from ``source_dir``)."""
-    config = dict(config, quantization_config=qcfg, torch_dtype="float16", dtype="float16")
+    dict with ``quantization_config`` = ``qcfg`` and ``dtype``, None: :func:`checkpoint_dtype` of ``source_dir``
+    and ``config``), ``quantize_config.json``, and the tokenizer (saved from ``tokenizer``, else its files and
+    ``generation_config.json`` copied from ``source_dir``)."""
+    if dtype is None:
+        dtype = checkpoint_dtype(source_dir, config)
+    name = str(dtype).removeprefix("torch.")
+    config = dict(config, quantization_config=qcfg, torch_dtype=name, dtype=name)
     config.pop("_name_or_path", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
@@ -322,6 +473,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .formats import open_checkpoint
+    from .validate import validate_layer
 
     path = Path(path)
     ck = open_checkpoint(path, allow_pickle)
@@ -342,8 +494,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     for p in prefixes:
         for k in ck.format.layer_keys(p, ck.state):
             del state[k]
-        try:
-            tensors = ck.layer(p)
+        module = model.get_submodule(p)
+        try:  # the one validator: leaves, shapes and dtypes against the config and the model, g_idx, scales
+            tensors = validate_layer(ck.format, cfg, p, ck.layer_tensors(p), module.in_features, module.out_features)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         state.update({f"{p}.{leaf}": v for leaf, v in tensors.items()})
@@ -374,8 +527,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    for p in prefixes:
-        model.get_submodule(p).validate(p)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{path}: no value for {leftover[0]}: the checkpoint is incomplete")
@@ -385,17 +536,21 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
 def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     """Summary of a checkpoint: detected format, config, quantized layers, size on disk, compression ratio vs fp16,
-    and (``check``) the zero-point check of :func:`gptq_plugin.format_gptq.diagnose_zero_points` for GPTQ formats.
+    and (``check``) the verdict of :func:`gptq_plugin.validate.validate_checkpoint`: ``format_check`` is one line,
+    ``"ok: ..."``, ``"MISLABELLED? ..."`` (a statistical v1/v2 doubt) or ``"FAILED: <first problem>"``, and
+    ``problems`` lists every failing layer's message (empty when the checkpoint is valid).
 
     Raises:
-        CheckpointError: not a checkpoint of a known format, or a corrupt file.
+        CheckpointError: no such folder, not a checkpoint of a known format, or a corrupt file.
     """
     from safetensors import safe_open
 
-    from .format_gptq import diagnose_zero_points
     from .formats import detect_format, read_quantization_config
+    from .validate import TensorMeta
 
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder" + (" (it is a file)" if path.exists() else ""))
     qcfg, source = read_quantization_config(path)
     fmt = detect_format(qcfg, str(source))
     cfg = fmt.parse_config(qcfg)
@@ -420,15 +575,16 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     layers = []
     fp16_equiv = 0
     for p in prefixes:
-        if f"{p}.weight_shape" in shapes:  # compressed-tensors
-            out_f, in_f = (int(v) for v in tensor(f"{p}.weight_shape").tolist())
-        else:
-            rows, out_f = shapes[f"{p}.{fmt.marker}"][0]
-            g = shapes.get(f"{p}.g_idx")
-            in_f = g[0][0] if g else rows * 32 // cfg.bits
+        meta = {k.rpartition(".")[2]: TensorMeta(shapes[k][0], shapes[k][1]) for k in fmt.layer_keys(p, shapes)}
+        if "weight_shape" in meta and meta["weight_shape"].shape == [2]:  # compressed-tensors: [out, in]
+            meta["weight_shape"].value = tensor(f"{p}.weight_shape").tolist()
+        try:
+            in_f, out_f = fmt.layer_features(cfg, p, meta)
+        except (GPTQPluginError, NotImplementedError):  # the validator's verdict below says what is wrong
+            in_f = out_f = 0
         layers.append({"name": p, "in_features": in_f, "out_features": out_f})
         fp16_equiv += in_f * out_f * 2
-        if f"{p}.bias" in shapes:
+        if f"{p}.bias" in shapes and len(shapes[f"{p}.bias"][0]) == 1:
             fp16_equiv += shapes[f"{p}.bias"][0][0] * 2
     for k, (shape, dt, _) in shapes.items():
         if k not in owned and dt in ("F16", "BF16", "F32"):
@@ -436,23 +592,17 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
             for s in shape:
                 n *= s
             fp16_equiv += n * 2
-    check_result = None
-    if check and fmt.name in ("gptq", "gptq_v2"):
-        def layer_tensors():
-            for p in prefixes:
-                yield p, {leaf: tensor(f"{p}.{leaf}") for leaf in QUANT_SUFFIXES if f"{p}.{leaf}" in shapes}
+    check_result, problems = None, []
+    if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
+        from .validate import validate_checkpoint
 
-        d = diagnose_zero_points(layer_tensors(), cfg.bits, cfg.sym, fmt.name)
-        if d.mislabelled:
-            check_result = f"MISLABELLED? looks like {d.likely!r} ({'conclusive' if d.exact else 'statistical'}): {d.evidence}"
-        elif d.likely == fmt.name or d.exact:
-            check_result = f"ok: zero points fit {fmt.name!r}"
-        else:
-            check_result = "inconclusive (zero points fit either convention)"
+        verdict = validate_checkpoint(path)
+        check_result, problems = verdict.summary(), list(verdict.problems)
     return {
         "path": str(path),
         "format": fmt.name,
         "format_check": check_result,
+        "problems": problems,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "desc_act": cfg.desc_act,

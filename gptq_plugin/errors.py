@@ -30,3 +30,8 @@ class KernelError(GPTQPluginError):
 
 class NumericalError(GPTQPluginError):
     """NaN/Inf in calibration activations or a Hessian that cannot be repaired."""
+
+
+class OutputError(GPTQPluginError):
+    """An output that cannot be written (no space left, read-only file system, no permission, a path under
+    ``/proc``) or that would overwrite an input (the source model, the calibration file)."""

@@ -98,6 +98,57 @@ class CompressedTensorsFormat(CheckpointFormat):
     leaves = CT_LEAVES
     stores_symmetric_zeros = False
     writes_quantize_config = False
+    scale_leaf = "weight_scale"
+    g_idx_leaf = "weight_g_idx"
+    internal_names = {"qweight": "weight_packed", "qzeros": "weight_zero_point", "scales": "weight_scale",
+                      "g_idx": "weight_g_idx"}
+    config_names = ("num_bits", "group_size")
+
+    def required_leaves(self, cfg):
+        return ("weight_packed", "weight_scale", "weight_shape")
+
+    def layer_features(self, cfg, name, meta):
+        """``[N, K]`` from ``weight_shape`` (its value, when read), checked against ``weight_packed``'s rows; else
+        ``N`` from ``weight_packed`` and ``K`` from ``weight_g_idx`` or the packed words."""
+        from .validate import shape_of, value_of
+
+        packed, ws, g_idx = meta["weight_packed"], meta.get("weight_shape"), meta.get("weight_g_idx")
+        if len(shape_of(packed)) != 2:
+            raise CheckpointError(f"tensor {name}.weight_packed has shape {shape_of(packed)}, expected two dimensions "
+                                  "[out_features, ceil(in_features * num_bits / 32)]: corrupt checkpoint")
+        n_packed, words = (int(v) for v in shape_of(packed))
+        shape = None if ws is None or list(shape_of(ws)) != [2] else value_of(ws)
+        if ws is not None and list(shape_of(ws)) != [2]:
+            raise CheckpointError(f"tensor {name}.weight_shape has shape {shape_of(ws)}, expected [2] "
+                                  "(out_features, in_features): corrupt checkpoint")
+        if shape is not None:
+            if any(not float(v).is_integer() or v < 1 for v in shape):
+                raise CheckpointError(f"tensor {name}.weight_shape holds {shape}, expected [out_features, in_features]: "
+                                      "corrupt checkpoint")
+            n, k = (int(v) for v in shape)
+            if n != n_packed:
+                raise CheckpointError(f"tensor {name}.weight_shape holds {[n, k]}, but {name}.weight_packed has "
+                                      f"{n_packed} rows (output channels): the checkpoint is inconsistent")
+            return k, n
+        if g_idx is not None and len(shape_of(g_idx)) == 1:
+            return int(shape_of(g_idx)[0]), n_packed
+        return words * 32 // cfg.bits, n_packed
+
+    def alternative_tensors(self, cfg, in_features, out_features):
+        """The older layouts :meth:`to_internal` reads: 3-bit words of ``32 // bits`` codes, zero points unpacked
+        (int8 ``[N, G]``) or all zero (symmetric, any float/int8 shape; checked by value there), int64
+        ``weight_g_idx`` (cast after the validator's range check)."""
+        g = num_groups(in_features, cfg.group_size)
+        zero = [((_legacy_rows(out_features, cfg.bits), g), torch.int32), ((out_features, g), torch.int8),
+                (None, torch.int8), (None, torch.float16), (None, torch.bfloat16), (None, torch.float32)]
+        return {"weight_packed": [((out_features, _legacy_rows(in_features, cfg.bits)), torch.int32)],
+                "weight_zero_point": zero,
+                "weight_g_idx": [((in_features,), torch.int64)]}
+
+    def config_hint(self, leaf):
+        return {"weight_packed": "config_groups num_bits contradicts the tensors",
+                "weight_scale": "config_groups group_size contradicts the tensors",
+                "weight_zero_point": "num_bits or group_size contradicts the tensors"}.get(leaf, "corrupt tensor")
 
     def detect(self, qcfg: Mapping) -> bool:
         return str(qcfg.get("quant_method", "")).lower() in ("compressed-tensors", "compressed_tensors")

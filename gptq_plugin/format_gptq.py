@@ -61,6 +61,34 @@ def _gptqmodel_v1(cfg: QuantizeConfig) -> bool:
 class _GPTQFormat(CheckpointFormat):
     marker = "qweight"
     leaves = GPTQ_LEAVES
+    scale_leaf = "scales"
+    g_idx_leaf = "g_idx"
+
+    def required_leaves(self, cfg):
+        return GPTQ_LEAVES
+
+    def layer_features(self, cfg, name, meta):
+        """``K`` from ``g_idx`` (else from ``qweight``'s rows when they hold whole codes), ``N`` from ``qweight``."""
+        from .validate import shape_of
+
+        qweight, g_idx = meta[self.marker], meta.get("g_idx")
+        if len(shape_of(qweight)) != 2:
+            raise CheckpointError(f"tensor {name}.qweight has shape {shape_of(qweight)}, expected two dimensions "
+                                  "[ceil(in_features * bits / 32), out_features]: corrupt checkpoint")
+        rows, n = (int(v) for v in shape_of(qweight))
+        if g_idx is not None:
+            if len(shape_of(g_idx)) != 1:
+                raise CheckpointError(f"tensor {name}.g_idx has shape {shape_of(g_idx)}, expected one dimension "
+                                      "[in_features]: corrupt checkpoint")
+            return int(shape_of(g_idx)[0]), n
+        if (rows * 32) % cfg.bits:
+            raise CheckpointError(f"tensor {name}.g_idx is missing and {name}.qweight has {rows} rows, which is no "
+                                  f"whole number of {cfg.bits}-bit codes: add g_idx to the checkpoint")
+        return rows * 32 // cfg.bits, n
+
+    def config_hint(self, leaf):
+        return {"qweight": "bits contradicts the tensors", "scales": "group_size contradicts the tensors",
+                "qzeros": "bits or group_size contradicts the tensors"}.get(leaf, "corrupt tensor")
 
     def detect(self, qcfg: Mapping) -> bool:
         method = str(qcfg.get("quant_method", "gptq")).lower()

@@ -65,6 +65,13 @@ class CheckpointFormat:
     stores_symmetric_zeros = True
     #: write ``quantize_config.json`` next to ``config.json`` (the AutoGPTQ convention)
     writes_quantize_config = True
+    #: the leaves holding the scales and ``g_idx`` (for the validator's dtype and range checks; None: not stored)
+    scale_leaf: str | None = None
+    g_idx_leaf: str | None = None
+    #: in-memory leaf -> the stored leaf it comes from, for messages (e.g. ``{"scales": "weight_scale"}``)
+    internal_names: dict[str, str] = {}
+    #: what this format's config calls ``bits`` and ``group_size``, for messages
+    config_names = ("bits", "group_size")
 
     def detect(self, qcfg: Mapping) -> bool:
         """True when the ``quantization_config`` object ``qcfg`` declares this format."""
@@ -96,6 +103,26 @@ class CheckpointFormat:
         ``in_features`` inputs and ``out_features`` outputs under ``cfg`` (optional leaves included: the caller
         checks those present), for shape checks before any tensor is read."""
         raise NotImplementedError
+
+    def required_leaves(self, cfg: QuantizeConfig) -> tuple[str, ...]:
+        """The leaves every quantized layer must store under ``cfg`` (checked by :mod:`gptq_plugin.validate`)."""
+        return (self.marker,)
+
+    def layer_features(self, cfg: QuantizeConfig, name: str, meta: Mapping) -> tuple[int, int]:
+        """``(in_features, out_features)`` of layer ``name`` from its stored leaves ``meta`` (leaf -> tensor or
+        :class:`gptq_plugin.validate.TensorMeta`: shapes, dtypes, small values), before :meth:`expected_tensors`
+        is compared with them. Raises :class:`CheckpointError` when the leaves contradict each other."""
+        raise NotImplementedError
+
+    def alternative_tensors(self, cfg: QuantizeConfig, in_features: int, out_features: int
+                            ) -> dict[str, list[tuple[tuple[int, ...] | None, torch.dtype | None]]]:
+        """Further ``(shape or None, dtype or None)`` this format's reader accepts per leaf besides
+        :meth:`expected_tensors` (older layouts that :meth:`to_internal` converts); None matches anything."""
+        return {}
+
+    def config_hint(self, leaf: str) -> str:
+        """Which config field a wrong shape of ``leaf`` most likely contradicts, for messages."""
+        return "bits or group_size contradicts the tensors, or the tensor is corrupt"
 
     def layer_prefixes(self, keys: Iterable[str]) -> list[str]:
         """The quantized layers among the tensor names ``keys``, sorted."""

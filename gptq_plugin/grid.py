@@ -61,20 +61,6 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, mse: float = 0.0, grid: i
             _clip_search(w[sl], xmin[sl], xmax[sl], scale[sl], zero[sl], params, maxq, mse, grid, maxshrink)
     return scale, zero
 
-    scale, zero = params(xmin, xmax)
-    if mse > 0:
-        best = torch.full_like(xmin, float("inf"))
-        for i in range(int(maxshrink * grid)):
-            p = 1 - i / grid
-            s1, z1 = params(p * xmin, p * xmax)
-            err = (dequantize(quantize(w, s1[:, None], z1[:, None], maxq), s1[:, None], z1[:, None]) - w)
-            err = err.abs().pow(mse).sum(dim=1)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s1, scale)
-            zero = torch.where(better, z1, zero)
-    return scale, zero
-
 
 def _clip_search(w, xmin, xmax, scale, zero, params, maxq: int, mse: float, grid: int, maxshrink: float) -> None:
     """The clipping search of :func:`find_params` on a chunk of rows; updates ``scale`` and ``zero`` in place."""

@@ -105,19 +105,21 @@ class QuantLinear(nn.Module):
                                   "match its quantization_config")
 
     def validate(self, name: str = "") -> None:
-        """Check buffer shapes/dtypes and ``g_idx`` range. Raises :class:`CheckpointError` naming the tensor."""
-        G = num_groups(self.in_features, self.group_size)
-        where = f"{name}." if name else ""
-        for key, (shape, dtype) in self.expected_tensors().items():
-            t = getattr(self, key)
-            self.check_shape(key, t.shape, name)
-            if dtype is not None and t.dtype != dtype:
-                raise CheckpointError(f"{where}{key} has dtype {t.dtype}, expected {dtype}")
-        if self.in_features and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G):
-            raise CheckpointError(f"{where}g_idx has values in [{int(self.g_idx.min())}, {int(self.g_idx.max())}], "
-                                  f"outside [0, {G}) for group_size={self.group_size}: corrupt checkpoint")
-        if not torch.isfinite(self.scales.float()).all():
-            raise CheckpointError(f"{where}scales contains NaN or Inf: corrupt checkpoint")
+        """Check buffer shapes/dtypes against this layer's config, ``g_idx`` range and finite scales
+        (:func:`gptq_plugin.validate.check_internal`). Raises :class:`CheckpointError` naming the tensor."""
+        from .validate import check_internal
+
+        if self.g_idx is None or tuple(self.g_idx.shape) != (self.in_features,):
+            shape = None if self.g_idx is None else tuple(self.g_idx.shape)
+            raise CheckpointError(f"tensor {name + '.' if name else ''}g_idx has shape {shape}, expected "
+                                  f"[{self.in_features}] (in_features)")
+        if self.scales is not None and self.scales.dim() == 2 and self.scales.shape[1] != self.out_features:
+            raise CheckpointError(f"tensor {name + '.' if name else ''}scales has shape {tuple(self.scales.shape)}, "
+                                  f"expected {self.out_features} columns (out_features)")
+        tensors = {leaf: getattr(self, leaf) for leaf in ("qweight", "qzeros", "scales", "g_idx")}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        check_internal(name, tensors, self.bits, self.group_size)
 
     # --- running --------------------------------------------------------------------------------------
     def reset_kernel(self) -> None:

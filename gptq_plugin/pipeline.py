@@ -207,6 +207,11 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
     saw inputs produced by the quantized groups before it, without re-running the block once per group.
     Memory: every batch's activations at the current group are alive at once (about one full-batch forward).
 
+    An exception in the calling thread while it waits (``KeyboardInterrupt`` from Ctrl-C, or what a SIGTERM
+    handler raises) stops the batches at their next layer group and waits for every batch thread to end before it
+    propagates, so no thread outlives the pass (a thread still inside torch when the interpreter exits aborts the
+    process: "terminate called without an active exception"). A group being quantized finishes first.
+
     Returns:
         The block's output for each batch. Groups that no batch reached are passed to ``quantize_group`` with
         ``H=None`` after the pass.
@@ -235,6 +240,8 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
 
     def hook(module, args, head):
         b = local.batch
+        if state["error"] is not None:
+            raise _Aborted  # another batch failed, or the caller was interrupted: stop here
         if (head, b) in local.seen:
             return  # a layer called twice: only its first call feeds the Hessian
         local.seen.add((head, b))
@@ -263,12 +270,21 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
                 cond.notify_all()
 
     handles = [linears[h].register_forward_pre_hook(lambda m, a, h=h: hook(m, a, h)) for h in by_head]
+    threads: list[threading.Thread] = []
     try:
-        threads = [threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}") for b in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for b in range(n):
+                threads.append(threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}"))
+                threads[-1].start()
+            for t in threads:
+                t.join()
+        except BaseException as e:  # e.g. KeyboardInterrupt in this thread: stop the batches, then re-raise
+            with cond:
+                if state["error"] is None:
+                    state["error"] = e
+                cond.notify_all()
+            _join_all(threads)
+            raise
     finally:
         for h in handles:
             h.remove()
@@ -278,6 +294,16 @@ def _sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[tor
         if g[0] not in done:
             quantize_group(g, None)
     return outputs
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    """Join ``threads``, carrying on through further interrupts (a second Ctrl-C must not leave them running)."""
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join()
+            except BaseException:  # noqa: BLE001 - the first interrupt is already being handled
+                pass
 
 
 def _groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],

@@ -77,18 +77,31 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
             "gptq_plugin": _version(), "torch": torch.__version__}
 
 
-def _atomic_write_json(path: Path, obj) -> None:
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``; a failed write removes ``tmp`` and raises
+    :class:`~gptq_plugin.errors.OutputError` (no space left, read-only, ...) naming ``path`` and the fix."""
+    from .checkpoint import is_write_failure, write_error
+
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_write_failure(e):
+            raise write_error(e, path) from None
+        raise
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                              metadata={"format": "pt"}))
 
 
 class ResumeState:
@@ -99,11 +112,13 @@ class ResumeState:
 
     Attributes:
         folder: the state folder. done: number of finished blocks. reports: per block, the list of layer report
-            dicts (:class:`gptq_plugin.pipeline.LayerReport` fields).
+            dicts (:class:`gptq_plugin.pipeline.LayerReport` fields). created: whether this run created
+            :attr:`folder` (False when it resumes an earlier run's state).
     """
 
-    def __init__(self, folder: Path, fp: dict, done: int = 0, reports: list | None = None):
+    def __init__(self, folder: Path, fp: dict, done: int = 0, reports: list | None = None, created: bool = True):
         self.folder, self.fingerprint, self.done, self.reports = folder, fp, done, reports or []
+        self.created = created
 
     @classmethod
     def open(cls, out: str | Path, fp: dict, restart: bool = False) -> "ResumeState":
@@ -112,6 +127,8 @@ class ResumeState:
         Raises:
             ConfigError: a state exists for a different config, source or calibration set and ``restart`` is
                 False (the message names what differs and the ``--restart`` fix).
+            OutputError: the state folder cannot be created or written (no space left, read-only file system,
+                no permission, a path under ``/proc``); nothing is left behind.
         """
         folder = state_dir(out)
         manifest = folder / MANIFEST
@@ -130,10 +147,20 @@ class ResumeState:
                                   "command to resume it, or pass --restart to discard it and start over")
             if done:
                 log.warning("resuming from %s: %d blocks already quantized", folder, done)
-            return cls(folder, fp, done, reports)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = cls(folder, fp)
-        state._write_manifest()
+            return cls(folder, fp, done, reports, created=False)
+        from .checkpoint import write_error
+
+        existed = folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(e, folder) from None
+        state = cls(folder, fp, created=not existed)
+        try:
+            state._write_manifest()
+        except BaseException:
+            state.discard_if_unused()
+            raise
         return state
 
     def _write_manifest(self) -> None:
@@ -195,3 +222,12 @@ class ResumeState:
     def remove(self) -> None:
         """Delete the state (after the checkpoint is complete)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def discard_if_unused(self) -> bool:
+        """Delete the state folder when this run created it and finished no block (a run that failed or was
+        interrupted before its first block leaves nothing behind); a state an earlier run left is kept, whatever
+        it holds. Returns whether it was deleted."""
+        if self.created and self.done == 0:
+            self.remove()
+            return True
+        return False

@@ -20,7 +20,7 @@ import torch
 from .config import QuantizeConfig
 from .errors import NumericalError
 from .grid import dequantize, find_params, quantize
-from .packing import num_groups
+from .packing import default_g_idx, num_groups
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,10 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
     W = W.float()
     maxq = 2**cfg.bits - 1
     scales, zeros = (grid[0].float(), grid[1].float()) if grid is not None else _group_params(W, cfg)
-    g_idx = _input_order_g_idx(W.shape[1], cfg.group_size)
+    g_idx = default_g_idx(W.shape[1], cfg.group_size)
     g = g_idx.long()
     codes = quantize(W, scales[g].t(), zeros[g].t(), maxq)
     return QuantResult(codes.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx, cfg.bits)
-
-
-def _input_order_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return (torch.arange(in_features) // group_size).to(torch.int32)
 
 
 def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float, name: str

@@ -12,8 +12,9 @@ never materialises it:
    checkpoint tensors are written at once as one shard, and the block goes back to ``meta``.
 4. The calibration activations at the current block boundary live in an :class:`ActivationBuffer`: one file per
    batch on disk, of which at most ``activation_memory`` bytes are also kept in memory.
-5. At the end the non-block tensors (embeddings, final norm, ``lm_head``) are copied as fp16 into the last shard,
-   and the shards are linked into the output folder with ``config.json`` and the index, atomically.
+5. At the end the non-block tensors (embeddings, final norm, ``lm_head``) are copied into the last shard (bf16
+   for a bf16 source, else fp16: :func:`~gptq_plugin.checkpoint.checkpoint_dtype`), and the shards are linked
+   into the output folder with ``config.json`` and the index, atomically.
 
 Peak memory is therefore about one decoder block in fp32, its GPTQ work (the Hessians and the solver's copies of
 the widest layer), one batch's activations and the resident part of the buffer, whatever the number of blocks.
@@ -36,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_output_dir, checkpoint_files, quantized_state_dict, write_model_files
+from .checkpoint import (atomic_output_dir, check_output_dir, checkpoint_dtype, checkpoint_files, quantized_state_dict,
+                         write_error, write_model_files)
 from .config import QuantizeConfig
 from .errors import CheckpointError, ConfigError, NumericalError
 from .layouts import find_layout
@@ -246,7 +248,9 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
 
     The checkpoint's tensors are identical to those of :func:`~gptq_plugin.pipeline.quantize_model` +
     :func:`~gptq_plugin.checkpoint.save_quantized` on the same inputs; it is sharded one file per decoder block
-    (``model-00001-of-000NN.safetensors`` ...) plus one for the embeddings, final norm and ``lm_head``.
+    (``model-00001-of-000NN.safetensors`` ...) plus one for the embeddings, final norm and ``lm_head``. Unquantized
+    tensors and config.json's ``dtype`` are bf16 for a bf16 source, else fp16
+    (:func:`~gptq_plugin.checkpoint.checkpoint_dtype`); scales are fp16.
 
     Args:
         source: an unquantized Hugging Face model folder with safetensors weights (tensor names as the model's
@@ -271,13 +275,17 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         ConfigError: ``lm_head=True``, or GPTQ without calibration.
         CheckpointError: the source weights are missing, corrupt, pickled, or do not match config.json.
         NumericalError: NaN/Inf calibration inputs or block outputs (names the block).
+        OutputError: ``out`` exists (without ``overwrite``), equals, lies inside or contains ``source`` (checked
+            before any work); or a file cannot be written (no space left, read-only, no permission).
     """
+    check_output_dir(out, overwrite, source)
     if cfg.lm_head:
         raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
     if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
         raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
     t0 = time.time()
     source, out = Path(source), Path(out)
+    dtype = checkpoint_dtype(source)
     src = SourceWeights(source)
     model = build_skeleton(source)
     blocks, prefix = find_layout(model).blocks(model)
@@ -293,8 +301,11 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
 
     own_state = resume is None
     if own_state:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        resume = ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            resume = ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
+        except OSError as e:
+            raise write_error(e, out) from None
     work = resume.folder
     for stale in work.glob("hessian-*.bin"):  # parked by the solver of a killed run
         stale.unlink()
@@ -343,7 +354,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             _materialize(block, names, src, block_name + ".")
             n_reported = len(report.layers)
             quantize_block(block, block_name, buf, kwargs_list, cfg, report, low_memory, forward_dtype, offload_dir=work)
-            state = {f"{block_name}.{k}": v for k, v in quantized_state_dict(block, cfg).items()}
+            state = {f"{block_name}.{k}": v for k, v in quantized_state_dict(block, cfg, dtype).items()}
             _atomic_save(state, work / f"shard-{bi:05d}.safetensors")
             del state
             block.to("meta")
@@ -353,7 +364,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             gc.collect()
             release_free_memory()
 
-        # the last shard: embeddings, final norm, lm_head (fp16, as the in-memory writer stores them)
+        # the last shard: embeddings, final norm, lm_head (in `dtype`, as the in-memory writer stores them)
         shard_files = [work / f"shard-{bi:05d}.safetensors" for bi in range(n_blocks)]
         lost = [f for f in shard_files if not f.is_file()]
         if lost:
@@ -369,7 +380,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
                     shutil.copyfile(f, tmp / name)
                 names.append(name)
             last = f"model-{total:05d}-of-{total:05d}.safetensors"
-            rest = src.load(outer, torch.float16)
+            rest = src.load(outer, dtype)
             _atomic_save(rest, tmp / last)
             del rest
             names.append(last)
@@ -379,7 +390,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
                  "weight_map": {k: f.name for k, f in written.where.items()}}, indent=2, sort_keys=True))
             qcfg = cfg.to_dict()
             qcfg["meta"].update(extra_meta or {}, **report.checkpoint_meta())
-            write_model_files(tmp, model.config.to_dict(), qcfg, None, source)
+            write_model_files(tmp, model.config.to_dict(), qcfg, None, source, dtype)
     except BaseException:
         if own_state:
             resume.remove()

@@ -31,6 +31,10 @@ def write_synthetic_llama(out: str | Path, hidden: int = 4096, layers: int = 32,
 
     Returns:
         ``out`` resolved. The folder is created atomically.
+
+    Raises:
+        OutputError: ``out`` exists (without ``overwrite``), equals, lies inside or contains ``tokenizer_from``;
+            or it cannot be written (no space left, read-only, no permission): nothing partial is left.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -43,7 +47,7 @@ def write_synthetic_llama(out: str | Path, hidden: int = 4096, layers: int = 32,
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = [(k, tuple(v.shape)) for k, v in skeleton.state_dict().items()]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, tokenizer_from) as tmp:
         shards: list[list[tuple[str, tuple]]] = [[]]
         size = 0
         for k, shape in shapes:

@@ -7,11 +7,19 @@
 * ``dequant_chunked`` (any device): chunked dequantize-and-matmul, the fallback for everything else.
 """
 
-from .base import LayerSpec, QuantKernel
-from .cpu_int4 import CpuInt4Kernel
-from .dequant_chunked import DequantChunkedKernel
-from .reference import ReferenceKernel, dequantize_weight, gemm
-from .triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
+if __name__ != "gptq_plugin.kernels":  # found as a top-level `kernels` (the checkout root is on sys.path):
+    # hand the name to the installed package `kernels`, if any (gptq_plugin/_toplevel.py)
+    from os.path import abspath as _abs, dirname as _dir, join as _join
+    from runpy import run_path as _run_path
 
-__all__ = ["CpuInt4Kernel", "DequantChunkedKernel", "LayerSpec", "QuantKernel", "ReferenceKernel", "TritonGemmKernel",
-           "TritonGemvKernel", "TritonKernel", "dequantize_weight", "gemm"]
+    _run_path(_join(_dir(_dir(_abs(__file__))), "gptq_plugin", "_toplevel.py"))["hand_over"](__name__, __file__)
+    del _abs, _dir, _join, _run_path
+else:
+    from .base import LayerSpec, QuantKernel
+    from .cpu_int4 import CpuInt4Kernel
+    from .dequant_chunked import DequantChunkedKernel
+    from .reference import ReferenceKernel, dequantize_weight, gemm
+    from .triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
+
+    __all__ = ["CpuInt4Kernel", "DequantChunkedKernel", "LayerSpec", "QuantKernel", "ReferenceKernel", "TritonGemmKernel",
+               "TritonGemvKernel", "TritonKernel", "dequantize_weight", "gemm"]

@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared data folder and the real demo model (both skip with a reason when absent)."""
+"""Shared fixtures: the WikiText-2 data folder (the copy shipped with the package) and the real demo model (skips
+with a reason when it cannot be obtained)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GPTQ_PLUGIN_DATA", REPO.parent / "shared" / "data"))
+ENV_DATA = os.environ.get("GPTQ_PLUGIN_DATA")  # an override only; by default the shipped copy is used
 
 
 def _triton_interpreter_first() -> None:
@@ -42,10 +43,27 @@ def _threads():
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not (DATA / "wikitext-2" / "valid.tokens.txt").is_file():
-        pytest.skip(f"shared data not found at {DATA} (set GPTQ_PLUGIN_DATA)")
-    return DATA
+def data_dir(tmp_path_factory) -> Path:
+    """A folder holding ``wikitext-2/wiki.test.raw`` and ``wikitext-2/valid.tokens.txt``: ``$GPTQ_PLUGIN_DATA`` when
+    set, else the package's own gzip copies decompressed once per session (the originals' exact bytes)."""
+    import gzip
+    import shutil
+
+    from gptq_plugin.calibration import SHIPPED_DATA
+
+    names = ("wiki.test.raw", "valid.tokens.txt")
+    if ENV_DATA:
+        missing = [n for n in names if not (Path(ENV_DATA) / "wikitext-2" / n).is_file()]
+        if missing:
+            pytest.fail(f"GPTQ_PLUGIN_DATA={ENV_DATA} has no wikitext-2/{missing[0]}: fix it, or unset it to use "
+                        "the copy shipped with gptq-plugin")
+        return Path(ENV_DATA)
+    out = tmp_path_factory.mktemp("data")
+    (out / "wikitext-2").mkdir()
+    for n in names:
+        with gzip.open(SHIPPED_DATA / "wikitext-2" / f"{n}.gz", "rb") as src, open(out / "wikitext-2" / n, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return out
 
 
 @pytest.fixture(scope="session")

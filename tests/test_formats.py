@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from gptq_plugin.checkpoint import load_quantized, save_quantized
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.convert import convert_checkpoint
-from gptq_plugin.errors import CheckpointError, GPTQPluginError
+from gptq_plugin.errors import CheckpointError, GPTQPluginError, OutputError
 from gptq_plugin.format_gptq import diagnose_zero_points
 from gptq_plugin.formats import detect_format, open_checkpoint, read_checkpoint, read_quantization_config
 from gptq_plugin.pipeline import quantize_model
@@ -420,7 +420,7 @@ def test_convert_is_atomic_and_refuses_existing_output(quantized, tmp_path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="cannot write .*disk full"):  # one clear error, not the OSError
         convert_checkpoint(src, tmp_path / "fail", "compressed-tensors")
     assert not (tmp_path / "fail").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fail")]

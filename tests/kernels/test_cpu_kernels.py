@@ -16,14 +16,38 @@ from kernel_harness import (BITS, GROUP_SIZES, RTOL, SHAPES, KernelTests, grid, 
                             reference, rel_err)
 
 
-class TestReference(KernelTests):
-    """The reference against itself through the harness (checks the harness's plumbing)."""
+def _unpack_bitstream(words: torch.Tensor, bits: int, count: int) -> list[int]:
+    """The first ``count`` ``bits``-wide fields of one column of int32 words read as a little-endian bit stream
+    (word 0's low bit first): the GPTQ packing written out with Python integers, independently of
+    :mod:`gptq_plugin.packing`."""
+    stream = 0
+    for i, w in enumerate(words.tolist()):
+        stream |= (w & 0xFFFFFFFF) << (32 * i)
+    return [(stream >> (bits * j)) & ((1 << bits) - 1) for j in range(count)]
 
-    kernel_cls = ReferenceKernel
 
-    @classmethod
-    def cases(cls):
-        return grid(SHAPES[:2], bits=(3,), group_sizes=(100,), dtypes=(torch.float32,))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [-1, 32, 100])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_reference_matches_scalar_definition(bits, group_size, act_order):
+    """The reference kernel against the format's definition evaluated element by element in float64 from the
+    packed words (``W[n, k] = scales[g_idx[k], n] * (code[k, n] - (qzeros_field + 1) % 2**bits)``, v1 zeros)."""
+    K, N, M = 67, 11, 3
+    layer = make_layer(K, N, bits, group_size, act_order)
+    x = make_input(M, K, torch.float32)
+    W = torch.empty(N, K, dtype=torch.float64)
+    G = layer.scales.shape[0]
+    zeros = [_unpack_bitstream(layer.qzeros[g], bits, N) for g in range(G)]
+    for n in range(N):
+        codes = _unpack_bitstream(layer.qweight[:, n], bits, K)
+        for k in range(K):
+            g = int(layer.g_idx[k])
+            W[n, k] = float(layer.scales[g, n]) * (codes[k] - (zeros[g][n] + 1) % (1 << bits))
+    want = x.double() @ W.t() + layer.bias.double()
+    got = ReferenceKernel(layer).forward(x)
+    assert rel_err(got, want) <= 1e-6
+    assert torch.equal(dequantize_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, K),
+                       W.float())
 
 
 @pytest.fixture

@@ -33,28 +33,15 @@ pytestmark = pytest.mark.skipif(not TGI_SRC, reason="TGI_SERVER_SRC is not set: 
 @pytest.fixture(scope="module")
 def real_tgi():
     """TGI's real modules, with the plugin's route installed."""
-    import importlib.util
-
-    import gptq_plugin.kernels
-
-    # This repository's kernels/ folder (gptq_plugin.kernels) is importable as a top-level `kernels` whenever
-    # the repository root is on sys.path (python -m pytest, tests/__init__.py): it would shadow the Hugging Face
-    # `kernels` package TGI imports. Leave the root off sys.path while TGI is imported.
-    root = Path(gptq_plugin.kernels.__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    spec = importlib.util.find_spec("kernels")
     sys.path.insert(0, TGI_SRC)
     try:
-        if spec is not None and Path(spec.origin).resolve() == Path(gptq_plugin.kernels.__file__).resolve():
-            pytest.skip("a top-level `kernels` module resolves to gptq_plugin.kernels: TGI cannot import its own")
         from text_generation_server.layers.tensor_parallel import TensorParallelColumnLinear, TensorParallelRowLinear
         from text_generation_server.utils import quantization, weights
     except ImportError as e:
         pytest.skip(f"TGI's server in {TGI_SRC} cannot be imported here ({type(e).__name__}: {e}): install its "
                     "Python dependencies and generate text_generation_server/pb (docs/tgi.md)")
     finally:
-        sys.path[:] = saved
+        sys.path.remove(TGI_SRC)
     tgi_launcher.install()
     yield types.SimpleNamespace(quantization=quantization, weights=weights, Column=TensorParallelColumnLinear,
                                 Row=TensorParallelRowLinear, config=types.SimpleNamespace(quantize="gptq"))
@@ -139,8 +126,7 @@ def test_get_weights_through_tgi_weights(real_tgi, checkpoint):
 
 
 def _run(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter with TGI's source on the path (outside the repository root, whose
-    kernels/ folder would shadow the `kernels` package TGI imports)."""
+    """Run ``code`` in a fresh interpreter with TGI's source on the path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [TGI_SRC, os.environ.get("PYTHONPATH")])))
     env.setdefault("ATTENTION", "paged")  # set by TGI's launcher for the shards; read when models/ is imported
     env.setdefault("PREFIX_CACHING", "0")

@@ -60,7 +60,7 @@ def test_quantize_on_load(hf_quantized):
 
 def test_save_pretrained_writes_the_cli_checkpoint(hf_checkpoint, cli_checkpoint):
     """Same settings, same calibration windows: the same tensors, bit for bit, and the same quantization_config
-    (config.json's dtype records the in-memory dtype: bf16 here, the CLI writes float16)."""
+    (both keep the bf16 source's dtype for the unquantized tensors and config.json)."""
     ours, cli = load_file(hf_checkpoint / "model.safetensors"), load_file(cli_checkpoint / "model.safetensors")
     assert sorted(ours) == sorted(cli)
     for k in cli:
@@ -112,7 +112,7 @@ def test_checkpoints_load_both_ways(which, hf_checkpoint, cli_checkpoint, tokeni
 def test_perplexity_equals_cli_eval(dtype, cli_checkpoint, tokenizer, data_dir, tmp_path, capsys):
     """WikiText-2 perplexity through Transformers equals `gptq-plugin eval` on the same checkpoint (within 0.1%),
     on the first 4 windows of 128 tokens (of the test text's first 20,000 characters: tokenizing all of it twice
-    is the slow part). float16 is also the dtype Transformers picks by default for this checkpoint."""
+    is the slow part). Transformers' default for this checkpoint is its config.json dtype, bf16 (the source's)."""
     from gptq_plugin.cli import main
 
     test_file = tmp_path / "wiki.test.head.txt"
@@ -124,7 +124,7 @@ def test_perplexity_equals_cli_eval(dtype, cli_checkpoint, tokenizer, data_dir, 
               "--dtype", dtype, "--json"])
     assert done.value.code == 0
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    kw = {"dtype": torch.float32} if dtype == "float32" else {}  # float16: the default ("auto")
+    kw = {"dtype": getattr(torch, dtype)}
     model = AutoModelForCausalLM.from_pretrained(cli_checkpoint, **kw)
     assert model.dtype == getattr(torch, dtype)
     ppl = perplexity(model, eval_windows(tokenizer, test_file, 128, 4), progress=False)
@@ -136,7 +136,7 @@ def test_perplexity_equals_cli_eval(dtype, cli_checkpoint, tokenizer, data_dir, 
 
 def test_device_map_and_default_dtype(cli_checkpoint, tokenizer, caplog):
     """device_map "cpu" and "auto" (no accelerator here) put everything on the CPU with the same logits; without
-    a dtype the checkpoint's float16 is used (scales fp16) and logged; generate() works."""
+    a dtype the checkpoint's bfloat16 (the bf16 source's) is used (scales fp16) and logged; generate() works."""
     ref = logits(AutoModelForCausalLM.from_pretrained(cli_checkpoint, dtype=torch.float32), tokenizer)
     for device_map in ("cpu", "auto"):
         model = AutoModelForCausalLM.from_pretrained(cli_checkpoint, device_map=device_map, dtype=torch.float32)
@@ -145,8 +145,8 @@ def test_device_map_and_default_dtype(cli_checkpoint, tokenizer, caplog):
         torch.testing.assert_close(logits(model, tokenizer), ref, rtol=0, atol=0)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         model = AutoModelForCausalLM.from_pretrained(cli_checkpoint)
-    assert "computing in torch.float16" in caplog.text
-    assert model.dtype == torch.float16
+    assert "computing in torch.bfloat16" in caplog.text
+    assert model.dtype == torch.bfloat16
     assert all(m.scales.dtype == torch.float16 for m in quant_layers(model).values())
     assert len(greedy(model, tokenizer, 4)) == 4
 
