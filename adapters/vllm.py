@@ -32,11 +32,9 @@ core's format handler converts each rank's shard to the GPTQ layout above and th
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
-import struct
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path

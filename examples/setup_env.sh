@@ -12,7 +12,7 @@ VENV="${VENV:-.venv}"
 source "$VENV/bin/activate"
 pipq() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 # The CPU build of torch first, so nothing pulls a CUDA build (on a GPU machine install the CUDA torch you want).
-python -c "import torch" 2>/dev/null || pipq "torch==2.13.0"
+python -c "import torch" 2>/dev/null || pipq "torch==2.13.0" numpy  # numpy too: torch warns when imported without it
 case "$what" in
   demo) extras="demo" ;;
   test) extras="test,demo,triton" ;;

@@ -15,27 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptq_plugin.checkpoint import inspect_checkpoint, load_quantized, save_quantized
+from gptq_plugin.checkpoint import inspect_checkpoint, load_quantized
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.convert import convert_checkpoint
 from gptq_plugin.errors import CheckpointError
 from gptq_plugin.formats import get_format
-from gptq_plugin.pipeline import quantize_model
 from gptq_plugin.validate import TensorMeta, check_layer_header, validate_checkpoint
-from tests.tiny import tiny_llama
+from tests.mutations import tiny_checkpoint
 
 L = "model.layers.0.self_attn.o_proj"  # 64 -> 64, group_size 32: 2 groups
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    model = tiny_llama()
-    cfg = QuantizeConfig(bits=4, group_size=32, desc_act=True)
-    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize_model(model, calib, cfg, progress=False)
-    out = tmp_path_factory.mktemp("validate") / "q"
-    save_quantized(model, cfg, out)
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("validate") / "q")
 
 
 def _copy(ckpt: Path, dst: Path, tensors=None, qcfg=None) -> Path:

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from vllm_helpers import require_vllm
 
@@ -21,25 +20,16 @@ require_vllm()
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gptq_plugin.adapters import vllm as adapter  # noqa: E402
-from gptq_plugin.checkpoint import save_quantized  # noqa: E402
-from gptq_plugin.config import QuantizeConfig  # noqa: E402
 from gptq_plugin.errors import CheckpointError  # noqa: E402
-from gptq_plugin.pipeline import quantize_model  # noqa: E402
 
 L = "model.layers.0.self_attn.o_proj"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    from tests.tiny import tiny_llama
+    from tests.mutations import tiny_checkpoint
 
-    model = tiny_llama(layers=1)
-    cfg = QuantizeConfig(bits=4, group_size=32, desc_act=True)
-    quantize_model(model, torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0)), cfg,
-                   progress=False)
-    out = tmp_path_factory.mktemp("precheck") / "q"
-    save_quantized(model, cfg, out)
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("precheck") / "q", layers=1)
 
 
 def _edit_tensor(key, fn):
