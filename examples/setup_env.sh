@@ -14,8 +14,8 @@ pipq() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 # The CPU build of torch first, so nothing pulls a CUDA build (on a GPU machine install the CUDA torch you want).
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0" numpy  # numpy too: torch warns when imported without it
 case "$what" in
-  demo) extras="demo" ;;
-  test) extras="test,demo,triton" ;;
+  demo) extras="demo,report" ;;
+  test) extras="test,demo,triton,report" ;;
   *) echo "setup_env.sh: unknown target '$what' (demo|test)" >&2; exit 2 ;;
 esac
 cpu_torch=$(python -c "import torch; print(int(torch.__version__.endswith('+cpu')))")

@@ -536,7 +536,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
 def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     """Summary of a checkpoint: detected format, config, quantized layers, size on disk, compression ratio vs fp16,
-    and (``check``) the verdict of :func:`gptq_plugin.validate.validate_checkpoint`: ``format_check`` is one line,
+    ``memory``: the checkpoint's tensor bytes against the 16-bit original's, split into quantized linears and what
+    stays 16-bit (:func:`gptq_plugin.memory.memory_split`), and (``check``) the verdict of :func:`gptq_plugin.validate.validate_checkpoint`: ``format_check`` is one line,
     ``"ok: ..."``, ``"MISLABELLED? ..."`` (a statistical v1/v2 doubt) or ``"FAILED: <first problem>"``, and
     ``problems`` lists every failing layer's message (empty when the checkpoint is valid).
 
@@ -592,6 +593,14 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
             for s in shape:
                 n *= s
             fp16_equiv += n * 2
+    from .memory import memory_split
+
+    try:
+        tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
+    except (OSError, ValueError, AttributeError):
+        tied = False
+    owned_by = {k: p for p in prefixes for k in fmt.layer_keys(p, shapes)}
+    memory = memory_split(shapes, layers, owned_by, tied and "lm_head.weight" not in shapes)
     check_result, problems = None, []
     if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
         from .validate import validate_checkpoint
@@ -614,5 +623,6 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         "size_on_disk_bytes": disk,
         "fp16_equivalent_bytes": fp16_equiv,
         "compression_ratio": (fp16_equiv / disk) if disk else None,
+        "memory": memory,
         "layers": layers,
     }

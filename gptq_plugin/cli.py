@@ -187,7 +187,8 @@ def quantize(
         help="How true-sequential GPTQ runs the calibration batches: --one-pass (fastest, all batches' "
              "activations in memory at once) or --low-memory (one batch at a time, ~1.5x slower). Default: one "
              "pass when it fits in half the available memory. Same checkpoint either way."),
-    report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here."),
+    report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here, and its plot (GPTQ vs RTN "
+                                          "per-layer error; needs matplotlib: the report extra) next to it as .png."),
     forward_dtype: str = typer.Option(
         "float32", help="dtype of the calibration forward passes: float32, or bfloat16 (autocast: ~2x faster on "
                         "CPUs with AMX/AVX512-BF16, as GPTQModel computes; Hessians stay fp32)."),
@@ -225,7 +226,10 @@ def quantize(
         inputs.append(dataset)  # writing OUT must not delete the calibration file either
     check_output_dir(out, overwrite, inputs)
     if report is not None:
+        from .report_plot import png_path
+
         check_not_input(report, inputs)
+        check_not_input(png_path(report), inputs)
     if dataset is not None and cfg.method != "gptq":
         _check_unused_dataset(dataset, cfg.method)
     if _is_quantized(Path(model)):
@@ -281,8 +285,13 @@ def quantize(
         raise
     wall = time.time() - t0
     state.remove()
+    plot_line = None
     if report:
+        from .report_plot import write_report_plot
+
         report.write_text(json.dumps(rep.to_dict(), indent=2))
+        plot_line = write_report_plot(rep.to_dict(), report, f"{Path(model).name}: {cfg.method.upper()} {bits}-bit "
+                                      f"g{group_size}, per-layer relative output error vs RTN")[1]
     errs = [l for l in rep.layers if l.rel_err is not None]
     msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {driver}) in "
            f"{wall:.1f} s, peak RSS {_peak_rss_mb():.0f} MB -> {out}")
@@ -290,7 +299,11 @@ def quantize(
         mean = sum(l.rel_err for l in errs) / len(errs)
         rmean = sum(l.rtn_rel_err for l in errs) / len(errs)
         msg += f"\nmean relative output error: GPTQ {mean:.4g} vs RTN {rmean:.4g}"
+    if report:
+        msg += f"\nreport: {report}"
     typer.echo(msg)
+    if plot_line:
+        typer.echo(plot_line, err=plot_line.startswith("warning"))
 
 
 def _check_unused_dataset(dataset: str, method: str) -> None:
@@ -388,7 +401,8 @@ def eval_cmd(
 @app.command()
 def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
             as_json: bool = typer.Option(False, "--json")):
-    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint, and the validator's
+    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint, the memory table
+    (checkpoint bytes against the 16-bit original, quantized linears vs what stays 16-bit), and the validator's
     verdict (format_check). A checkpoint that fails validation (one that `load_quantized` would refuse) is shown
     with `format_check: FAILED: ...` and exits with status 2."""
     from .checkpoint import inspect_checkpoint
@@ -407,6 +421,11 @@ def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
         typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
         ratio = info["compression_ratio"]
         typer.echo(f"{'compression ratio':>20}: {ratio:.2f}x" if ratio else f"{'compression ratio':>20}: n/a")
+        from .memory import format_memory
+
+        typer.echo("\nmemory: checkpoint tensors against the 16-bit (bf16/fp16) original")
+        for line in format_memory(info["memory"]):
+            typer.echo(line)
     if info.get("problems"):
         raise CheckpointError(f"{ckpt} fails validation: {info['problems'][0]}")
 

@@ -147,12 +147,14 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .calibration import load_calibration
-    from .checkpoint import load_quantized, save_quantized
+    from .checkpoint import inspect_checkpoint, load_quantized, save_quantized
     from .config import RECOMMENDED, QuantizeConfig
     from .evaluate import eval_windows, perplexity
+    from .memory import format_memory
     from .pipeline import quantize_model
 
     workdir = Path(workdir)
+    plot_line = None
     src = get_demo_model()
     echo(f"demo model: {src}")
     tok = AutoTokenizer.from_pretrained(src)
@@ -173,10 +175,19 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
         else:
             m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
             t0 = time.time()
-            quantize_model(m, calib if method == "gptq" else None, cfg)
+            rep = quantize_model(m, calib if method == "gptq" else None, cfg)
             secs = time.time() - t0
             save_quantized(m, cfg, out, source_dir=src)
             del m
+            if method == "gptq":  # the per-layer report and its plot, next to the checkpoint
+                import json
+
+                from .report_plot import write_report_plot
+
+                report_path = workdir / f"{out.name}-report.json"
+                report_path.write_text(json.dumps(rep.to_dict(), indent=2))
+                plot_line = f"report: {report_path}\n" + write_report_plot(
+                    rep.to_dict(), report_path, f"demo model: {label}, per-layer relative output error vs RTN")[1]
         q = load_quantized(out)
         rows.append((label, perplexity(q, ev), secs, out))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -188,13 +199,19 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
         echo(f"| {name:<46} | {ppl:>10.2f} | {('%.1f' % secs) if secs else '-':>10} |")
     echo(f"peak RSS {peak:.0f} MB")
     gptq_dir = rows[-1][3]
+    memory = inspect_checkpoint(gptq_dir, check=False)["memory"]
+    echo(f"\nmemory of {gptq_dir.name} against the 16-bit original (checkpoint tensors):")
+    for line in format_memory(memory):
+        echo(line)
+    if plot_line:
+        echo(plot_line)
     q = load_quantized(gptq_dir)
     echo(f"\ngreedy generations from {gptq_dir}:")
     for p, o in zip(DEMO_PROMPTS, generate(q, tok, DEMO_PROMPTS)):
         echo(f"  > {p}\n    {o}")
     served = serve_demo(gptq_dir, echo) if serve else None
     return {"rows": [(n, p, s, str(o) if o else None) for n, p, s, o in rows], "peak_rss_mb": peak,
-            "served": served}
+            "memory": memory, "served": served}
 
 
 def serve_demo(checkpoint: Path, echo=print) -> list[str] | None:
