@@ -544,10 +544,8 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     Raises:
         CheckpointError: no such folder, not a checkpoint of a known format, or a corrupt file.
     """
-    from safetensors import safe_open
-
     from .formats import detect_format, read_quantization_config
-    from .validate import TensorMeta
+    from .validate import LazyFolder, TensorMeta
 
     path = Path(path)
     if not path.is_dir():
@@ -557,19 +555,9 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     cfg = fmt.parse_config(qcfg)
     files = checkpoint_files(path)
     disk = sum(f.stat().st_size for f in files)
-    shapes: dict[str, tuple[list[int], str, Path]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as h:
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    shapes[k] = (list(sl.get_shape()), sl.get_dtype(), f)
-        except Exception as e:
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-
-    def tensor(k: str) -> torch.Tensor:
-        with safe_open(str(shapes[k][2]), "pt") as h:
-            return h.get_tensor(k)
+    reader = LazyFolder(files)  # safetensors only: checkpoint_files refuses pickle-only folders here
+    shapes: dict[str, tuple[list[int], str, Path]] = {k: (*reader.headers[k], reader.where[k]) for k in reader.where}
+    tensor = reader.tensor
 
     prefixes = fmt.layer_prefixes(shapes)
     owned = {k for p in prefixes for k in fmt.layer_keys(p, shapes)}
@@ -605,7 +593,7 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
         from .validate import validate_checkpoint
 
-        verdict = validate_checkpoint(path)
+        verdict = validate_checkpoint(path, reader=reader)
         check_result, problems = verdict.summary(), list(verdict.problems)
     return {
         "path": str(path),

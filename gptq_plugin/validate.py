@@ -323,13 +323,15 @@ class CheckpointVerdict:
             raise CheckpointError(f"{self.path}: {self.problems[0]}")
 
 
-def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_problems: int = 20) -> CheckpointVerdict:
+def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_problems: int = 20,
+                        reader: LazyFolder | None = None) -> CheckpointVerdict:
     """Validate every quantized layer of a checkpoint folder (one layer in memory at a time), and the v1/v2 zero
     points of GPTQ checkpoints.
 
     Args:
         path: the checkpoint folder. allow_pickle: accept ``.bin``/``.pt`` weights.
         max_problems: stop collecting after this many failing layers.
+        reader: the folder's files already opened (:class:`LazyFolder`; ``inspect`` passes its own).
 
     Returns:
         a :class:`CheckpointVerdict`; ``verdict.raise_for_problems()`` turns it into an exception.
@@ -351,7 +353,8 @@ def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_proble
         cfg = handler.parse_config(qcfg)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    reader = _LazyFolder(checkpoint_files(path, allow_pickle))
+    if reader is None:
+        reader = LazyFolder(checkpoint_files(path, allow_pickle))
     layers = handler.layer_prefixes(reader.keys())
     if not layers:
         raise CheckpointError(f"{path}: no *.{handler.marker} tensors: not a {handler.name} checkpoint")
@@ -372,13 +375,22 @@ def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_proble
     return verdict
 
 
-class _LazyFolder:
-    """The tensors of checkpoint files, read one layer at a time (safetensors) or all at once (pickle)."""
+class LazyFolder:
+    """The tensors of checkpoint files, read one layer at a time (safetensors) or all at once (pickle).
+
+    Attributes:
+        where: tensor name -> its safetensors file. headers: tensor name -> ``(shape, dtype)`` from the file
+            headers (``[4, 8]``, ``"I32"``). loaded: every tensor, for pickle files.
+
+    Raises:
+        CheckpointError: a corrupt or truncated safetensors header, naming the file.
+    """
 
     def __init__(self, files: list[Path]):
         from .checkpoint import read_tensors
 
         self.where: dict[str, Path] = {}
+        self.headers: dict[str, tuple[list[int], str]] = {}
         self.loaded: dict[str, torch.Tensor] = {}
         st = [f for f in files if f.suffix == ".safetensors"]
         if len(st) != len(files):
@@ -389,7 +401,10 @@ class _LazyFolder:
         for f in st:
             try:
                 with safe_open(str(f), "pt") as h:
-                    self.where.update({k: f for k in h.keys()})
+                    for k in h.keys():
+                        sl = h.get_slice(k)
+                        self.where[k] = f
+                        self.headers[k] = (list(sl.get_shape()), sl.get_dtype())
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download or re-create "
                                       "the checkpoint") from None
@@ -397,18 +412,19 @@ class _LazyFolder:
     def keys(self) -> list[str]:
         return list(self.loaded) or list(self.where)
 
-    def layer(self, handler, prefix: str) -> dict[str, torch.Tensor]:
-        keys = handler.layer_keys(prefix, self.keys())
+    def tensor(self, key: str) -> torch.Tensor:
+        """One tensor, read from its file. Raises :class:`CheckpointError` naming the file and the tensor."""
         if self.loaded:
-            return {k.rpartition(".")[2]: self.loaded[k] for k in keys}
+            return self.loaded[key]
         from safetensors import safe_open
 
-        out = {}
-        for k in keys:
-            try:
-                with safe_open(str(self.where[k]), "pt") as h:
-                    out[k.rpartition(".")[2]] = h.get_tensor(k)
-            except Exception as e:
-                raise CheckpointError(f"{self.where[k]}: tensor {k} cannot be read ({e}); re-download or re-create "
-                                      "the checkpoint") from None
-        return out
+        try:
+            with safe_open(str(self.where[key]), "pt") as h:
+                return h.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.where[key]}: tensor {key} cannot be read ({e}); re-download or re-create "
+                                  "the checkpoint") from None
+
+    def layer(self, handler, prefix: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one quantized layer, by leaf name."""
+        return {k.rpartition(".")[2]: self.tensor(k) for k in handler.layer_keys(prefix, self.keys())}
