@@ -3,32 +3,21 @@ gptq-plugin's kernel registry.
 
 TGI's Python server (``text_generation_server``, the ``server/`` folder of huggingface/text-generation-inference)
 asks a ``WeightsLoader`` (``utils/weights.py``) for every linear layer of a model; the one it uses comes from
-``utils/quantization.py:get_loader()``. :class:`GPTQPluginWeightsLoader` reads ``qweight``/``qzeros``/``scales``/
-``g_idx`` through TGI's ``Weights`` object, sharded for tensor parallelism the way TGI's own GPTQ loader shards
-them, and returns :class:`GPTQPluginWeight` objects whose ``get_linear(bias)`` is a :class:`gptq_plugin.QuantLinear`
-(so every forward runs the kernel gptq-plugin's registry chooses: 2/3/4/8 bits, act-order, asymmetric).
+``utils/quantization.py:get_loader()``. :class:`GPTQPluginWeightsLoader` reads each layer's tensors through TGI's
+``Weights`` object, sharded for tensor parallelism the way TGI's own GPTQ loader shards them, and returns
+:class:`GPTQPluginWeight` objects whose ``get_linear(bias)`` is a :class:`gptq_plugin.QuantLinear` (so every forward
+runs the kernel gptq-plugin's registry chooses: 2/3/4/8 bits, act-order, asymmetric).
 :mod:`gptq_plugin.adapters.tgi_launcher` routes TGI's ``get_loader(quantize="gptq", ...)`` here.
 
 Nothing here imports TGI: the loader only calls methods of the ``Weights`` object it is given (``get_tensor``,
 ``get_sharded``, ``get_packed_sharded``, ``has_tensor``, ``get_shape``, ``process_group``).
 
-Sharding (TGI ``GPTQWeightsLoader`` conventions, rank ``r`` of ``W`` ranks, ``K`` inputs, ``N`` outputs):
-
-* column-parallel (``get_weights_col_packed``, ``get_multi_weights_col``): each rank takes the same slice of
-  output channels of ``qweight``, ``scales`` and ``qzeros`` (``qzeros`` packs output channels, so its slice is
-  taken in words where TGI's word-level slicing selects exactly those channels, else by unpacking, slicing codes
-  and repacking); ``g_idx`` is read whole.
-* row-parallel (``get_weights_row``): rank ``r`` takes input channels ``[r*K/W, (r+1)*K/W)`` of ``qweight`` and
-  ``g_idx``. When those channels' groups are in input order and the shard holds whole groups, ``scales``/``qzeros``
-  are sharded by group and ``g_idx`` is shifted to start at 0 (as TGI does); otherwise (act-order, a group
-  straddling two shards, ``group_size=-1``) every rank keeps the full ``scales``/``qzeros`` and the absolute
-  ``g_idx`` (as TGI does for act-order), which is exact for any ``g_idx``.
-
-compressed-tensors ``pack-quantized`` checkpoints (``weight_packed [N, K*bits/32]``, ``weight_scale [N, G]``,
-``weight_zero_point [N*bits/32, G]``, ``weight_g_idx``, ``weight_shape``: the GPTQ tensors transposed) are sharded the
-same way with the dims swapped (column-parallel: dim 0 of every tensor; row-parallel: the packed input dim 1 of
-``weight_packed`` and the group dim 1 of ``weight_scale``/``weight_zero_point``); each layer is then converted to the
-GPTQ layout by the core's format handler (``to_internal``), so fused layers and kernels are the GPTQ path's.
+Formats: GPTQ (``quant_method: "gptq"``, v1 and v2 zero points) and compressed-tensors ``pack-quantized`` (the GPTQ
+tensors transposed). Which channels, words and groups a rank reads is :mod:`gptq_plugin.sharding`'s (column-parallel
+layers: a slice of the output channels of every tensor, ``g_idx`` whole; row-parallel layers: a slice of the input
+channels, scales and zero points split by group when the slice holds whole groups in input order, else kept whole
+with ``g_idx`` naming the layer's groups, as TGI does for act-order); each rank's tensors are then converted to the
+in-memory GPTQ v1 layout by the core's format handler (``to_internal``) and checked by the core's validator.
 """
 
 from __future__ import annotations
@@ -43,9 +32,13 @@ import torch
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, ConfigError
 from gptq_plugin.linear import QuantLinear
-from gptq_plugin.packing import default_g_idx, num_groups, pack_dim0, packed_rows, unpack_dim0
+from gptq_plugin.packing import default_g_idx, num_groups, packed_rows
+from gptq_plugin.plugins import detect_format, get_format
+from gptq_plugin.sharding import RowShard, block_ranges, cat_packed, layout_of, slice_codes, word_ranges
+from gptq_plugin.validate import check_g_idx_range, check_internal
 
 _CT = "compressed-tensors"  # the core's compressed-tensors pack-quantized format handler
+_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 # --- the Weight ------------------------------------------------------------------------------------------
@@ -88,14 +81,11 @@ class GPTQPluginWeight:
         kernel chosen through gptq-plugin's registry for ``dtype``.
 
         Raises:
+            CheckpointError: ``bias`` does not fit the layer.
             KernelError: no registered kernel can run the layer (the message lists every kernel's reason).
         """
-        layer = QuantLinear(0, 0, self.bits, self.group_size, bias=bias is not None, sym=self.sym,
-                            dtype=self.scales.dtype, device="meta")
-        layer.in_features, layer.out_features = self.in_features, self.out_features
-        layer.qweight, layer.qzeros, layer.scales, layer.g_idx = self.qweight, self.qzeros, self.scales, self.g_idx
-        if bias is not None:
-            layer.bias = bias
+        layer = QuantLinear.from_tensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                         self.group_size, self.sym, bias, n_groups=int(self.scales.shape[0]))
         layer.prepare(self.dtype or self.scales.dtype)
         return layer
 
@@ -111,10 +101,11 @@ class GPTQPluginWeightsLoader:
 
     Args:
         config (`QuantizeConfig`): the checkpoint's quantization config.
-        modules_to_not_convert (`Sequence[str]`, *optional*, defaults to ()): prefixes of layers stored
-            unquantized (``quantization_config.modules_to_not_convert``; compressed-tensors: its ``ignore`` list,
-            names or ``re:`` patterns); they load as plain tensors, which TGI turns into its own unquantized
-            linear layers.
+        modules_to_not_convert (`Sequence[str]`, *optional*, defaults to ()): layers stored unquantized, which load
+            as plain tensors (TGI turns them into its own unquantized linear layers). GPTQ: its
+            ``quantization_config.modules_to_not_convert``, matched as TGI's own GPTQ loader matches them (a part of
+            the layer's name); compressed-tensors: its ``ignore`` list (full module names, ``re:`` patterns), matched
+            by the format handler as compressed-tensors matches it.
         checkpoint_format (`str`, *optional*): the on-disk format ("gptq", "gptq_v2", "compressed-tensors");
             defaults to ``config.checkpoint_format``.
     """
@@ -126,16 +117,16 @@ class GPTQPluginWeightsLoader:
                  checkpoint_format: str | None = None):
         self.config = config
         self.modules_to_not_convert = list(modules_to_not_convert or ())
-        # the on-disk format, whose handler (gptq_plugin.formats) converts each layer to the in-memory v1 layout
+        # the on-disk format, whose handler converts each layer to the in-memory v1 layout
         self.checkpoint_format = checkpoint_format or config.checkpoint_format
+        self.handler = get_format(self.checkpoint_format)
+        self.layout = layout_of(self.checkpoint_format)
 
     @classmethod
     def from_quantization_config(cls, d: dict[str, Any]) -> GPTQPluginWeightsLoader:
         """From a checkpoint's ``quantization_config`` object, parsed by the core's format handler. Raises
         :class:`ConfigError` for an invalid one or a format other than GPTQ v1/v2 and compressed-tensors
         pack-quantized (:class:`CheckpointError` for a compressed-tensors scheme that is not integer weight-only)."""
-        from gptq_plugin.formats import detect_format
-
         handler = detect_format(d, "quantization_config")
         if handler.name not in ("gptq", "gptq_v2", _CT):
             raise ConfigError(f"quantization_config is a {handler.name} checkpoint: the gptq-plugin TGI route serves "
@@ -171,13 +162,7 @@ class GPTQPluginWeightsLoader:
         """The whole layer ``prefix``, unsharded."""
         if self._skipped(prefix):
             return weights.get_tensor(f"{prefix}.weight")
-        if self.checkpoint_format == _CT:
-            return self._weight(weights, prefix, **self._ct_layer(weights, prefix), fmt="gptq")
-        self._require(weights, prefix)
-        qweight = weights.get_tensor(f"{prefix}.qweight")
-        scales = weights.get_tensor(f"{prefix}.scales", to_dtype=False)
-        return self._weight(weights, prefix, qweight, weights.get_tensor(f"{prefix}.qzeros"), scales,
-                            self._g_idx(weights, prefix, qweight, scales))
+        return self._weight(weights, prefix, self._read(weights, prefix))
 
     def get_weights_col_packed(self, weights, prefix: str, block_sizes: int | list[int]):
         """Layer ``prefix`` holding several layers stacked along the output dim (QKV, gate/up), each split
@@ -186,20 +171,11 @@ class GPTQPluginWeightsLoader:
         if self._skipped(prefix):
             return weights.get_packed_sharded(f"{prefix}.weight", dim=0, block_sizes=block_sizes)
         parts = block_sizes if isinstance(block_sizes, list) else [1] * block_sizes
-        if self.checkpoint_format == _CT:
-            def read(name, **kw):
-                return weights.get_packed_sharded(name, dim=0, block_sizes=block_sizes, **kw)
 
-            return self._weight(weights, prefix, **self._ct_layer(weights, prefix, (read, parts)), fmt="gptq")
-        self._require(weights, prefix)
-        rank, world = _rank_world(weights)
-        n = weights.get_shape(f"{prefix}.scales")[1]
-        _packed_ranges(n, parts, rank, world, f"{prefix}.qweight")  # a clear error for a split TGI cannot do
-        qweight = weights.get_packed_sharded(f"{prefix}.qweight", dim=1, block_sizes=block_sizes)
-        scales = weights.get_packed_sharded(f"{prefix}.scales", dim=1, block_sizes=block_sizes, to_dtype=False)
-        qzeros = self._qzeros_cols(weights, f"{prefix}.qzeros", n, parts, rank, world,
-                                   lambda name: weights.get_packed_sharded(name, dim=1, block_sizes=block_sizes))
-        return self._weight(weights, prefix, qweight, qzeros, scales, self._g_idx(weights, prefix, qweight, scales))
+        def read(name, **kw):
+            return weights.get_packed_sharded(name, dim=self.layout.out_dim, block_sizes=block_sizes, **kw)
+
+        return self._weight(weights, prefix, self._read(weights, prefix, (read, parts)))
 
     def get_weights_col(self, weights, prefix: str):
         """Layer ``prefix`` split across ranks along the output dim."""
@@ -211,238 +187,154 @@ class GPTQPluginWeightsLoader:
         weights (``qweight`` is ``[in, out]``, so quantized tensors are concatenated along dim 1)."""
         if self._skipped(prefixes[0]):
             return torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=dim)
-        rank, world = _rank_world(weights)
-        qweights, scales, qzeros, g_idxs = [], [], [], []
-        ct = self.checkpoint_format == _CT
-        for p in prefixes:
-            if ct:  # each layer converted to the in-memory v1 layout, then concatenated like GPTQ ones
-                t = self._ct_layer(weights, p, (lambda name, **kw: weights.get_sharded(name, dim=0, **kw), [1]))
-                for acc, key in ((qweights, "qweight"), (scales, "scales"), (qzeros, "qzeros"), (g_idxs, "g_idx")):
-                    acc.append(t[key])
-                continue
-            self._require(weights, p)
-            n = weights.get_shape(f"{p}.scales")[1]
-            _check_divisible(f"{p}.scales", "output channels", n, world)
-            qweights.append(weights.get_sharded(f"{p}.qweight", dim=1))
-            scales.append(weights.get_sharded(f"{p}.scales", dim=1, to_dtype=False))
-            qzeros.append(self._qzeros_cols(weights, f"{p}.qzeros", n, [1], rank, world,
-                                            lambda name: weights.get_sharded(name, dim=1)))
-            g_idxs.append(self._g_idx(weights, p, qweights[-1], scales[-1]))
-        for p, g in zip(prefixes[1:], g_idxs[1:]):
-            if not torch.equal(g, g_idxs[0]):
-                raise CheckpointError(f"{p}.g_idx differs from {prefixes[0]}.g_idx: layers loaded as one fused "
-                                      "layer must share their input-channel grouping; re-quantize them together")
-        widths = [s.shape[1] for s in scales]
-        return self._weight(weights, ",".join(prefixes), torch.cat(qweights, dim=1),
-                            _cat_packed_cols(qzeros, widths, self.config.bits), torch.cat(scales, dim=1), g_idxs[0],
-                            fmt="gptq" if ct else None)
+
+        def read(name, **kw):
+            return weights.get_sharded(name, dim=self.layout.out_dim, **kw)
+
+        layers = [self._read(weights, p, (read, [1])) for p in prefixes]
+        for p, t in zip(prefixes[1:], layers[1:]):
+            if not torch.equal(t["g_idx"], layers[0]["g_idx"]):
+                raise CheckpointError(f"{p}.{self.layout.g_idx} differs from {prefixes[0]}.{self.layout.g_idx}: layers "
+                                      "loaded as one fused layer must share their input-channel grouping; re-quantize "
+                                      "them together")
+        widths = [int(t["scales"].shape[1]) for t in layers]
+        fused = {"qweight": torch.cat([t["qweight"] for t in layers], dim=1),
+                 "qzeros": cat_packed([t["qzeros"] for t in layers], widths, self.config.bits, dim=1),
+                 "scales": torch.cat([t["scales"] for t in layers], dim=1), "g_idx": layers[0]["g_idx"]}
+        return self._weight(weights, ",".join(prefixes), fused)
 
     def get_weights_row(self, weights, prefix: str):
         """Layer ``prefix`` split across ranks along the input dim (each rank's output is a partial sum)."""
         if self._skipped(prefix):
             return weights.get_sharded(f"{prefix}.weight", dim=1)
-        if self.checkpoint_format == _CT:
-            return self._weight(weights, prefix, **self._ct_layer(weights, prefix, row=True), fmt="gptq")
-        self._require(weights, prefix)
-        rank, world = _rank_world(weights)
-        bits, gs = self.config.bits, self.config.group_size
-        has_g_idx = weights.has_tensor(f"{prefix}.g_idx")
-        if has_g_idx:
-            k = weights.get_shape(f"{prefix}.g_idx")[0]
-        else:
-            k = weights.get_shape(f"{prefix}.qweight")[0] * 32 // bits
-        _check_divisible(f"{prefix}.qweight", "input channels", k, world)
-        shard = k // world
-        lo, hi = rank * shard, (rank + 1) * shard
-        if world == 1 or (shard * bits) % 32 == 0:  # shard boundaries fall on word boundaries
-            qweight = weights.get_sharded(f"{prefix}.qweight", dim=0)
-        else:
-            full = weights.get_tensor(f"{prefix}.qweight")  # shard boundaries inside words: repack the codes
-            qweight = pack_dim0(unpack_dim0(full, bits, k)[lo:hi], bits)
-        if has_g_idx:
-            g_idx = weights.get_sharded(f"{prefix}.g_idx", dim=0)
-        else:
-            g_idx = default_g_idx(k, gs).to(qweight.device)[lo:hi]
-        in_order = gs != -1 and torch.equal(
-            g_idx.long().cpu(), torch.arange(lo, hi) // gs)
-        if world > 1 and in_order and shard % gs == 0:  # whole groups in input order: shard scales/qzeros too
-            scales = weights.get_sharded(f"{prefix}.scales", dim=0, to_dtype=False)
-            qzeros = weights.get_sharded(f"{prefix}.qzeros", dim=0)
-            g_idx = g_idx - g_idx[0]
-        else:  # act-order, straddling groups or one group: keep all groups, g_idx absolute
-            scales = weights.get_tensor(f"{prefix}.scales", to_dtype=False)
-            qzeros = weights.get_tensor(f"{prefix}.qzeros")
-        return self._weight(weights, prefix, qweight, qzeros, scales, g_idx)
+        return self._weight(weights, prefix, self._read(weights, prefix, row=True))
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _skipped(self, prefix: str) -> bool:
+        if self.checkpoint_format == _CT:
+            return self.handler.is_ignored(self.modules_to_not_convert, prefix)
         return any(re.match(m[3:], prefix) if m.startswith("re:") else m in prefix
                    for m in self.modules_to_not_convert)
 
     def _require(self, weights, prefix: str) -> None:
-        ct = self.checkpoint_format == _CT
-        name = f"{prefix}.{'weight_packed' if ct else 'qweight'}"
+        name = f"{prefix}.{self.handler.marker}"
         if not weights.has_tensor(name):
+            ct = self.checkpoint_format == _CT
             hint = (f"; the checkpoint has {prefix}.weight: an unquantized layer (list it in "
                     f"quantization_config.{'ignore' if ct else 'modules_to_not_convert'} or quantize it)"
                     if weights.has_tensor(f"{prefix}.weight") else "")
             raise CheckpointError(f"{name} is missing from the checkpoint loaded with --quantize gptq{hint}")
 
-    def _ct_layer(self, weights, prefix: str, col: tuple[Callable, list[int]] | None = None, row: bool = False
-                  ) -> dict[str, torch.Tensor]:
-        """This rank's shard of compressed-tensors layer ``prefix`` in the in-memory GPTQ v1 layout (``qweight``,
-        ``qzeros``, ``scales``, ``g_idx``), converted by the core's handler.
+    def _features(self, weights, prefix: str) -> tuple[int, int]:
+        """``(K, N)`` of layer ``prefix`` from what is stored (compressed-tensors: ``weight_shape``; GPTQ: ``g_idx``,
+        else the packed words, then the scales), after checking the packed weight's shape against them: TGI shards
+        it by word, so it must hold the format's dense packing of ``K`` codes at the config's bit width."""
+        L, bits = self.layout, self.config.bits
+        if self.checkpoint_format == _CT:
+            n, k = (int(v) for v in weights.get_tensor(f"{prefix}.weight_shape", to_dtype=False).reshape(-1).tolist())
+        else:
+            g_idx = f"{prefix}.{L.g_idx}"
+            k = (weights.get_shape(g_idx)[0] if weights.has_tensor(g_idx)
+                 else weights.get_shape(f"{prefix}.{L.weight}")[0] * 32 // bits)  # exact for whole words only
+            n = weights.get_shape(f"{prefix}.{L.scales}")[L.out_dim]
+        shape, want = list(weights.get_shape(f"{prefix}.{L.weight}")), [packed_rows(k, bits), n]
+        if L.out_dim == 0:
+            want.reverse()
+        if shape != want:
+            name = self.handler.config_names[0]
+            raise CheckpointError(
+                f"{prefix}.{L.weight} has shape {shape}, expected {want} for {k} input and {n} output channels at "
+                f"{name}={bits}: the config's {name} does not match the tensors, or (3 bits) the codes use "
+                f"compressed-tensors' older packing; rewrite it with `gptq-plugin convert SRC DST --to "
+                f"{self.checkpoint_format}`")
+        return k, n
+
+    def _read(self, weights, prefix: str, col: tuple[Callable, list[int]] | None = None, row: bool = False
+              ) -> dict[str, torch.Tensor]:
+        """This rank's shard of layer ``prefix`` in the in-memory GPTQ v1 layout (``qweight``, ``qzeros``, ``scales``,
+        ``g_idx``), read in the checkpoint's layout (:mod:`gptq_plugin.sharding`) and converted by its handler.
 
         Args:
-            col: column-parallel: ``(read, parts)``, ``read(name, **kw)`` reading dim 0 of a tensor sharded the way
-                the caller's TGI method shards it, and the proportions of the blocks stacked along the outputs.
-            row: row-parallel: split the input channels.
-            Neither: the whole layer.
+            col: column-parallel: ``(read, parts)``, ``read(name, **kw)`` reading a tensor's output channels the
+                way the caller's TGI method shards them, and the proportions of the blocks stacked along them.
+            row: row-parallel: split the input channels. Neither: the whole layer.
         """
-        from gptq_plugin.formats import get_format
-
         self._require(weights, prefix)
-        bits, gs = self.config.bits, self.config.group_size
+        L, bits, gs = self.layout, self.config.bits, self.config.group_size
         rank, world = _rank_world(weights)
-        packed, scale, zero = (f"{prefix}.{leaf}" for leaf in ("weight_packed", "weight_scale", "weight_zero_point"))
-        n, k = (int(v) for v in weights.get_tensor(f"{prefix}.weight_shape", to_dtype=False).reshape(-1).tolist())
-        shape = list(weights.get_shape(packed))
-        if shape != [n, packed_rows(k, bits)]:
-            raise CheckpointError(
-                f"{packed} has shape {shape}, expected [{n}, {packed_rows(k, bits)}] for weight_shape [{n}, {k}] at "
-                f"num_bits={bits}: config_groups num_bits does not match the tensors, or (3 bits) the codes use "
-                "compressed-tensors' older packing; rewrite it with "
-                "`gptq-plugin convert SRC DST --to compressed-tensors`")
-        has_zero = weights.has_tensor(zero)
-        if weights.has_tensor(f"{prefix}.weight_g_idx"):
-            g_idx = weights.get_tensor(f"{prefix}.weight_g_idx")
-        else:
-            g_idx = default_g_idx(k, gs)
+        k, n = self._features(weights, prefix)
+        weight, scales, zeros, g_leaf = (f"{prefix}.{leaf}" for leaf in (L.weight, L.scales, L.zeros, L.g_idx))
+        has_zeros = weights.has_tensor(zeros)
+        g_idx = weights.get_tensor(g_leaf) if weights.has_tensor(g_leaf) else default_g_idx(k, gs)
         t: dict[str, torch.Tensor] = {}
-        n_groups = None  # ceil(k_local / group_size), unless a row shard keeps every group
         if col is not None:
             read, parts = col
-            ranges = _packed_ranges(n, parts, rank, world, packed)
-            t["weight_packed"], t["weight_scale"] = read(packed), read(scale, to_dtype=False)
-            if has_zero:
-                t["weight_zero_point"] = self._qzeros_cols(weights, zero, n, parts, rank, world, read, dim=0)
-            n, k_local = sum(b - a for a, b in ranges), k
+            ranges = block_ranges(n, parts, rank, world, weight)
+            t[L.weight], t[L.scales] = read(weight), read(scales, to_dtype=False)
+            if has_zeros:
+                t[L.zeros] = self._zeros_cols(weights, zeros, n, ranges, parts, read)
+            n = sum(b - a for a, b in ranges)
         elif row:
-            _check_divisible(packed, "input channels", k, world)
-            k_local = k // world
-            lo, hi = rank * k_local, (rank + 1) * k_local
-            if world == 1 or (k_local * bits) % 32 == 0:  # shard boundaries fall on word boundaries
-                t["weight_packed"] = weights.get_sharded(packed, dim=1)
+            shard = RowShard.of(k, gs, rank, world, weight)
+            if shard.word_aligned(bits):
+                t[L.weight] = weights.get_sharded(weight, dim=L.in_dim)
             else:  # shard boundaries inside words: repack the codes
-                codes = unpack_dim0(weights.get_tensor(packed).t().contiguous(), bits, k)[lo:hi]
-                t["weight_packed"] = pack_dim0(codes, bits).t().contiguous()
-            g_idx = g_idx[lo:hi]
-            in_order = gs != -1 and torch.equal(g_idx.long().cpu(), torch.arange(lo, hi) // gs)
-            if world > 1 and in_order and k_local % gs == 0:  # whole groups in input order: shard them too
-                t["weight_scale"] = weights.get_sharded(scale, dim=1, to_dtype=False)
-                if has_zero:
-                    t["weight_zero_point"] = weights.get_sharded(zero, dim=1)
-                g_idx = g_idx - g_idx[0]
-            else:  # act-order, straddling groups or one group: keep all groups, g_idx absolute
-                t["weight_scale"] = weights.get_tensor(scale, to_dtype=False)
-                if has_zero:
-                    t["weight_zero_point"] = weights.get_tensor(zero)
-                n_groups = int(t["weight_scale"].shape[1])
+                t[L.weight] = slice_codes(weights.get_tensor(weight), bits, k, [(shard.lo, shard.hi)], L.in_dim)
+            g_idx = g_idx[shard.lo: shard.hi]
+            split = shard.groups(g_idx) is not None  # whole groups in input order: shard them too, else keep all
+
+            def groups_of(name, **kw):
+                return weights.get_sharded(name, dim=L.in_dim, **kw) if split else weights.get_tensor(name, **kw)
+
+            t[L.scales] = groups_of(scales, to_dtype=False)
+            if has_zeros:
+                t[L.zeros] = groups_of(zeros)
+            g_idx, k = shard.local_g_idx(g_idx, split), shard.size
         else:
-            t["weight_packed"] = weights.get_tensor(packed)
-            t["weight_scale"] = weights.get_tensor(scale, to_dtype=False)
-            if has_zero:
-                t["weight_zero_point"] = weights.get_tensor(zero)
-            k_local = k
-        t["weight_g_idx"] = g_idx.to(device=t["weight_packed"].device, dtype=torch.int32)
-        t["weight_shape"] = torch.tensor([n, k_local], dtype=torch.int64)
-        out = get_format(_CT).to_internal(t, self.config, prefix, n_groups=n_groups)
-        return {key: out[key] for key in ("qweight", "qzeros", "scales", "g_idx")}
-
-    def _g_idx(self, weights, prefix: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        name = f"{prefix}.g_idx"
-        if weights.has_tensor(name):
-            return weights.get_tensor(name)
-        k = qweight.shape[0] * 32 // self.config.bits  # exact when g_idx is absent only for whole words
-        return default_g_idx(k, self.config.group_size).to(qweight.device)
-
-    def _qzeros_cols(self, weights, name: str, n: int, parts: list[int], rank: int, world: int,
-                     read_sharded: Callable[[str], torch.Tensor], dim: int = 1) -> torch.Tensor:
-        """The ``qzeros`` words of this rank's output channels (``n`` in blocks proportional to ``parts``, each
-        split in ``world``): read through TGI's word-level sharding when it selects exactly those channels' words,
-        else by unpacking the whole tensor, slicing the codes and repacking them. ``dim``: the packed (output) dim,
-        1 for GPTQ's ``qzeros [G, words]``, 0 for compressed-tensors' ``weight_zero_point [words, G]``."""
-        bits = self.config.bits
-        ranges = _packed_ranges(n, parts, rank, world, name)
-        words = packed_rows(n, bits)
-        try:
-            word_ranges = _packed_ranges(words, parts, rank, world, name)
-        except CheckpointError:
-            word_ranges = None
-        if word_ranges is not None and all(
-                wa * 32 == a * bits and (wb * 32 == b * bits or (b == n and wb == words))
-                for (a, b), (wa, wb) in zip(ranges, word_ranges)):
-            return read_sharded(name)
-        full = weights.get_tensor(name)  # [G, ceil(n * bits / 32)] (dim 1) or its transpose (dim 0)
-        codes = unpack_dim0(full.t().contiguous() if dim == 1 else full, bits, n)  # stored values [n, G]
-        codes = torch.cat([codes[a:b] for a, b in ranges])
-        packed = pack_dim0(codes, bits)
-        return packed.t().contiguous() if dim == 1 else packed
-
-    def _weight(self, weights, prefix: str, qweight, qzeros, scales, g_idx, fmt: str | None = None
-                ) -> GPTQPluginWeight:
-        """The layer from GPTQ-layout tensors whose ``qzeros`` are in format ``fmt`` (default: the checkpoint's)."""
-        from gptq_plugin.formats import get_format
-        from gptq_plugin.validate import check_g_idx_range, check_internal
-
-        bits, gs = self.config.bits, self.config.group_size
-        if scales.dim() != 2 or g_idx.dim() != 1:
-            raise CheckpointError(f"{prefix}: scales {tuple(scales.shape)} and g_idx {tuple(g_idx.shape)} must be "
-                                  "[groups, out_features] and [in_features]: corrupt checkpoint")
-        k, groups = int(g_idx.numel()), int(scales.shape[0])
+            t[L.weight], t[L.scales] = weights.get_tensor(weight), weights.get_tensor(scales, to_dtype=False)
+            if has_zeros:
+                t[L.zeros] = weights.get_tensor(zeros)
+        s = t[L.scales]
+        if s.dim() != 2 or g_idx.dim() != 1:
+            raise CheckpointError(f"{prefix}: {L.scales} {tuple(s.shape)} and {L.g_idx} {tuple(g_idx.shape)} must be "
+                                  "2-D and 1-D: corrupt checkpoint")
+        groups = int(s.shape[L.in_dim])
         if groups < num_groups(k, gs) and k:
-            raise CheckpointError(f"{prefix}.scales has {groups} groups, fewer than the {num_groups(k, gs)} "
-                                  f"that {k} input channels need at group_size={gs}")
-        check_g_idx_range(g_idx, groups, f"{prefix}.g_idx", gs)  # before the int32 cast: no wrap-around
-        g_idx = g_idx.to(torch.int32)
-        stored = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
-        qzeros = get_format(fmt or self.checkpoint_format).to_internal(stored, self.config, prefix)["qzeros"]
-        # the core's validator on this rank's shard (which may keep every group of the layer: n_groups)
-        check_internal(prefix, {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}, bits, gs,
-                       n_groups=groups)
-        return GPTQPluginWeight(qweight, qzeros, scales, g_idx, bits, gs, self.config.sym,
+            raise CheckpointError(f"{scales} has {groups} groups, fewer than the {num_groups(k, gs)} that {k} input "
+                                  f"channels need at group_size={gs}")
+        check_g_idx_range(g_idx, groups, g_leaf, gs)  # before the int32 cast: no wrap-around
+        t[L.g_idx] = g_idx.to(device=t[L.weight].device, dtype=torch.int32)
+        extra: dict[str, Any] = {}
+        if self.checkpoint_format == _CT:
+            t["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+            extra["n_groups"] = groups
+        out = self.handler.to_internal(t, self.config, prefix, **extra)
+        return {leaf: out[leaf] for leaf in _LEAVES}
+
+    def _zeros_cols(self, weights, name: str, n: int, ranges: list[tuple[int, int]], parts: list[int],
+                    read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The zero-point words of this rank's output ``ranges`` (of ``n``): read through TGI's word-level sharding
+        when it selects exactly those channels' words, else by unpacking the whole tensor, slicing the codes and
+        repacking them."""
+        bits = self.config.bits
+        rank, world = _rank_world(weights)
+        try:
+            tgi_words = block_ranges(packed_rows(n, bits), parts, rank, world, name)
+        except CheckpointError:
+            tgi_words = None
+        if tgi_words is not None and word_ranges(ranges, n, bits) == tgi_words:
+            return read(name)
+        return slice_codes(weights.get_tensor(name), bits, n, ranges, dim=self.layout.out_dim)
+
+    def _weight(self, weights, prefix: str, t: dict[str, torch.Tensor]) -> GPTQPluginWeight:
+        """The layer from this rank's in-memory v1 tensors, checked by the core's validator (the shard may keep every
+        group of the layer)."""
+        bits, gs = self.config.bits, self.config.group_size
+        check_internal(prefix, t, bits, gs, n_groups=int(t["scales"].shape[0]), names=self.handler.internal_names)
+        return GPTQPluginWeight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, gs, self.config.sym,
                                 getattr(weights, "dtype", None))
 
 
 def _rank_world(weights) -> tuple[int, int]:
     pg = weights.process_group
     return int(pg.rank()), int(pg.size())
-
-
-def _cat_packed_cols(qzeros: list[torch.Tensor], widths: list[int], bits: int) -> torch.Tensor:
-    """Concatenate ``qzeros`` of layers with ``widths`` output channels: word by word when every layer but the
-    last fills whole words, else code by code."""
-    if all(w * bits % 32 == 0 for w in widths[:-1]):
-        return torch.cat(qzeros, dim=1)
-    codes = [unpack_dim0(q.t().contiguous(), bits, w) for q, w in zip(qzeros, widths)]  # stored values [w, G]
-    return pack_dim0(torch.cat(codes), bits).t().contiguous()
-
-
-def _check_divisible(name: str, what: str, size: int, world: int) -> None:
-    if size % world:
-        raise CheckpointError(f"{name}: {size} {what} cannot be split evenly across {world} tensor-parallel "
-                              f"shards; use a number of shards that divides {size}")
-
-
-def _packed_ranges(n: int, parts: list[int], rank: int, world: int, name: str) -> list[tuple[int, int]]:
-    """The ``[start, stop)`` ranges of ``n`` channels that rank ``rank`` takes when they stack blocks proportional
-    to ``parts`` (TGI's ``get_packed_sharded``; ``[1]`` for one layer), each block split in ``world`` shards."""
-    if n % sum(parts):
-        raise CheckpointError(f"{name}: {n} output channels cannot be split in blocks proportional to {parts}")
-    ranges, start = [], 0
-    for p in parts:
-        size = n // sum(parts) * p
-        _check_divisible(name, "output channels of a packed block", size, world)
-        ranges.append((start + rank * size // world, start + (rank + 1) * size // world))
-        start += size
-    return ranges

@@ -13,13 +13,10 @@ What the quantizer does inside ``from_pretrained``:
   :class:`~gptq_plugin.linear.QuantLinear`, and the unquantized weights are cast to the requested dtype
   (``dtype="auto"``, the default: the source's ``config.json`` dtype). ``save_pretrained`` then writes the
   standard GPTQ checkpoint the CLI writes (``quant_method: "gptq"``, fp16 ``scales`` and unquantized weights).
-* **Load a GPTQ checkpoint**: the linears named by the checkpoint's ``*.qweight`` tensors become empty
-  ``QuantLinear`` shells before Transformers loads the weights into them; ``gptq_v2`` zero points are
-  converted and every layer is validated afterwards.
-* **Load a compressed-tensors ``pack-quantized`` checkpoint** (``*.weight_packed`` tensors): the shells hold
-  buffers with the checkpoint's names and shapes (``weight_packed``, ``weight_scale``, ``weight_zero_point``,
-  ``weight_g_idx``, ``weight_shape``), which Transformers fills; the core's format handler then converts each layer
-  to the GPTQ layout. Layers in the config's ``ignore`` list have no packed tensors and stay ``nn.Linear``.
+* **Load a GPTQ or compressed-tensors ``pack-quantized`` checkpoint** (:mod:`gptq_plugin.prequantized`): the
+  linears named by the checkpoint's ``*.qweight`` (``*.weight_packed``) tensors become ``QuantLinear`` shells holding
+  the stored tensors' names and shapes, which Transformers fills; the core's format handler then converts each layer
+  to the GPTQ layout and validates it. Layers without packed tensors (``ignore``) stay ``nn.Linear``.
 
 The route for ``quant_method: "gptq"`` checkpoints (Transformers sends those to its own GPTQ quantizer, which
 needs optimum and gptqmodel) is a thin wrapper around ``AutoHfQuantizer.merge_quantization_configs``
@@ -66,6 +63,8 @@ except ImportError as e:  # pragma: no cover - exercised only without Transforme
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError, ConfigError
 from gptq_plugin.linear import QuantLinear
+from gptq_plugin.plugins import detect_format, get_format
+from gptq_plugin.prequantized import checkpoint_headers, finish_shells, make_shells, quantized_modules
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +171,6 @@ class GPTQPluginConfig(QuantizationConfigMixin):
             CheckpointError: a compressed-tensors config other than integer weight-only ``pack-quantized``.
         """
         if str(config_dict.get("quant_method", "")).lower() in _CT_METHODS:
-            from gptq_plugin.formats import get_format
-
             core = get_format(_CT).parse_config(config_dict)
         else:
             core = QuantizeConfig.from_dict(config_dict)
@@ -232,7 +229,7 @@ class GPTQPluginHfQuantizer(HfQuantizer):
     """Transformers quantizer for ``quant_method="gptq_plugin"``: GPTQ on load, or load a GPTQ checkpoint into
     :class:`~gptq_plugin.linear.QuantLinear` layers; ``save_pretrained`` writes a standard GPTQ checkpoint.
 
-    After quantizing on load, :attr:`report` holds the core's :class:`~gptq_plugin.pipeline.QuantizeReport`.
+    After quantizing on load, :attr:`report` holds the core's :class:`~gptq_plugin.blockquant.QuantizeReport`.
     """
 
     requires_calibration = False
@@ -271,27 +268,18 @@ class GPTQPluginHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             _check_source_to_quantize(model, checkpoint_files, self.quantization_config)
             return model
-        from gptq_plugin.checkpoint import replace_with_quant_linear
-
-        fmt = _handler(self.quantization_config)
-        names, scale_dtypes = _quantized_module_names(model, checkpoint_files, fmt)
+        fmt = detect_format(self.quantization_config.checkpoint_dict(), "quantization_config")  # in memory: GPTQ v1
+        names, scale_dtypes = quantized_modules(model, checkpoint_files, fmt)
         if not names:
             kind = "compressed-tensors" if fmt.name == _CT else "GPTQ"
             raise CheckpointError(f"{model.name_or_path}: no *.{fmt.marker} tensors: not a {kind} checkpoint "
                                   "(quantize it first)")
-        cfg = self.quantization_config.to_quantize_config()
-        _check_checkpoint_headers(model, names, model.name_or_path, fmt, cfg)
-        replace_with_quant_linear(model, list(names), cfg)
-        for name, dtype in scale_dtypes.items():  # as the core's reader: fp32 scales are not rounded to fp16
-            m = model.get_submodule(name)
-            m.register_buffer("scales", m.scales.to(dtype))
-        if fmt.name == _CT:
-            _hold_ct_tensors(model, names, cfg)
+        make_shells(model, names, scale_dtypes, fmt, self.quantization_config.to_quantize_config(), model.name_or_path)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
-            _finish_loaded_layers(model, self.quantization_config)
+            finish_shells(model, self.quantization_config.checkpoint_dict(), Path(str(model.name_or_path)))
             return model
         return self._quantize(model)
 
@@ -375,70 +363,6 @@ def _cast_unquantized(model, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def _checkpoint_headers(checkpoint_files) -> dict[str, Any]:
-    """``{tensor name: TensorMeta(shape, dtype)}`` over ``checkpoint_files``, read from the safetensors headers (no
-    tensor data but compressed-tensors' ``weight_shape`` values, two integers each), or from weights-only pickles.
-    The files must lie in the checkpoint folder (a shard index naming ``/abs/path`` or ``../x`` is refused, as
-    :func:`gptq_plugin.checkpoint.checkpoint_files` refuses it).
-
-    Raises:
-        CheckpointError: a file outside the folder, or one that cannot be read (truncated, not safetensors, a pickle
-            that is not a weights-only torch file), named with the fix.
-    """
-    from gptq_plugin.validate import TensorMeta
-
-    files = [str(f) for f in checkpoint_files]
-    folder = os.path.dirname(os.path.normpath(os.path.abspath(files[0]))) if files else ""
-    metas: dict[str, Any] = {}
-    for f in files:
-        _check_inside(f, folder)
-        if f.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                with safe_open(f, "pt") as h:
-                    for k in h.keys():
-                        sl = h.get_slice(k)
-                        metas[k] = TensorMeta(list(sl.get_shape()), sl.get_dtype())
-                        if k.endswith(".weight_shape") and metas[k].shape == [2]:
-                            metas[k].value = h.get_tensor(k).tolist()
-            except Exception as e:  # SafetensorError, OSError, ...: one clear error naming the file
-                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e}); "
-                                      "re-download or re-create the checkpoint") from None
-        else:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
-                raise CheckpointError(f"{f}: cannot be read as a weights-only torch file ({type(e).__name__}: {e}); "
-                                      "re-download the checkpoint or convert it to safetensors") from None
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise CheckpointError(f"{f}: not a state dict of tensors; re-download the checkpoint")
-            for k, v in sd.items():
-                metas[k] = TensorMeta(list(v.shape), v.dtype)
-                if k.endswith(".weight_shape") and v.numel() == 2:
-                    metas[k].value = v.tolist()
-    return metas
-
-
-def _check_inside(f: str, folder: str) -> None:
-    """Refuse a weight file that lies outside the checkpoint folder (Transformers joins the index's file names to
-    the folder: an absolute name or ``../`` escapes it)."""
-    path = os.path.normpath(os.path.abspath(f))
-    if folder and os.path.commonpath([path, folder]) != folder:
-        raise CheckpointError(f"the shard index (model.safetensors.index.json) names {f!r}, which lies outside the "
-                              f"checkpoint folder {folder}: refusing to read it (a hostile or broken index)")
-
-
-def _check_index(model, checkpoint_files) -> None:
-    """Every file of ``checkpoint_files`` lies in the folder ``model`` was loaded from (local folders only)."""
-    root = str(getattr(model, "name_or_path", "") or "")
-    if not checkpoint_files or not os.path.isdir(root):
-        return
-    folder = os.path.normpath(os.path.abspath(root))
-    for f in checkpoint_files:
-        _check_inside(str(f), folder)
-
-
 def _check_source_to_quantize(model, checkpoint_files, cfg: GPTQPluginConfig) -> None:
     """Before quantizing on load: the folder holds float weights and the user asked to quantize.
 
@@ -449,9 +373,9 @@ def _check_source_to_quantize(model, checkpoint_files, cfg: GPTQPluginConfig) ->
             (that config means "load a quantized checkpoint").
     """
     where = getattr(model, "name_or_path", "") or "the model"
-    _check_index(model, checkpoint_files)
     if checkpoint_files:
-        packed = sorted(k for k in _checkpoint_headers(checkpoint_files) if k.endswith((".qweight", ".weight_packed")))
+        packed = sorted(k for k in checkpoint_headers(checkpoint_files, str(where))
+                        if k.endswith((".qweight", ".weight_packed")))
         if packed:
             raise CheckpointError(
                 f"{where}: holds quantized tensors ({packed[0]}, {len(packed)} in all) but its config.json has no "
@@ -463,208 +387,6 @@ def _check_source_to_quantize(model, checkpoint_files, cfg: GPTQPluginConfig) ->
             "arguments loads quantized checkpoints. To quantize it on load, say so: "
             "GPTQPluginConfig(bits=4, dataset='wikitext2') (or a text file, or a list of strings); to load a "
             "checkpoint, point from_pretrained at the quantized folder")
-
-
-def _handler(cfg: GPTQPluginConfig):
-    """The core's format handler of the checkpoint ``cfg`` was read from (GPTQ v1 for a config made in memory)."""
-    from gptq_plugin.formats import detect_format
-
-    return detect_format(cfg.checkpoint_dict(), "quantization_config")
-
-
-def _quantized_module_names(model, checkpoint_files, fmt=None) -> tuple[dict[str, dict[str, Any]], dict[str, torch.dtype]]:
-    """``{module name: {leaf: TensorMeta}}`` for the modules of ``model`` that the checkpoint quantizes (its
-    ``*.qweight`` tensors, or the marker tensors of format handler ``fmt``: ``*.weight_packed`` for
-    compressed-tensors); every decoder-block linear, with no leaves, when the checkpoint files are unknown
-    (``from_pretrained(state_dict=...)``). Second: ``{module name: dtype}`` of the stored scales (``scales``,
-    compressed-tensors ``weight_scale``), from the file headers.
-
-    Raises:
-        CheckpointError: a file outside the folder or unreadable (see :func:`_checkpoint_headers`); a quantized layer
-            lacks a required leaf (``qweight`` included: a layer with ``qzeros``/``scales`` but no ``qweight`` would
-            otherwise stay a randomly initialised ``nn.Linear``); a linear layer of the model has neither quantized
-            tensors nor a ``.weight``; a quantized tensor names no module.
-    """
-    from gptq_plugin.formats import get_format
-
-    fmt = fmt or get_format("gptq")
-    if not checkpoint_files:
-        from gptq_plugin.layouts import find_layout
-
-        blocks, prefix = find_layout(model).blocks(model)
-        return {f"{prefix}.{i}.{n}": {} for i, b in enumerate(blocks) for n, m in b.named_modules()
-                if isinstance(m, torch.nn.Linear)}, {}
-    _check_index(model, checkpoint_files)
-    keys = _checkpoint_headers(checkpoint_files)
-    where = Path(str(checkpoint_files[0])).parent
-    owned = [leaf for leaf in fmt.leaves if leaf != fmt.marker]
-    for k in sorted(keys):  # a layer's other leaves without its marker: the marker was lost
-        prefix, _, leaf = k.rpartition(".")
-        if leaf in owned and f"{prefix}.{fmt.marker}" not in keys:
-            raise CheckpointError(f"{where}: tensor {prefix}.{fmt.marker} is missing (the checkpoint has {k}): the "
-                                  "checkpoint is incomplete; re-download or re-create it")
-    names, scale_dtypes = {}, {}
-    for k in sorted(keys):
-        if not k.endswith("." + fmt.marker):
-            continue
-        prefix = k[: -len(fmt.marker) - 1]
-        module = _resolve_module(model, prefix, where, fmt.marker)
-        names[module] = {leaf: keys[f"{prefix}.{leaf}"] for leaf in (*fmt.leaves, "bias") if f"{prefix}.{leaf}" in keys}
-        scale = keys.get(f"{prefix}.{fmt.scale_leaf}")
-        if scale is not None and scale.dtype in _FLOAT_DTYPES:
-            scale_dtypes[module] = _FLOAT_DTYPES[scale.dtype]
-    _check_state_covered(model, names, keys, where, fmt)
-    return names, scale_dtypes
-
-
-_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-def _check_state_covered(model, names: dict, keys: dict, where, fmt) -> None:
-    """Every tensor of ``model``'s state dict outside the quantized layers is in the checkpoint, floating where the
-    model's is and of the model's shape (a tied ``lm_head`` and the model's ``_keys_to_ignore_on_load_missing``
-    excepted), as :func:`gptq_plugin.checkpoint.load_quantized` requires. Transformers would otherwise initialise a
-    missing tensor randomly, cast an integer one, and only mention it in its load report."""
-    import re
-
-    base = getattr(model, "base_model_prefix", "") or ""
-
-    def stored(k: str):
-        for c in (k, f"{base}.{k}" if base else k, k.removeprefix(f"{base}.") if base else k):
-            if c in keys:
-                return keys[c]
-        return None
-
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied_names = {f"{n}.weight" for n, m in model.named_modules() if tied and out_emb is not None and m is out_emb}
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-    for k, ref in model.state_dict().items():
-        prefix = k.rpartition(".")[0]
-        if prefix in names or k in tied_names or any(p.search(k) for p in ignore):
-            continue
-        meta = stored(k)
-        if meta is None:
-            what = f"{prefix}.{fmt.marker} (or {k})" if isinstance(model.get_submodule(prefix), torch.nn.Linear) else k
-            raise CheckpointError(f"{where}: tensor {what} is missing: Transformers would initialise it randomly; the "
-                                  "checkpoint is incomplete or for another architecture")
-        floating = ST_FLOAT.get(str(meta.dtype), getattr(meta.dtype, "is_floating_point", False))
-        if ref.is_floating_point() and not floating:
-            raise CheckpointError(f"{where}: tensor {k} has dtype {meta.dtype}, expected a floating-point tensor: "
-                                  "corrupt checkpoint")
-        if list(meta.shape) != list(ref.shape):
-            raise CheckpointError(f"{where}: tensor {k} has shape {list(meta.shape)}, expected {list(ref.shape)}: the "
-                                  "checkpoint does not match its config.json")
-
-
-ST_FLOAT = {"F16": True, "BF16": True, "F32": True, "F64": True}
-
-
-def _hold_ct_tensors(model, names: dict[str, dict[str, tuple[int, ...]]], cfg: QuantizeConfig) -> None:
-    """Give the ``QuantLinear`` shells at ``names`` buffers with the compressed-tensors names and shapes (the leaves
-    the checkpoint has; without its files: ``weight_zero_point`` when asymmetric, ``weight_g_idx`` for actorder
-    "group") in place of the GPTQ ones, so that Transformers' loader fills them (:func:`_finish_loaded_layers`
-    converts them)."""
-    for name, shapes in names.items():
-        m = model.get_submodule(name)
-        device, scales_dtype = m.qweight.device, m.scales.dtype
-        expected = m.expected_tensors(_CT)
-        leaves = [leaf for leaf in shapes if leaf in expected] or ["weight_packed", "weight_scale", "weight_shape"] + (
-            ["weight_zero_point"] if not cfg.sym else []) + (
-            ["weight_g_idx"] if cfg.desc_act and not cfg.static_groups else [])
-        for leaf in ("qweight", "qzeros", "scales", "g_idx"):
-            m.register_buffer(leaf, None)
-        for leaf in leaves:
-            shape, dtype = expected[leaf]
-            m.register_buffer(leaf, torch.zeros(shape, dtype=dtype or scales_dtype, device=device))
-
-
-def _check_checkpoint_headers(model, names: dict[str, dict[str, Any]], where, fmt, cfg: QuantizeConfig) -> None:
-    """Refuse, before Transformers loads anything, tensors that the core's validator refuses
-    (:func:`gptq_plugin.validate.check_layer_header`: required leaves, dtypes, shapes against ``cfg`` and the
-    model's layer sizes), then shapes other than the format's canonical ones (the buffers Transformers fills have
-    those: older compressed-tensors packings are for ``gptq-plugin convert``)."""
-    from gptq_plugin.validate import check_layer_header
-
-    for name, metas in names.items():
-        m = model.get_submodule(name)
-        if not metas or not isinstance(m, torch.nn.Linear):  # not a linear: replace_with_quant_linear names it
-            continue
-        try:
-            check_layer_header(fmt, cfg, name, metas, m.in_features, m.out_features)
-        except CheckpointError as e:
-            raise CheckpointError(f"{where}: {e}") from None
-        expected = fmt.expected_tensors(cfg, m.in_features, m.out_features)
-        for leaf, meta in metas.items():
-            if leaf in expected and list(meta.shape) != list(expected[leaf][0]):
-                hint = ("; a 3-bit compressed-tensors checkpoint in the older packing (10 codes per word) can be "
-                        "rewritten with `gptq-plugin convert SRC DST --to compressed-tensors`"
-                        if fmt.name == _CT and leaf == "weight_packed" else "")
-                raise CheckpointError(f"{where}: {name}.{leaf} has shape {list(meta.shape)}, expected "
-                                      f"{list(expected[leaf][0])} for bits={cfg.bits}, group_size={cfg.group_size}: "
-                                      f"the checkpoint does not match its quantization_config{hint}")
-
-
-def _resolve_module(model, name: str, where, marker: str = "qweight") -> str:
-    base = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name]
-    if base:
-        candidates += [f"{base}.{name}", name.removeprefix(f"{base}.")]
-    for c in candidates:
-        try:
-            model.get_submodule(c)
-        except AttributeError:
-            continue
-        return c
-    raise CheckpointError(f"{where}: tensor {name}.{marker} names no module of {type(model).__name__}: the "
-                          "checkpoint does not match its config.json")
-
-
-def _layer_tensors(m: QuantLinear, leaves=("qweight", "qzeros", "scales", "g_idx")) -> dict[str, torch.Tensor]:
-    t = {leaf: getattr(m, leaf) for leaf in leaves if getattr(m, leaf, None) is not None}
-    if m.bias is not None:
-        t["bias"] = m.bias
-    return t
-
-
-def _finish_loaded_layers(model, cfg: GPTQPluginConfig) -> None:
-    """Turn the loaded layers from the checkpoint's format into the in-memory GPTQ v1 layout, the way the CLI's
-    reader does (:func:`gptq_plugin.formats.open_checkpoint`: the registered format handler, ``gptq_v2`` zeros,
-    GPTQModel's v1 word arithmetic, and the v1/v2 zero-point check first), then validate every layer.
-
-    Raises:
-        CheckpointError: a layer without values, a conclusively mislabelled v1/v2 checkpoint, a tensor with the
-            wrong shape or dtype, ``g_idx`` out of range, NaN scales.
-    """
-    from gptq_plugin.formats import RawCheckpoint, detect_format
-    from gptq_plugin.validate import validate_layer
-
-    path = Path(str(model.name_or_path))
-    qcfg = cfg.checkpoint_dict()
-    handler = detect_format(qcfg, f"{path}/config.json")
-    leaves = handler.leaves if handler.name == _CT else ("qweight", "qzeros", "scales", "g_idx")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state = {f"{n}.{leaf}": t for n, m in layers.items() for leaf, t in _layer_tensors(m, leaves).items()}
-    missing = [k for k, t in state.items() if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{path}: no value for {missing[0]}: the checkpoint is incomplete")
-    if not layers:
-        return
-    ck = RawCheckpoint(path, handler, handler.parse_config(qcfg), qcfg, state, list(layers))
-    ck.config = handler.observe(ck.config, ck.layer_tensors(ck.layers[0]))
-    ck.check_zero_points()
-    for name, m in layers.items():
-        try:  # the core's validator (dtypes, shapes, g_idx range, finite scales), then its handler's conversion
-            internal = validate_layer(handler, ck.config, name, ck.layer_tensors(name), m.in_features, m.out_features)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        for leaf, value in internal.items():
-            if value is not getattr(m, leaf):
-                setattr(m, leaf, value)
-        if handler.name == _CT:  # the GPTQ buffers are set: drop the checkpoint's
-            for leaf in handler.leaves:
-                m._buffers.pop(leaf, None)
-        m.reset_kernel()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,12 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-# Running `python benchmarks/gptqmodel_baseline.py` puts benchmarks/ first on sys.path, where files of
-# this project (e.g. benchmarks/kernels.py) would shadow installed packages that transformers imports
-# (`kernels`). Nothing local is imported here, so drop that entry.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 RUN_RECORD = "gptqmodel_baseline_run.json"
 DATA_DIR_DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

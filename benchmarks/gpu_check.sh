@@ -36,7 +36,7 @@ GPTQ_PLUGIN_TRITON_AUTOTUNE=0 timeout 200 "$PY" -m pytest tests/kernels -q -p no
     echo
     echo "## benchmark (fp16 activations, 4-bit, group 128; dense fp32/bf16/fp16 and Marlin measured alongside)"
 } >>"$OUT"
-timeout 150 "$PY" -m gptq_plugin.bench --device cuda --dtype fp16 --m 1,16,128,1024 --iters 20 --budget 2 \
+timeout 150 "$PY" benchmarks/kernel_bench.py --device cuda --dtype fp16 --m 1,16,128,1024 --iters 20 --budget 2 \
     >>"$OUT" 2>/dev/null || { rc=$?; status=1; echo "(benchmark failed or timed out: exit $rc)" >>"$OUT"; }
 
 echo "took $(( $(date +%s) - start )) s; exit status $status" >>"$OUT"

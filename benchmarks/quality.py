@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     exe = [sys.executable, "-m", "gptq_plugin.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.model is None:
-        from gptq_plugin.demo import get_demo_model
+        from gptq_plugin.tools.demo import get_demo_model
 
         a.model = str(get_demo_model())
     a.out.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tools", default="ours,gptqmodel")
     a = ap.parse_args(argv)
     if a.model is None:
-        from gptq_plugin.demo import get_demo_model
+        from gptq_plugin.tools.demo import get_demo_model
 
         a.model = str(get_demo_model())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

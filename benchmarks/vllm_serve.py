@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from gptq_plugin.serve import VllmServer
+from gptq_plugin.tools.serve import VllmServer
 
 
 
@@ -134,7 +134,7 @@ def main() -> None:
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     if a.model is None:
-        from gptq_plugin.demo import get_demo_model
+        from gptq_plugin.tools.demo import get_demo_model
 
         a.model = get_demo_model()
     if a.checkpoint is None:

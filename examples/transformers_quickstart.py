@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptq_plugin import GPTQPluginConfig, QuantLinear  # importing GPTQPluginConfig registers the backend
-from gptq_plugin.demo import DEMO_PROMPTS, generate, get_demo_model
+from gptq_plugin.tools.demo import DEMO_PROMPTS, generate, get_demo_model
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 ``GPTQPluginConfig`` (the Transformers quantization config) is imported lazily, on first access, from
 ``gptq_plugin.adapters.transformers``, which registers the plugin with Transformers. Importing this package
 registers it only when Transformers is already imported (it has no entry-point discovery), and never fails.
+That adapter imports the core's modules, never this package's names, so these two function-level imports close no
+import circle (``tests/test_import_graph.py``).
 """
 
 import logging as _logging

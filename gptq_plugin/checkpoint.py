@@ -6,241 +6,38 @@ Per quantized linear ``L`` (the AutoGPTQ/GPTQModel layout read by vLLM, TGI and 
 fp16 ``[G, out]``, ``L.g_idx`` int32 ``[in]``, ``L.bias`` fp16 ``[out]`` if any.
 
 Outputs are written to a temporary sibling folder and renamed into place only when complete; the source
-model is never written to.
+model is never written to (:mod:`gptq_plugin.safetensors_io`). Reading a folder as stored is
+:mod:`gptq_plugin.reader`; checking it, :mod:`gptq_plugin.validate`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .errors import CheckpointError, ConfigError, GPTQPluginError, OutputError
+from .errors import CheckpointError, ConfigError, GPTQPluginError
 from .linear import QuantLinear
-from .format_gptq import GPTQv1Format, GPTQv2Format  # noqa: F401  (re-exported, older import path)
-from .formats import builtin_formats  # noqa: F401
+from .memory import memory_split
+from .plugins import detect_format, get_format
+from .reader import open_checkpoint, read_quantization_config
+from .safetensors_io import (MAX_SHARD_BYTES, LazyFolder, TensorMeta, atomic_output_dir, check_output_dir,
+                             checkpoint_files, write_shards)
+from .validate import validate_checkpoint, validate_layer
 
 log = logging.getLogger(__name__)
 
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json", "generation_config.json")
-MAX_SHARD_BYTES = 2 * 1024**3
-
-
-# --- checkpoint formats (zero-point conventions): gptq_plugin.formats, through the hook -----------------------
-def _format(name: str):
-    from .formats import get_format
-
-    return get_format(name)
-
-
-# --- atomic output -----------------------------------------------------------------------------------------
-def check_not_input(output: str | Path, inputs) -> Path:
-    """Refuse an output path that equals, lies inside or contains one of ``inputs`` (symlinks resolved): writing
-    it, or replacing it with ``--overwrite``, would modify or delete that input.
-
-    Args:
-        output: the folder or file to be written.
-        inputs: a path, or an iterable of paths (None entries and paths that do not exist are skipped): the
-            source model folder, the calibration file, a tokenizer folder ...
-
-    Returns:
-        ``output`` resolved.
-
-    Raises:
-        OutputError: ``output`` is an input, lies inside one, or contains one.
-    """
-    out = Path(output).resolve()
-    if inputs is None or isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    for source in inputs:
-        if source is None or not Path(source).exists():
-            continue
-        src = Path(source).resolve()
-        kind = "the source model folder" if src.is_dir() else "the input file"
-        if out == src or src in out.parents:
-            raise OutputError(f"output {out} is inside {kind} {src}: choose a folder outside it "
-                              "(the inputs are never modified)")
-        if out in src.parents:
-            raise OutputError(f"output {out} contains {kind} {src}: writing (or --overwrite replacing) it would "
-                              f"delete that input; choose an output folder that is not {src} or one of its parents")
-    return out
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool, source=None) -> Path:
-    """Validate an output folder before any work starts.
-
-    Args:
-        out_dir: the folder to be created.
-        overwrite: whether an existing ``out_dir`` may be replaced.
-        source: the run's input (the source model or checkpoint folder), or an iterable of inputs (with e.g. the
-            calibration file); see :func:`check_not_input`.
-
-    Returns:
-        ``out_dir`` resolved.
-
-    Raises:
-        OutputError: the output equals, lies inside or contains an input (symlinks resolved); it exists and
-            ``overwrite`` is False; it exists and is not a folder.
-    """
-    out = check_not_input(out_dir, source)
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists: pass --overwrite to replace it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder: remove it or choose another path")
-    return out
-
-
-_WRITE_FIXES = {
-    errno.ENOSPC: "free space on that disk, or write the output to another disk",
-    errno.EDQUOT: "free space within your disk quota, or write the output to another disk",
-    errno.EROFS: "it is on a read-only file system: choose an output folder on a writable disk",
-    errno.EACCES: "choose an output folder you can write to",
-    errno.EPERM: "choose an output folder you can write to",
-    errno.ENOENT: "its folder cannot be created there (e.g. under /proc or /sys): choose an output folder on a "
-                  "normal disk",
-}
-
-
-def is_write_failure(e: BaseException) -> bool:
-    """Whether ``e`` is an operating-system failure to write (an ``OSError``, or a safetensors error carrying one)."""
-    if isinstance(e, OSError):
-        return True
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        return False
-    return isinstance(e, SafetensorError) and ("os error" in str(e).lower() or "i/o error" in str(e).lower())
-
-
-def write_error(e: BaseException, where: str | Path) -> OutputError:
-    """The one-line error for a failed write of ``where`` (the path, the system's reason, the fix).
-
-    Args:
-        e: the ``OSError`` (or safetensors error carrying one, see :func:`is_write_failure`).
-        where: the file or folder being written (named when ``e`` names no file).
-    """
-    import re
-
-    code = getattr(e, "errno", None)
-    if code is None:
-        m = re.search(r"os error (\d+)", str(e))
-        code = int(m.group(1)) if m else None
-    path = getattr(e, "filename", None) or where
-    reason = os.strerror(code) if code else str(e)
-    fix = _WRITE_FIXES.get(code, "choose another output folder")
-    target = Path(where).absolute().parent
-    if path != where and target not in Path(path).absolute().parents:  # an input failed to be read
-        return OutputError(f"cannot read {path}: {reason}")
-    return OutputError(f"cannot write {path}: {reason}: {fix}")
-
-
-def _make_parents(folder: Path) -> Path | None:
-    """``mkdir -p folder``; return the topmost folder it created (None when ``folder`` existed)."""
-    missing = None
-    for p in [folder, *folder.parents]:
-        if p.exists():
-            break
-        missing = p
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out_dir``; on success rename it to ``out_dir`` (replacing an
-    existing one only when ``overwrite``); on any error remove it (and the parent folders it created), leaving
-    no partial output and any replaced output in place.
-
-    Raises:
-        OutputError: as :func:`check_output_dir`; or the folder cannot be written (no space left, read-only file
-            system, no permission, a path under ``/proc``): an ``OSError`` raised while writing, here or in the
-            ``with`` body, becomes this one-line error naming the path and the fix.
-    """
-    out = check_output_dir(out_dir, overwrite, source)
-    created = None
-    try:
-        created = _make_parents(out.parent)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise write_error(e, out) from None
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is a normal folder
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "x", out)  # put the replaced output back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        if is_write_failure(e):
-            raise write_error(e, out) from None
-        raise
 
 
 # --- writing ---------------------------------------------------------------------------------------------
-def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(state):
-        n = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += n
-    return shards
-
-
-def write_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write ``state`` as ``model.safetensors``, or as numbered shards of at most ``max_bytes`` plus
-    ``model.safetensors.index.json``; return the weight file names."""
-    from safetensors.torch import save_file
-
-    shards = _shard(state, max_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        names.append(fname)
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
-    return names
-
-
 def checkpoint_dtype(source_dir: str | Path | None = None, config=None) -> torch.dtype:
     """The dtype of a checkpoint's unquantized tensors (embeddings, norms, ``lm_head``, biases of unquantized
     layers) and of its config.json ``dtype``: ``torch.bfloat16`` when the source model is bf16, else
@@ -274,7 +71,7 @@ def quantized_state_dict(model: nn.Module, cfg: QuantizeConfig, dtype: torch.dty
     tied ``lm_head.weight`` dropped when the config ties it."""
     if dtype is None:
         dtype = checkpoint_dtype(config=getattr(model, "config", None))
-    fmt = _format(cfg.checkpoint_format)
+    fmt = get_format(cfg.checkpoint_format)
     qnames = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {}
     layers: dict[str, dict[str, torch.Tensor]] = {n: {} for n in qnames}
@@ -358,71 +155,6 @@ def write_model_files(folder: Path, config: dict, qcfg: dict, tokenizer=None, so
 
 
 # --- reading ---------------------------------------------------------------------------------------------
-def checkpoint_files(path: str | Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint folder, checked to lie inside it.
-
-    Raises:
-        CheckpointError: no weights; an index naming a file outside the folder or a missing file; only
-            pickle files (``.bin``/``.pt``) and ``allow_pickle`` is False.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    root = path.resolve()
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-create the checkpoint") from None
-        files = []
-        for fname in sorted(set(weight_map.values())):
-            f = (path / fname).resolve()
-            if root not in f.parents:
-                raise CheckpointError(f"{index} names {fname!r}, which lies outside the checkpoint folder: refusing "
-                                      "to read it (a hostile or broken index)")
-            if not f.is_file():
-                raise CheckpointError(f"{index} names {fname!r}, which is missing: re-download the checkpoint")
-            files.append(f)
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    st = sorted(path.glob("*.safetensors"))
-    if st:
-        return st
-    pickles = sorted(list(path.glob("*.bin")) + list(path.glob("*.pt")))
-    if pickles:
-        if not allow_pickle:
-            raise CheckpointError(f"{path} holds only pickle weights ({pickles[0].name}), which can run arbitrary code "
-                                  "when loaded: convert them to safetensors, or pass allow_pickle=True / "
-                                  "--allow-pickle if you trust the source")
-        return pickles
-    raise CheckpointError(f"{path}: no *.safetensors weights found")
-
-
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of the given files. Raises :class:`CheckpointError` naming a corrupt file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix in (".bin", ".pt"):
-            try:
-                part = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from None
-        else:
-            try:
-                part = load_file(str(f))
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download or re-create "
-                                      "the checkpoint") from None
-        state.update(part)
-    return state
-
-
 def quantized_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
 
@@ -456,7 +188,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
     Reads every registered checkpoint format, detected from the config: "gptq" (v1), "gptq_v2" and
     "compressed-tensors" (``pack-quantized``), converted to the v1 layout in memory
-    (:func:`gptq_plugin.formats.open_checkpoint`). GPTQ checkpoints whose zero points contradict their declared
+    (:func:`gptq_plugin.reader.open_checkpoint`). GPTQ checkpoints whose zero points contradict their declared
     v1/v2 convention are refused (symmetric: conclusive) or reported (asymmetric: statistical), see
     :func:`gptq_plugin.format_gptq.check_zero_points`.
 
@@ -471,9 +203,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         ConfigError: an invalid ``quantization_config``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .formats import open_checkpoint
-    from .validate import validate_layer
 
     path = Path(path)
     ck = open_checkpoint(path, allow_pickle)
@@ -544,9 +273,6 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     Raises:
         CheckpointError: no such folder, not a checkpoint of a known format, or a corrupt file.
     """
-    from .formats import detect_format, read_quantization_config
-    from .validate import LazyFolder, TensorMeta
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder" + (" (it is a file)" if path.exists() else ""))
@@ -556,7 +282,7 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     files = checkpoint_files(path)
     disk = sum(f.stat().st_size for f in files)
     reader = LazyFolder(files)  # safetensors only: checkpoint_files refuses pickle-only folders here
-    shapes: dict[str, tuple[list[int], str, Path]] = {k: (*reader.headers[k], reader.where[k]) for k in reader.where}
+    shapes: dict[str, tuple[list[int], str]] = {k: (m.shape, m.dtype) for k, m in reader.headers.items()}
     tensor = reader.tensor
 
     prefixes = fmt.layer_prefixes(shapes)
@@ -575,14 +301,12 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         fp16_equiv += in_f * out_f * 2
         if f"{p}.bias" in shapes and len(shapes[f"{p}.bias"][0]) == 1:
             fp16_equiv += shapes[f"{p}.bias"][0][0] * 2
-    for k, (shape, dt, _) in shapes.items():
+    for k, (shape, dt) in shapes.items():
         if k not in owned and dt in ("F16", "BF16", "F32"):
             n = 1
             for s in shape:
                 n *= s
             fp16_equiv += n * 2
-    from .memory import memory_split
-
     try:
         tied = bool(json.loads((path / "config.json").read_text()).get("tie_word_embeddings", False))
     except (OSError, ValueError, AttributeError):
@@ -591,8 +315,6 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     memory = memory_split(shapes, layers, owned_by, tied and "lm_head.weight" not in shapes)
     check_result, problems = None, []
     if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
-        from .validate import validate_checkpoint
-
         verdict = validate_checkpoint(path, reader=reader)
         check_result, problems = verdict.summary(), list(verdict.problems)
     return {

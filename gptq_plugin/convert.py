@@ -1,10 +1,10 @@
 """Convert a quantized checkpoint between formats: GPTQ v1 (``gptq``), GPTQ v2 (``gptq_v2``) and
 compressed-tensors ``pack-quantized`` (``compressed-tensors``), exactly.
 
-The source is read through its format handler into the in-memory v1 layout (:mod:`gptq_plugin.formats`) and
+The source is read through its format handler into the in-memory v1 layout (:mod:`gptq_plugin.reader`) and
 written through the target's handler; the integer codes, zero points, scales and ``g_idx`` are carried bit for
 bit, every other tensor is copied unchanged, and converting back gives identical tensors. The output folder is
-written atomically (:func:`gptq_plugin.checkpoint.atomic_output_dir`).
+written atomically (:func:`gptq_plugin.safetensors_io.atomic_output_dir`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import MAX_SHARD_BYTES, atomic_output_dir, check_output_dir, write_shards
+import torch
+
 from .errors import CheckpointError
+from .plugins import get_format
+from .reader import open_checkpoint
+from .safetensors_io import MAX_SHARD_BYTES, atomic_output_dir, check_output_dir, write_shards
+from .validate import validate_layer
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +68,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
     An ``int64`` ``g_idx`` whose values fit is cast to int32 (logged): convert is the documented repair for it.
     """
 
-    from .formats import get_format, open_checkpoint
-    from .validate import validate_layer
-
     src, dst = Path(src), Path(dst)
     target = get_format(to)
     check_output_dir(dst, overwrite, src)
@@ -104,10 +106,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, source_format:
 
 
 def _cast_int64_g_idx(ck) -> None:
-    """Cast the int64 ``g_idx`` tensors of ``ck`` (:class:`gptq_plugin.formats.RawCheckpoint`) to int32 when every
+    """Cast the int64 ``g_idx`` tensors of ``ck`` (:class:`gptq_plugin.reader.RawCheckpoint`) to int32 when every
     value is in ``[0, 2**31)`` (others are left for the validator to refuse, naming the tensor)."""
-    import torch
-
     leaf = ck.format.g_idx_leaf
     if not leaf:
         return

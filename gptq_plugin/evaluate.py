@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import default_eval_file, read_text, tokenize_text, windows as make_windows
+from .calibration_data import default_eval_file, read_text, tokenize_text, windows as make_windows
 from .errors import GPTQPluginError
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Iterable, Mapping
 
 import torch
 
 from .config import QuantizeConfig
 from .errors import CheckpointError, ConfigError
-from .formats import CheckpointFormat, require_leaves
+from .formats import CheckpointFormat, require_leaves, shape_of, value_of
 from .packing import default_g_idx, num_groups, pack_dim0, pack_qzeros, packed_rows, unpack_dim0, unpack_qzeros
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,6 @@ class CompressedTensorsFormat(CheckpointFormat):
     def layer_features(self, cfg, name, meta):
         """``[N, K]`` from ``weight_shape`` (its value, when read), checked against ``weight_packed``'s rows; else
         ``N`` from ``weight_packed`` and ``K`` from ``weight_g_idx`` or the packed words."""
-        from .validate import shape_of, value_of
-
         packed, ws, g_idx = meta["weight_packed"], meta.get("weight_shape"), meta.get("weight_g_idx")
         if len(shape_of(packed)) != 2:
             raise CheckpointError(f"tensor {name}.weight_packed has shape {shape_of(packed)}, expected two dimensions "
@@ -152,6 +151,23 @@ class CompressedTensorsFormat(CheckpointFormat):
 
     def detect(self, qcfg: Mapping) -> bool:
         return str(qcfg.get("quant_method", "")).lower() in ("compressed-tensors", "compressed_tensors")
+
+    def is_ignored(self, ignore: Iterable[str], name: str, shards: Iterable[str] = ()) -> bool:
+        """Whether module ``name`` is in the ``ignore`` list of a compressed-tensors config (it is stored unquantized),
+        matched as compressed-tensors matches it (``compressed_tensors.utils.match_name``): an entry equal to the
+        module's full name, or ``re:<pattern>`` matching it from its start (``re.match``). A plain entry never
+        matches part of a name: ``model.layers.1`` ignores neither ``model.layers.10.mlp.down_proj`` nor
+        ``model.layers.1.mlp.down_proj``.
+
+        Args:
+            ignore: the config's ``ignore`` entries (module names, ``re:`` patterns).
+            name: the module's full name (``model.layers.0.mlp.down_proj``).
+            shards: for a serving framework's layer that fuses several checkpoint modules (vLLM's ``qkv_proj``),
+                their full names: the layer is ignored when every one of them is.
+        """
+        ignore = list(ignore)
+        return all(any(re.match(i[3:], n) if i.startswith("re:") else i == n for i in ignore)
+                   for n in (list(shards) or [name]))
 
     def parse_config(self, qcfg: Mapping) -> QuantizeConfig:
         formats = {str(qcfg.get("format") or "")} | {str(g.get("format")) for g in (qcfg.get("config_groups") or {}).values()

@@ -17,7 +17,7 @@ import torch
 
 from .config import QuantizeConfig
 from .errors import CheckpointError
-from .formats import CheckpointFormat, require_leaves
+from .formats import CheckpointFormat, require_leaves, shape_of
 from .packing import num_groups, pack_qzeros, packed_rows, unpack_dim0, unpack_qzeros
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,6 @@ class _GPTQFormat(CheckpointFormat):
 
     def layer_features(self, cfg, name, meta):
         """``K`` from ``g_idx`` (else from ``qweight``'s rows when they hold whole codes), ``N`` from ``qweight``."""
-        from .validate import shape_of
-
         qweight, g_idx = meta[self.marker], meta.get("g_idx")
         if len(shape_of(qweight)) != 2:
             raise CheckpointError(f"tensor {name}.qweight has shape {shape_of(qweight)}, expected two dimensions "

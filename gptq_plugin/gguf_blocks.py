@@ -71,7 +71,7 @@ class GPTQLayer:
 
     @classmethod
     def from_v1(cls, name: str, tensors: dict[str, torch.Tensor], bits: int) -> "GPTQLayer":
-        """From the in-memory GPTQ v1 tensors of :func:`gptq_plugin.formats.read_checkpoint`
+        """From the in-memory GPTQ v1 tensors of :func:`gptq_plugin.reader.read_checkpoint`
         (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
         k, n = int(tensors["g_idx"].numel()), int(tensors["scales"].shape[1])
         codes = unpack_qweight(tensors["qweight"], bits, k).t().contiguous()

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import _version
 from .gguf_blocks import BLOCK_TYPES, QK, EncodedLayer, GGUFExportError, GPTQLayer, encode_layer, ggml_type
+from .reader import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +252,6 @@ def add_metadata(writer, config: dict, ckpt: Path, qcfg, file_type) -> None:
     :class:`~gptq_plugin.config.QuantizeConfig`, or None) goes into ``general.description``."""
     import gguf
 
-    from .config import _version
-
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     theta, linear = _rope(config)
@@ -321,11 +321,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, qtype: str = "auto", outtype:
     Raises:
         GGUFExportError: unsupported architecture/tokenizer, an output path that is refused, or a layer with no
             exact encoding (without ``allow_approximate``). CheckpointError/ConfigError: see
-            :func:`gptq_plugin.formats.read_checkpoint`.
+            :func:`gptq_plugin.reader.read_checkpoint`.
     """
     import gguf
-
-    from .formats import read_checkpoint
 
     ckpt, out = Path(ckpt).resolve(), Path(out).resolve()
     if qtype != "auto" and qtype not in BLOCK_TYPES:

@@ -48,7 +48,7 @@ def gptq_plugin_checkpoint_formats() -> list[object]:
 # --- quantizing -------------------------------------------------------------------------------------------
 @hookspec
 def gptq_plugin_calibration_sources() -> list[object]:
-    """Return calibration sources (objects with ``name`` and ``load(tokenizer, nsamples, seqlen, seed)``
+    """Return calibration sources (objects with ``name`` and ``load(tokenizer, nsamples, seqlen)``
     returning an int64 ``[nsamples, seqlen]`` tensor of token ids), e.g. ``"wikitext2"``, ``"c4"``.
 
     Called when the user names a dataset that is not a path. Implemented by the built-ins and by packages.

@@ -1,4 +1,5 @@
-"""Model layouts: where the decoder blocks of an architecture are (the ``gptq_plugin_model_layouts`` hook)."""
+"""Model layouts: where the decoder blocks of an architecture are (the ``gptq_plugin_model_layouts`` hook; the
+built-in one is listed in :mod:`gptq_plugin._builtin`, the look-up is :func:`gptq_plugin.plugins.find_layout`)."""
 
 from __future__ import annotations
 
@@ -45,21 +46,3 @@ class GenericCausalLMLayout:
             if isinstance(blocks, nn.ModuleList) and len(blocks):
                 return blocks, p
         raise GPTQPluginError(f"{type(model).__name__}: no decoder blocks at {', '.join(_BLOCK_PATHS)}")
-
-
-def find_layout(model: nn.Module):
-    """The highest-priority registered layout that matches ``model``.
-
-    Raises:
-        GPTQPluginError: no layout matches (register one through the ``gptq_plugin_model_layouts`` hook).
-    """
-    from .plugins import model_layouts
-
-    layouts = model_layouts()
-    for layout in layouts:
-        if layout.matches(model):
-            return layout
-    raise GPTQPluginError(
-        f"no model layout knows where the decoder blocks of {type(model).__name__} are "
-        f"(tried: {', '.join(l.name for l in layouts)}); register one through the gptq_plugin_model_layouts hook"
-    )

@@ -8,8 +8,13 @@ import logging
 import torch
 from torch import nn
 
+from gptq_plugin.kernels.base import LayerSpec
+
+from .config import QuantizeConfig
 from .errors import CheckpointError
 from .packing import num_groups, packed_rows, pack_qweight, pack_qzeros
+from .plugins import choose_kernel, get_format
+from .validate import check_internal
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,36 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.to(layer.bias.dtype))
         return layer
 
+    @classmethod
+    def from_tensors(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                     bits: int, group_size: int, sym: bool = True, bias: torch.Tensor | None = None, name: str = "",
+                     n_groups: int | None = None, names: dict[str, str] | None = None) -> "QuantLinear":
+        """The layer holding these in-memory GPTQ v1 tensors (not copies), checked by
+        :func:`gptq_plugin.validate.check_internal` first; the kernel is chosen on the first forward (or
+        :meth:`prepare`). ``K`` is ``g_idx``'s length, ``N`` ``scales``' columns.
+
+        Args:
+            qweight: int32 ``[ceil(K * bits / 32), N]``. qzeros: int32 ``[G, ceil(N * bits / 32)]``, v1 (``zero - 1``).
+            scales: fp16/bf16/fp32 ``[G, N]`` (finite). g_idx: int32 ``[K]``, values in ``[0, G)``.
+            bits, group_size, sym: the layer's config. bias: ``[N]`` floating point, or None.
+            name: the layer's name, for messages.
+            n_groups: ``G`` when it is not ``ceil(K / group_size)``: a tensor-parallel shard of the input channels that
+                keeps every group of the layer (:mod:`gptq_plugin.sharding`).
+            names: leaf -> the stored tensor it came from (a format handler's ``internal_names``), for messages.
+
+        Raises:
+            CheckpointError: a missing tensor, or a shape, dtype or value that does not fit, named.
+        """
+        tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+        if bias is not None:
+            tensors["bias"] = bias
+        check_internal(name, tensors, bits, group_size, n_groups=n_groups, names=names)
+        layer = cls(0, 0, bits, group_size, bias is not None, sym, dtype=scales.dtype, device="meta")
+        layer.in_features, layer.out_features = int(g_idx.numel()), int(scales.shape[1])
+        for leaf, t in tensors.items():
+            setattr(layer, leaf, t)
+        return layer
+
     @property
     def desc_act(self) -> bool:
         """True when ``g_idx`` is not the input-order ``i // group_size`` (act-order checkpoints)."""
@@ -70,20 +105,15 @@ class QuantLinear(nn.Module):
         expected = torch.arange(self.in_features, device=self.g_idx.device) // gs
         return not torch.equal(self.g_idx.long(), expected)
 
-    def spec(self, dtype: torch.dtype | None = None):
-        from gptq_plugin.kernels.base import LayerSpec
-
-        return LayerSpec(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.desc_act,
-                         self.bias is not None, dtype or self.scales.dtype, self.qweight.device.type)
+    def spec(self, dtype: torch.dtype | None = None) -> LayerSpec:
+        """What the kernel registry needs to choose this layer's kernel for activations in ``dtype``."""
+        return LayerSpec.of(self, dtype)
 
     def expected_tensors(self, checkpoint_format: str | None = None
                          ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """``{leaf: (shape, dtype or None)}`` of the GPTQ v1 tensors this layer's config implies (the buffers), or,
         with ``checkpoint_format`` (e.g. "compressed-tensors"), of the tensors that format stores for it."""
         if checkpoint_format is not None:
-            from .config import QuantizeConfig
-            from .formats import get_format
-
             cfg = QuantizeConfig(bits=self.bits, group_size=self.group_size, sym=self.sym)
             return get_format(checkpoint_format).expected_tensors(cfg, self.in_features, self.out_features)
         G = num_groups(self.in_features, self.group_size)
@@ -107,8 +137,6 @@ class QuantLinear(nn.Module):
     def validate(self, name: str = "") -> None:
         """Check buffer shapes/dtypes against this layer's config, ``g_idx`` range and finite scales
         (:func:`gptq_plugin.validate.check_internal`). Raises :class:`CheckpointError` naming the tensor."""
-        from .validate import check_internal
-
         if self.g_idx is None or tuple(self.g_idx.shape) != (self.in_features,):
             shape = None if self.g_idx is None else tuple(self.g_idx.shape)
             raise CheckpointError(f"tensor {name + '.' if name else ''}g_idx has shape {shape}, expected "
@@ -140,8 +168,6 @@ class QuantLinear(nn.Module):
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Choose the kernel for this layer through the registry and let it repack the weights."""
-        from .plugins import choose_kernel
-
         kernel_cls = choose_kernel(self.spec(dtype))
         self._kernel = kernel_cls(self)
         self._kernel_dtype = dtype

@@ -1,4 +1,6 @@
-"""The pluggy ``PluginManager``: built-ins plus entry points of group ``gptq_plugin``; the kernel registry."""
+"""The pluggy ``PluginManager`` (built-ins plus entry points of group ``gptq_plugin``) and the look-ups over what
+it registered: kernels (:func:`choose_kernel`), checkpoint formats (:func:`get_format`, :func:`detect_format`), model
+layouts (:func:`find_layout`) and calibration sources (:func:`calibration_sources`)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Mapping
 
 import pluggy
+from torch import nn
 
-from . import hookspecs
-from .errors import GPTQPluginError, KernelError
+import gptq_plugin._builtin as _builtin  # not `from . import`: that would import the package itself
+import gptq_plugin.hookspecs as hookspecs
+from .errors import CheckpointError, GPTQPluginError, KernelError
+from .formats import CheckpointFormat
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +40,6 @@ _discovery = Discovery()
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (built once). Entry points that fail to import are skipped and
     recorded (see ``gptq-plugin plugins``), never fatal."""
-    from . import _builtin
-
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(_builtin, name="builtin")
@@ -80,8 +84,56 @@ def model_layouts() -> list[object]:
     return sorted(_collect("gptq_plugin_model_layouts"), key=lambda l: -l.priority)
 
 
-def checkpoint_formats() -> dict[str, object]:
+def checkpoint_formats() -> dict[str, CheckpointFormat]:
     return {f.name: f for f in _collect("gptq_plugin_checkpoint_formats")}
+
+
+def get_format(name: str) -> CheckpointFormat:
+    """The registered checkpoint-format handler called ``name``. Raises :class:`CheckpointError` listing the known
+    ones."""
+    formats = checkpoint_formats()
+    if name not in formats:
+        raise CheckpointError(f"checkpoint format {name!r} is not supported: known formats {', '.join(formats)}")
+    return formats[name]
+
+
+def detect_format(qcfg: Mapping, where: str = "quantization_config") -> CheckpointFormat:
+    """The registered handler whose ``detect`` accepts the ``quantization_config`` object ``qcfg``.
+
+    This is what an adapter calls with the checkpoint's ``quantization_config`` dict, followed by
+    ``handler.parse_config(qcfg)`` and, per layer, ``handler.to_internal(tensors, cfg, name)``.
+
+    Raises:
+        CheckpointError: no handler (or more than one) accepts it; the message names ``where`` and what it says.
+    """
+    if not isinstance(qcfg, Mapping):
+        raise CheckpointError(f"{where} must be a JSON object, got {type(qcfg).__name__}")
+    formats = checkpoint_formats()
+    hits = [f for f in formats.values() if f.detect(qcfg)]
+    if len(hits) == 1:
+        return hits[0]
+    said = ", ".join(f"{k}={qcfg[k]!r}" for k in ("quant_method", "checkpoint_format", "format") if k in qcfg)
+    if not hits:
+        raise CheckpointError(f"{where} ({said or 'no quant_method'}) is no checkpoint format this plugin reads: "
+                              f"known formats {', '.join(formats)}")
+    raise CheckpointError(f"{where} ({said}) is claimed by several checkpoint formats "
+                          f"({', '.join(f.name for f in hits)}): uninstall the conflicting format plugin")
+
+
+def find_layout(model: nn.Module):
+    """The highest-priority registered model layout that matches ``model``.
+
+    Raises:
+        GPTQPluginError: no layout matches (register one through the ``gptq_plugin_model_layouts`` hook).
+    """
+    layouts = model_layouts()
+    for layout in layouts:
+        if layout.matches(model):
+            return layout
+    raise GPTQPluginError(
+        f"no model layout knows where the decoder blocks of {type(model).__name__} are "
+        f"(tried: {', '.join(l.name for l in layouts)}); register one through the gptq_plugin_model_layouts hook"
+    )
 
 
 def kernels() -> list[type]:

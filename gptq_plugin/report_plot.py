@@ -32,7 +32,7 @@ def plot_report(report: dict, path: str | Path, title: str | None = None) -> Pat
     labelled by decoder block.
 
     Args:
-        report: :meth:`gptq_plugin.pipeline.QuantizeReport.to_dict`'s dict (``layers``: ``name``, ``rel_err``,
+        report: :meth:`gptq_plugin.blockquant.QuantizeReport.to_dict`'s dict (``layers``: ``name``, ``rel_err``,
             ``rtn_rel_err``).
         path: the PNG to write.
         title: the figure's title (default: a generic one).

@@ -1,20 +1,19 @@
 """Resumable quantization: per-block progress kept next to the output folder, so that a run killed at block 70 of
 80 (``kill -9``, out of memory, a lost machine) restarts at block 70 when the same command is run again.
 
-Layout of ``<OUT parent>/.<OUT name>.partial/`` (removed once the checkpoint is complete):
+Layout of ``<OUT parent>/.<OUT name>.partial/`` (removed once the checkpoint is complete), the same for both
+drivers (:mod:`gptq_plugin.driver`):
 
 * ``manifest.json``: ``{"fingerprint": {...}, "done": d, "reports": [...]}``: the run's identity (quantization
   config, SHA-256 of the source weights and of the calibration tokens, batch size, library versions) and the
   number ``d`` of finished decoder blocks, with their per-layer reports;
-* ``block-00007.safetensors``: the quantized tensors of block 7 (``qweight``, ``qzeros``, ``scales``, ``g_idx``,
-  ``bias`` per linear layer, as in memory);
-* ``inputs-00008.safetensors``: the calibration activations entering block 8 (fp32, one tensor per batch), i.e.
-  the outputs of the finished block 7: resuming starts from the very same numbers, so the final checkpoint is
-  byte-identical to an uninterrupted run.
-
-The streaming driver (:mod:`gptq_plugin.streaming`) keeps ``shard-00007.safetensors`` (block 7's final
-checkpoint tensors) and ``activations/x-<block>-<batch>.safetensors`` (the calibration activations entering the
-first unfinished block, one file per batch) instead of the block and inputs files.
+* ``block-00007.safetensors``: the tensors the driver keeps of finished block 7: the in-memory driver its
+  quantized layers (``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias`` per linear layer, as in memory), the
+  streaming driver the block's final checkpoint tensors (one shard of the checkpoint);
+* ``activations/x-00008-00003.safetensors``: batch 3 of the calibration activations entering block 8 (fp32; an
+  :class:`ActivationBuffer`), i.e. the outputs of the finished block 7: resuming starts from the very same
+  numbers, so the final checkpoint is byte-identical to an uninterrupted run;
+* ``hessian-*.bin``: large Hessians the streaming driver's solver parks while it runs.
 
 Every file is written to a temporary name and renamed into place, and the manifest is replaced last, so a kill at
 any instant leaves either the previous state or the next one. A changed config, source model or calibration set
@@ -26,21 +25,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .config import QuantizeConfig
-from .errors import ConfigError
-from .linear import QuantLinear
+from .config import QuantizeConfig, _version
+from .errors import CheckpointError, ConfigError
+from .safetensors_io import atomic_save, atomic_write_json, load_tensors, read_tensors, write_error
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-LEAVES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 def state_dir(out: str | Path) -> Path:
@@ -63,9 +59,7 @@ def file_digest(paths: list[Path]) -> str:
 def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | None, batch_size: int,
                 forward_dtype: str = "float32", driver: str = "in-memory") -> dict:
     """The identity of a run: what must not change between a killed run and its resumption (``driver``:
-    ``"in-memory"`` or ``"streaming"``, whose state files differ)."""
-    from .config import _version
-
+    ``"in-memory"`` or ``"streaming"``, whose block files differ)."""
     src = Path(source)
     weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
     calib_digest = None
@@ -77,42 +71,114 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
             "gptq_plugin": _version(), "torch": torch.__version__}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``; a failed write removes ``tmp`` and raises
-    :class:`~gptq_plugin.errors.OutputError` (no space left, read-only, ...) naming ``path`` and the fix."""
-    from .checkpoint import is_write_failure, write_error
+class ActivationBuffer:
+    """The calibration activations at one decoder-block boundary, one fp32 ``[b, seqlen, hidden]`` tensor per
+    batch: in memory, and with a ``folder`` also on disk, where at most ``max_resident_bytes`` of them are also
+    kept in memory.
 
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_write_failure(e):
-            raise write_error(e, path) from None
-        raise
+    Reading item ``i`` gives the current generation (the inputs of the block being quantized); assigning item
+    ``i`` stores the next generation (that block's outputs) and drops the current batch ``i`` from memory (the
+    drivers read no batch's input after its output; with a folder it stays readable from its file);
+    :meth:`advance` makes the next generation current and deletes the old files. Files are
+    ``x-<gen>-<batch>.safetensors`` in ``folder``, each written to a temporary name and renamed, so a killed run
+    leaves whole files only.
 
+    Args:
+        folder: where the files go (created), or None to keep the activations in memory only (nothing to resume
+            from).
+        n: the number of batches.
+        max_resident_bytes: with a folder, bytes of activations also kept in memory; 0 keeps only the one batch
+            being used in memory; None: no limit.
+        gen: the generation to start at (the resumed block's index); files of other generations in ``folder`` (a
+            killed run's) are deleted.
 
-def _atomic_write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
+    Raises:
+        CheckpointError: (reading) a batch's file is missing or corrupt.
+        IndexError: a batch index outside ``[-n, n)``, or (without a folder) a current batch already replaced.
+    """
 
+    def __init__(self, folder: Path | None, n: int, max_resident_bytes: int | None = None, gen: int = 0):
+        self.folder, self.n, self.gen = None if folder is None else Path(folder), n, gen
+        self.max_resident_bytes = None if max_resident_bytes is None else max(0, int(max_resident_bytes))
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.resident_bytes = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob("x-*"):
+                if not stale.name.startswith(f"x-{gen:05d}-") or stale.suffix != ".safetensors":
+                    stale.unlink()
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    def _path(self, gen: int, i: int) -> Path:
+        return self.folder / f"x-{gen:05d}-{i:05d}.safetensors"
 
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                              metadata={"format": "pt"}))
+    def __len__(self) -> int:
+        return self.n
+
+    def _index(self, i: int) -> int:
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(f"batch {i} of {self.n}")
+        return i
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = self._index(i)
+        hit = self._cache.get((self.gen, i))
+        if hit is not None:
+            return hit
+        if self.folder is None:
+            raise IndexError(f"batch {i} of generation {self.gen} was replaced by its output")
+        path = self._path(self.gen, i)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: calibration activations of batch {i} are missing from the resume state; "
+                                  "rerun with --restart")
+        return load_tensors(path, ["x"])["x"]
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def _drop(self, gen: int, i: int) -> None:
+        x = self._cache.pop((gen, i), None)
+        if x is not None:
+            self.resident_bytes -= x.numel() * x.element_size()
+
+    def _store(self, gen: int, i: int, x: torch.Tensor) -> None:
+        x = x.detach().contiguous()
+        nbytes = x.numel() * x.element_size()
+        if self.folder is not None:
+            atomic_save({"x": x}, self._path(gen, i))
+        limit = self.max_resident_bytes
+        if self.folder is None or limit is None or self.resident_bytes + nbytes <= limit:
+            self._cache[(gen, i)] = x
+            self.resident_bytes += nbytes
+
+    def put(self, i: int, x: torch.Tensor) -> None:
+        """Store batch ``i`` of the current generation (the calibration capture)."""
+        self._store(self.gen, self._index(i), x)
+
+    def __setitem__(self, i: int, x: torch.Tensor) -> None:
+        i = self._index(i)
+        self._drop(self.gen, i)
+        self._store(self.gen + 1, i, x)
+
+    def advance(self) -> None:
+        """Make the stored outputs the current inputs; delete the previous generation's files."""
+        for i in range(self.n):
+            self._drop(self.gen, i)
+            if self.folder is not None:
+                self._path(self.gen, i).unlink(missing_ok=True)
+        self.gen += 1
 
 
 class ResumeState:
     """The per-block progress of one quantization run (see the module docstring for the files).
 
-    Use :meth:`open`; then the driver calls :meth:`restore_block` for finished blocks, :meth:`load_inputs` once,
-    and :meth:`save_block` after each block it quantizes.
+    Use :meth:`open`; then the driver takes its activations from :meth:`activations`, gives finished blocks to
+    :meth:`save_block` and reads the recorded ones back with :meth:`load_block` (or :meth:`block_file`).
 
     Attributes:
         folder: the state folder. done: number of finished blocks. reports: per block, the list of layer report
-            dicts (:class:`gptq_plugin.pipeline.LayerReport` fields). created: whether this run created
+            dicts (:class:`gptq_plugin.blockquant.LayerReport` fields). created: whether this run created
             :attr:`folder` (False when it resumes an earlier run's state).
     """
 
@@ -148,8 +214,6 @@ class ResumeState:
             if done:
                 log.warning("resuming from %s: %d blocks already quantized", folder, done)
             return cls(folder, fp, done, reports, created=False)
-        from .checkpoint import write_error
-
         existed = folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -164,60 +228,36 @@ class ResumeState:
         return state
 
     def _write_manifest(self) -> None:
-        _atomic_write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "done": self.done,
-                                                    "reports": self.reports})
+        atomic_write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "done": self.done,
+                                                   "reports": self.reports})
 
-    def save_block(self, index: int, block: nn.Module, next_inputs: list[torch.Tensor] | None,
-                   reports: list[dict]) -> None:
-        """Record block ``index`` as finished: its quantized layers, the activations entering block ``index + 1``
-        (None for RTN, which needs none) and its layer reports; the manifest last."""
-        tensors = {f"{name}.{leaf}": getattr(m, leaf) for name, m in block.named_modules()
-                   if isinstance(m, QuantLinear) for leaf in LEAVES if getattr(m, leaf, None) is not None}
-        _atomic_save(tensors, self.folder / f"block-{index:05d}.safetensors")
-        if next_inputs is not None:
-            _atomic_save({f"x.{i}": x for i, x in enumerate(next_inputs)},
-                         self.folder / f"inputs-{index + 1:05d}.safetensors")
-        self.done = index + 1
-        self.reports.append(reports)
-        self._write_manifest()
-        old = self.folder / f"inputs-{index:05d}.safetensors"
-        if old.exists():
-            old.unlink()
+    def activations(self, n: int, max_resident_bytes: int | None = None) -> ActivationBuffer:
+        """The :class:`ActivationBuffer` of ``n`` batches in ``activations/``, at generation :attr:`done` (the
+        activations entering the first unfinished block, when an earlier run recorded them)."""
+        return ActivationBuffer(self.folder / "activations", n, max_resident_bytes, gen=self.done)
 
-    def mark_done(self, index: int, reports: list[dict]) -> None:
-        """Record block ``index`` as finished (the streaming driver, which keeps its own files in :attr:`folder`,
-        writes them first): its layer reports, then the manifest."""
+    def block_file(self, index: int) -> Path:
+        """The file holding the recorded tensors of block ``index``."""
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def save_block(self, index: int, tensors: dict[str, torch.Tensor], reports: list[dict]) -> None:
+        """Record block ``index`` as finished: its ``tensors`` (what the driver needs of it later), then its layer
+        reports with the manifest. The activations entering block ``index + 1`` must be stored already."""
+        atomic_save(tensors, self.block_file(index))
         self.done = index + 1
         self.reports.append(reports)
         self._write_manifest()
 
-    def restore_block(self, index: int, block: nn.Module, cfg: QuantizeConfig) -> None:
-        """Put the recorded quantized layers of block ``index`` into ``block`` (``nn.Linear`` -> :class:`QuantLinear`).
+    def load_block(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors recorded for block ``index`` by :meth:`save_block`.
 
         Raises:
-            CheckpointError: a recorded tensor does not fit the layer (see :meth:`QuantLinear.validate`).
+            CheckpointError: the file is missing or corrupt (rerun with ``--restart``).
         """
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.folder / f"block-{index:05d}.safetensors"))
-        names = sorted({k.rpartition(".")[0] for k in tensors})
-        for name in names:
-            lin = block.get_submodule(name)
-            q = QuantLinear(lin.in_features, lin.out_features, cfg.bits, cfg.group_size,
-                            f"{name}.bias" in tensors, cfg.sym, dtype=tensors[f"{name}.scales"].dtype)
-            for leaf in LEAVES:
-                if f"{name}.{leaf}" in tensors:
-                    setattr(q, leaf, tensors[f"{name}.{leaf}"])
-            q.validate(name)
-            parent_name, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, child, q)
-
-    def load_inputs(self) -> list[torch.Tensor]:
-        """The recorded activations entering block :attr:`done`."""
-        from safetensors.torch import load_file
-
-        t = load_file(str(self.folder / f"inputs-{self.done:05d}.safetensors"))
-        return [t[f"x.{i}"] for i in range(len(t))]
+        path = self.block_file(index)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the resume state {self.folder}: rerun with --restart")
+        return read_tensors([path])
 
     def remove(self) -> None:
         """Delete the state (after the checkpoint is complete)."""

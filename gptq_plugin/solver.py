@@ -3,16 +3,15 @@ Pre-trained Transformers", ICLR 2023, Algorithm 1: Cholesky form of the inverse 
 
 Reads top to bottom like the paper and the reference code (IST-DASLab/gptq ``gptq.py``): accumulate
 ``H = 2 X Xᵀ``, zero dead columns, optional act-order permutation, dampen, take the upper Cholesky factor of
-``H⁻¹``, quantize block by block with error feedback, one lazy matmul per block, un-permute.
+``H⁻¹``, quantize block by block with error feedback, one lazy matmul per block, un-permute. How the Hessian is
+borrowed in place, permuted without a copy and parked on disk during the column loop is
+:mod:`gptq_plugin.solver_memory`'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from .config import QuantizeConfig
 from .errors import NumericalError
 from .grid import dequantize, find_params, quantize
 from .packing import default_g_idx, num_groups
+from .solver_memory import all_finite, borrow, offloaded, one_thread, permuted
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class QuantResult:
         scales: fp16 ``[n_groups, out]``.
         zeros: int32 ``[n_groups, out]``, the true zero points (not v1's ``zero - 1``).
         g_idx: int32 ``[in]``, the group of each input channel.
+        bits, group_size, sym: the grid's config (``group_size`` -1: one group per row), as the packed layer and
+            the checkpoint record them.
         damp_percent: the dampening actually used (after automatic increases), or 0 for RTN.
         fallback: why GPTQ fell back to RTN for this layer, or None.
     """
@@ -74,6 +76,8 @@ class QuantResult:
     zeros: torch.Tensor
     g_idx: torch.Tensor
     bits: int
+    group_size: int
+    sym: bool
     damp_percent: float = 0.0
     fallback: str | None = None
 
@@ -122,143 +126,14 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
     g_idx = default_g_idx(W.shape[1], cfg.group_size)
     g = g_idx.long()
     codes = quantize(W, scales[g].t(), zeros[g].t(), maxq)
-    return QuantResult(codes.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx, cfg.bits)
-
-
-def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float, name: str
-                             ) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, raising ``damp`` by
-    ``increment`` while ``H + λI`` is not positive definite. Returns ``(None, damp)`` when even
-    ``damp`` near 1 fails. ``H``'s diagonal is overwritten (with the dampened one), the rest is not; the
-    factorisations run in place in one more ``H``-sized buffer (for a 14336-wide layer each is 0.8 GB)."""
-    diag = H.diagonal()
-    d0 = diag.clone()
-    mean_diag = torch.mean(d0)
-    damp = damp_percent
-    while True:
-        diag.copy_(d0 + damp * mean_diag)
-        U, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            torch.cholesky_inverse(U, out=U)
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
-            if int(info) == 0 and _all_finite(U):
-                if damp != damp_percent:
-                    log.warning("%s: Hessian not positive definite at damp_percent=%g; used %g",
-                                name, damp_percent, damp)
-                return U, damp
-        del U
-        if increment <= 0 or damp + increment >= 1:
-            return None, damp
-        damp = round(damp + increment, 10)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """``torch.isfinite(t).all()`` a block of rows at a time (at once, its temporaries are ~1.7x ``t``)."""
-    return all(bool(torch.isfinite(rows).all()) for rows in t.split(1024))
-
-
-@contextlib.contextmanager
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return QuantResult(codes.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx, cfg.bits, cfg.group_size,
+                       cfg.sym)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
                   offload_dir: str | os.PathLike | None = None) -> QuantResult:
-    """Quantize one weight matrix with GPTQ (see :func:`_gptq_quantize`); fp32 throughout, also when called
-    under autocast (the driver calls it from a forward hook)."""
-    with torch.autocast(device_type=W.device.type, enabled=False):
-        return _gptq_quantize(W, H, cfg, name, offload_dir)
-
-
-def _permute_(H: torch.Tensor, perm: torch.Tensor, chunk_bytes: int = 1 << 24) -> None:
-    """``H ← H[perm][:, perm]`` in place, with one row and ~``chunk_bytes`` of rows as scratch (a gathered copy of
-    a 14336-wide Hessian would be another 0.8 GB). Rows follow the permutation's cycles; columns are gathered a
-    block of rows at a time."""
-    n = H.shape[0]
-    p = perm.tolist()
-    seen = bytearray(n)
-    for start in range(n):
-        if seen[start]:
-            continue
-        seen[start] = 1
-        if p[start] == start:
-            continue
-        first = H[start].clone()
-        i = start
-        while p[i] != start:  # new row i is old row p[i]
-            H[i].copy_(H[p[i]])
-            i = p[i]
-            seen[i] = 1
-        H[i].copy_(first)
-    step = max(1, chunk_bytes // max(1, n * H.element_size()))
-    for r in range(0, n, step):
-        H[r:r + step] = H[r:r + step, perm]
-
-
-#: Hessians at least this large (bytes) are written to ``offload_dir`` during the column loop (a 7B ``down_proj``'s
-#: 11008-wide Hessian is 0.48 GB; a 4096-wide one, 67 MB, stays).
-OFFLOAD_MIN_BYTES = 1 << 27
-
-
-def _raw(t: torch.Tensor):
-    """The bytes of contiguous CPU ``t`` as a writable buffer (not through ``t.numpy()``, which would make the
-    storage non-resizable)."""
-    return (ctypes.c_char * t.untyped_storage().nbytes()).from_address(t.untyped_storage().data_ptr())
-
-
-@contextlib.contextmanager
-def _offloaded(t: torch.Tensor, folder: str | os.PathLike | None):
-    """Free the memory of contiguous CPU ``t`` while the block runs: its bytes go to a temporary file
-    ``hessian-*.bin`` in ``folder`` and its storage is resized to 0, then restored bit for bit on exit (also on
-    errors; the file is removed). A no-op when ``folder`` is None, or ``t`` is under :data:`OFFLOAD_MIN_BYTES`,
-    not on the CPU, does not own its whole storage or its storage is not resizable; when the file cannot be
-    written, ``t`` stays in memory (logged)."""
-    storage = t.untyped_storage()
-    nbytes = storage.nbytes()
-    if (folder is None or nbytes < OFFLOAD_MIN_BYTES or t.device.type != "cpu" or t.storage_offset() != 0
-            or nbytes != t.numel() * t.element_size() or not storage.resizable()):
-        yield
-        return
-    try:
-        fd, path = tempfile.mkstemp(prefix="hessian-", suffix=".bin", dir=folder)
-    except OSError as e:
-        fd = path = None
-        error = e
-    try:
-        if fd is not None:
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(_raw(t))
-                error = None
-            except OSError as e:
-                error = e
-        if error is not None:
-            log.warning("could not offload a %.2f GB Hessian to %s (%s): keeping it in memory", nbytes / 1e9,
-                        folder, error)
-            del error
-            yield
-            return
-        storage.resize_(0)
-        try:
-            yield
-        finally:
-            storage.resize_(nbytes)
-            with open(path, "rb") as f:
-                if f.readinto(_raw(t)) != nbytes:
-                    raise OSError(f"{path}: the offloaded Hessian was truncated")
-    finally:
-        if path is not None:
-            os.unlink(path)
-
-
-def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
-                   offload_dir: str | os.PathLike | None = None) -> QuantResult:
-    """Quantize one weight matrix with GPTQ.
+    """Quantize one weight matrix with GPTQ, in fp32 throughout (also when called under autocast: the driver calls
+    it from a forward hook).
 
     Args:
         W: ``[out, in]`` weight (any float dtype; computed in fp32; not modified).
@@ -281,25 +156,32 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         NumericalError: ``W`` or ``H`` contains NaN or Inf.
         ValueError: ``H`` is not ``[in, in]``.
     """
+    with torch.autocast(device_type=W.device.type, enabled=False):
+        return _gptq_quantize(W, H, cfg, name, offload_dir)
+
+
+#: Hessians at least this large (bytes) are written to ``offload_dir`` during the column loop (a 7B ``down_proj``'s
+#: 11008-wide Hessian is 0.48 GB; a 4096-wide one, 67 MB, stays).
+OFFLOAD_MIN_BYTES = 1 << 27
+
+
+def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str,
+                   offload_dir: str | os.PathLike | None) -> QuantResult:
+    """:func:`gptq_quantize` (its arguments, result and errors), the paper's steps in order."""
     W = W.detach()
-    rows, columns = W.shape
+    columns = W.shape[1]
     if tuple(H.shape) != (columns, columns):
         raise ValueError(f"{name}: the Hessian has shape {tuple(H.shape)}, expected [{columns}, {columns}]")
-    H = H.detach()
-    if H.dtype != torch.float32 or not H.is_contiguous() or H.is_inference():  # (inference tensors are read-only)
-        H = H.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    if not _all_finite(W):
+    H = borrow(H)  # the caller's fp32 [in, in] tensor, changed in place and given back bit for bit
+    if not all_finite(W):
         raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
-    if not _all_finite(H):
+    if not all_finite(H):
         raise NumericalError(f"{name}: the Hessian contains NaN or Inf (calibration activations overflowed)")
 
-    diag0 = H.diagonal().clone()
-    dead = diag0 == 0  # input channels that never saw a non-zero activation
+    dead = H.diagonal() == 0  # input channels that never saw a non-zero activation
     perm = invperm = None
-    if cfg.desc_act:
-        diag = diag0.clone()
-        diag[dead] = 1
-        perm = torch.argsort(diag, descending=True, stable=True)
+    if cfg.desc_act:  # act-order: columns by decreasing Hessian diagonal
+        perm = torch.argsort(H.diagonal().masked_fill(dead, 1), descending=True, stable=True)
         invperm = torch.argsort(perm)
 
     def zeroed(order: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,22 +191,14 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         return Wz
 
     static = _group_params(zeroed(), cfg) if cfg.static_groups else None  # ([G, out], [G, out]), input order
-    permuted = False
-    try:
-        if perm is not None:
-            _permute_(H, perm)
-            permuted = True
+    with permuted(H, perm):  # H[perm][:, perm] in place; its diagonal dampened
         H.diagonal()[dead if perm is None else dead[perm]] = 1
         Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
         solved = Hinv is not None
         if solved:
-            with _offloaded(H, offload_dir):
+            with offloaded(H, offload_dir, OFFLOAD_MIN_BYTES):  # the loop needs only Hinv
                 codes, scales, zeros, col_group = _column_loop(zeroed(perm), Hinv, cfg, perm, static)
                 del Hinv  # before H comes back
-    finally:  # give H back as it came
-        if permuted:
-            _permute_(H, invperm)
-        H.diagonal().copy_(diag0)
     if not solved:
         reason = f"Hessian not positive definite for any damp_percent < 1 (last tried {damp:g}): fell back to RTN"
         log.warning("%s: %s", name, reason)
@@ -335,7 +209,35 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     if invperm is not None:
         codes = codes[:, invperm]
         g_idx = g_idx[invperm]
-    return QuantResult(codes, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits, damp_percent=damp)
+    return QuantResult(codes, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits, cfg.group_size,
+                       cfg.sym, damp_percent=damp)
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float, name: str
+                             ) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, raising ``damp`` by
+    ``increment`` while ``H + λI`` is not positive definite. Returns ``(None, damp)`` when even
+    ``damp`` near 1 fails. ``H``'s diagonal is overwritten (with the dampened one), the rest is not; the
+    factorisations run in place in one more ``H``-sized buffer (for a 14336-wide layer each is 0.8 GB)."""
+    diag = H.diagonal()
+    d0 = diag.clone()
+    mean_diag = torch.mean(d0)
+    damp = damp_percent
+    while True:
+        diag.copy_(d0 + damp * mean_diag)
+        U, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            torch.cholesky_inverse(U, out=U)
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+            if int(info) == 0 and all_finite(U):
+                if damp != damp_percent:
+                    log.warning("%s: Hessian not positive definite at damp_percent=%g; used %g",
+                                name, damp_percent, damp)
+                return U, damp
+        del U
+        if increment <= 0 or damp + increment >= 1:
+            return None, damp
+        damp = round(damp + increment, 10)
 
 
 def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm: torch.Tensor | None,
@@ -359,7 +261,7 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
     scale = zero = None
 
     # the column loop is thousands of tiny ops: one thread avoids fork/join overhead dominating
-    with _one_thread():
+    with one_thread():
         for i1 in range(0, columns, cfg.block_size):
             i2 = min(i1 + cfg.block_size, columns)
             count = i2 - i1

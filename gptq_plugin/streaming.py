@@ -1,137 +1,61 @@
 """Streaming quantization: GPTQ for models larger than memory.
 
-The in-memory driver (:func:`gptq_plugin.pipeline.quantize_model`) needs the whole model in fp32. This driver
-never materialises it:
+The in-memory driver (:func:`gptq_plugin.pipeline.quantize_model`) needs the whole model in fp32. This driver runs
+the same block loop (:func:`gptq_plugin.driver.quantize_blocks`) and never materialises the model:
 
 1. The model is built as a skeleton whose parameters live on the ``meta`` device (no memory; buffers such as
    rotary frequencies are computed on the CPU as usual).
 2. Only the modules before the first decoder block (embeddings) are loaded from the source safetensors shards to
    capture the calibration inputs of block 0; they go back to ``meta`` afterwards.
 3. Block by block: the block's parameters are read from the shards in fp32, the block is quantized exactly as
-   the in-memory driver does it (:func:`gptq_plugin.pipeline.quantize_block`, so the tensors are identical), its
-   checkpoint tensors are written at once as one shard, and the block goes back to ``meta``.
-4. The calibration activations at the current block boundary live in an :class:`ActivationBuffer`: one file per
-   batch on disk, of which at most ``activation_memory`` bytes are also kept in memory.
+   the in-memory driver does it (:func:`gptq_plugin.blockquant.quantize_block`, so the tensors are identical), its
+   checkpoint tensors are written at once as one shard (the block's file in the run's
+   :class:`~gptq_plugin.resume.ResumeState`), and the block goes back to ``meta``.
+4. The calibration activations at the current block boundary live in the state's
+   :class:`~gptq_plugin.resume.ActivationBuffer`: one file per batch on disk, of which at most
+   ``activation_memory`` bytes are also kept in memory.
 5. At the end the non-block tensors (embeddings, final norm, ``lm_head``) are copied into the last shard (bf16
    for a bf16 source, else fp16: :func:`~gptq_plugin.checkpoint.checkpoint_dtype`), and the shards are linked
    into the output folder with ``config.json`` and the index, atomically.
 
 Peak memory is therefore about one decoder block in fp32, its GPTQ work (the Hessians and the solver's copies of
 the widest layer), one batch's activations and the resident part of the buffer, whatever the number of blocks.
-Every block's files are recorded in the run's :class:`~gptq_plugin.resume.ResumeState` folder, so a killed run
-resumes at the first unfinished block and gives the same bytes.
+Every block is recorded in the resume state, so a killed run resumes at the first unfinished block and gives the
+same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import json
-import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .checkpoint import (atomic_output_dir, check_output_dir, checkpoint_dtype, checkpoint_files, quantized_state_dict,
-                         write_error, write_model_files)
+from .blockquant import QuantizeReport, available_memory
+from .checkpoint import checkpoint_dtype, quantized_state_dict, write_model_files
 from .config import QuantizeConfig
-from .errors import CheckpointError, ConfigError, NumericalError
-from .layouts import find_layout
-from .pipeline import (LayerReport, QuantizeReport, available_memory, capture_block_inputs, quantize_block,
-                       release_free_memory)
-from .resume import ResumeState, _atomic_save
-
-log = logging.getLogger(__name__)
-
-
-_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-class ActivationBuffer:
-    """The calibration activations at one decoder-block boundary, one fp32 ``[b, seqlen, hidden]`` tensor per
-    batch, kept on disk with at most ``max_resident_bytes`` of them also held in memory.
-
-    Reading item ``i`` gives the current generation (the inputs of the block being quantized); assigning item
-    ``i`` stores the next generation (that block's outputs) without overwriting the current one; :meth:`advance`
-    makes the next generation current and deletes the old files. Files are ``x-<gen>-<batch>.safetensors`` in
-    ``folder``, each written to a temporary name and renamed, so a killed run leaves whole files only.
-
-    Args:
-        folder: where the files go (created).
-        n: the number of batches.
-        max_resident_bytes: bytes of activations (both generations together) also kept in memory; 0 keeps only
-            the one batch being used in memory.
-        gen: the generation to start at (the resumed block's index).
-    """
-
-    def __init__(self, folder: Path, n: int, max_resident_bytes: int, gen: int = 0):
-        self.folder, self.n, self.max_resident_bytes, self.gen = Path(folder), n, max(0, int(max_resident_bytes)), gen
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
-        self.resident_bytes = 0
-
-    def _path(self, gen: int, i: int) -> Path:
-        return self.folder / f"x-{gen:05d}-{i:05d}.safetensors"
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _index(self, i: int) -> int:
-        if i < 0:
-            i += self.n
-        if not 0 <= i < self.n:
-            raise IndexError(f"batch {i} of {self.n}")
-        return i
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from safetensors.torch import load_file
-
-        i = self._index(i)
-        hit = self._cache.get((self.gen, i))
-        if hit is not None:
-            return hit
-        path = self._path(self.gen, i)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: calibration activations of batch {i} are missing from the resume state; "
-                                  "rerun with --restart")
-        return load_file(str(path))["x"]
-
-    def __iter__(self):
-        return (self[i] for i in range(self.n))
-
-    def _store(self, gen: int, i: int, x: torch.Tensor) -> None:
-        x = x.detach().contiguous()
-        _atomic_save({"x": x}, self._path(gen, i))
-        nbytes = x.numel() * x.element_size()
-        if self.resident_bytes + nbytes <= self.max_resident_bytes:
-            self._cache[(gen, i)] = x
-            self.resident_bytes += nbytes
-
-    def put(self, i: int, x: torch.Tensor) -> None:
-        """Store batch ``i`` of the current generation (the calibration capture)."""
-        self._store(self.gen, self._index(i), x)
-
-    def __setitem__(self, i: int, x: torch.Tensor) -> None:
-        self._store(self.gen + 1, self._index(i), x)
-
-    def advance(self) -> None:
-        """Make the stored outputs the current inputs; delete the previous generation's files."""
-        for i in range(self.n):
-            x = self._cache.pop((self.gen, i), None)
-            if x is not None:
-                self.resident_bytes -= x.numel() * x.element_size()
-            self._path(self.gen, i).unlink(missing_ok=True)
-        self.gen += 1
+from .driver import quantize_blocks
+from .errors import CheckpointError
+from .plugins import find_layout
+from .resume import ResumeState
+from .safetensors_io import (atomic_output_dir, atomic_save, check_output_dir, checkpoint_files, load_tensors,
+                             read_headers, shard_name, write_error, write_index)
 
 
 class SourceWeights:
     """The tensors of an unquantized safetensors model folder, by name, read a few at a time (the file handle is
     closed after each read, so its mapped pages do not stay resident).
+
+    Attributes:
+        folder: the model folder. where: tensor name -> the file holding it. shapes: tensor name -> ``(shape,
+            dtype)`` as the header stores them (``dtype`` a string such as ``"BF16"``).
 
     Raises:
         CheckpointError: no safetensors weights (pickle-only folders are refused: convert them first), a hostile
@@ -139,35 +63,18 @@ class SourceWeights:
     """
 
     def __init__(self, folder: str | Path):
-        from safetensors import SafetensorError, safe_open
-
         self.folder = Path(folder)
         files = checkpoint_files(self.folder)  # validates the index (files inside the folder, present)
         if any(f.suffix != ".safetensors" for f in files):
             raise CheckpointError(f"{self.folder} holds pickle weights: streaming reads safetensors only; convert the "
                                   "model to safetensors or quantize it with --in-memory")
-        self.where: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-        for f in files:
-            try:
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        sl = h.get_slice(k)
-                        self.where[k] = f
-                        self.shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download the model") from None
+        headers = read_headers(files)
+        self.where: dict[str, Path] = {k: m.file for k, m in headers.items()}
+        self.shapes: dict[str, tuple[tuple[int, ...], str]] = {k: (tuple(m.shape), m.dtype) for k, m in headers.items()}
 
-    def nbytes(self, itemsize: int | None = 4) -> int:
-        """Bytes of every tensor at ``itemsize`` bytes per element (4: the fp32 model in memory; None: as
-        stored)."""
-        total = 0
-        for shape, dtype in self.shapes.values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n * (itemsize or _ITEMSIZE.get(dtype, 4))
-        return total
+    def nbytes(self, itemsize: int = 4) -> int:
+        """Bytes of every tensor at ``itemsize`` bytes per element (4: the fp32 model in memory)."""
+        return sum(itemsize * torch.Size(shape).numel() for shape, _ in self.shapes.values())
 
     def load(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (floating ones cast to ``dtype`` when given).
@@ -175,8 +82,6 @@ class SourceWeights:
         Raises:
             CheckpointError: a name is missing or its file is corrupt.
         """
-        from safetensors import SafetensorError, safe_open
-
         missing = [n for n in names if n not in self.where]
         if missing:
             raise CheckpointError(f"{self.folder}: tensor {missing[0]} is missing from the source weights"
@@ -187,13 +92,8 @@ class SourceWeights:
             by_file.setdefault(self.where[n], []).append(n)
         out = {}
         for f, keys in by_file.items():
-            try:
-                with safe_open(str(f), "pt") as h:
-                    for k in keys:
-                        t = h.get_tensor(k)
-                        out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download the model") from None
+            for k, t in load_tensors(f, keys).items():
+                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
 
@@ -238,11 +138,102 @@ def _to_meta(root: nn.Module, names: list[str]) -> None:
         set_module_tensor_to_device(root, n, "meta")
 
 
+class _ShardBlocks:
+    """A :class:`~gptq_plugin.driver.BlockSource` and :class:`~gptq_plugin.driver.BlockSink` for a model folder: a
+    skeleton whose blocks are read from the safetensors shards one at a time; each quantized block becomes its
+    checkpoint shard (the block's file in the resume state)."""
+
+    def __init__(self, source: Path, cfg: QuantizeConfig):
+        self.source, self.cfg = source, cfg
+
+    def open(self) -> nn.Module:
+        """Build the skeleton; check that the source holds every tensor it needs.
+
+        Raises:
+            CheckpointError: as :class:`SourceWeights` and :func:`build_skeleton`; a tensor of the model's state
+                dict is missing from the source.
+        """
+        source = self.source
+        self.dtype = checkpoint_dtype(source)
+        self.src = SourceWeights(source)
+        self.model = model = build_skeleton(source)
+        self.blocks, prefix = find_layout(model).blocks(model)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
+        missing = [k for k in expected if k not in self.src.where]
+        if missing:
+            raise CheckpointError(f"{source}: tensor {missing[0]} is missing from the source weights"
+                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the weights do "
+                                  "not match config.json (or use other names; quantize such a model with --in-memory)")
+        self.outer = [k for k in expected if not k.startswith(prefix + ".")]  # embeddings, final norm, lm_head
+        return model
+
+    @contextlib.contextmanager
+    def embeddings(self) -> Iterator[None]:
+        """The modules before block 0 (embeddings; ``lm_head`` is never reached), loaded for the capture only."""
+        model = self.model
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        skip = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+        keep = {id(p) for p in in_emb.parameters()} if in_emb is not None else set()
+        pre = [k for k, p in model.named_parameters(remove_duplicate=False)
+               if k in self.outer and (id(p) not in skip or id(p) in keep)]
+        pre += [k for k, _ in model.named_buffers() if k in self.outer and k not in pre]
+        _materialize(model, pre, self.src, "")
+        try:
+            yield
+        finally:
+            _to_meta(model, pre)
+            gc.collect()
+
+    def load(self, block: nn.Module, name: str) -> None:
+        _materialize(block, list(block.state_dict()), self.src, name + ".")
+
+    def unload(self, block: nn.Module) -> None:
+        block.to("meta")
+        gc.collect()
+
+    def keep(self, block: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The block's checkpoint tensors (its shard): :func:`~gptq_plugin.checkpoint.quantized_state_dict`."""
+        return {f"{name}.{k}": v for k, v in quantized_state_dict(block, self.cfg, self.dtype).items()}
+
+    def restore(self, block: nn.Module, name: str, state: ResumeState, index: int) -> None:
+        pass  # its shard is in the state already; :meth:`write` links it into the checkpoint
+
+    def write(self, out: Path, overwrite: bool, state: ResumeState, report: QuantizeReport,
+              extra_meta: dict | None) -> None:
+        """Write the checkpoint ``out`` (atomically): the blocks' shards from ``state``, a last shard with the
+        non-block tensors (in the checkpoint dtype, as the in-memory writer stores them), the index, config.json
+        and the tokenizer files.
+
+        Raises:
+            CheckpointError: a block's shard is missing from ``state``. OutputError: ``out`` cannot be written.
+        """
+        shards = [state.block_file(bi) for bi in range(len(self.blocks))]
+        lost = [f for f in shards if not f.is_file()]
+        if lost:
+            raise CheckpointError(f"{lost[0]} is missing from the resume state {state.folder}: rerun with --restart")
+        total = len(shards) + 1
+        with atomic_output_dir(out, overwrite, self.source) as tmp:
+            names = [shard_name(i, total) for i in range(1, total + 1)]
+            for f, name in zip(shards, names):
+                try:
+                    os.link(f, tmp / name)  # the state keeps its copy until the checkpoint is complete
+                except OSError:
+                    shutil.copyfile(f, tmp / name)
+            rest = self.src.load(self.outer, self.dtype)
+            atomic_save(rest, tmp / names[-1])
+            del rest
+            write_index(tmp, names)
+            qcfg = self.cfg.to_dict()
+            qcfg["meta"].update(extra_meta or {}, **report.checkpoint_meta())
+            write_model_files(tmp, self.model.config.to_dict(), qcfg, None, self.source, self.dtype)
+
+
 def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor | None, cfg: QuantizeConfig,
                        batch_size: int = 8, progress: bool = True, resume: ResumeState | None = None,
                        low_memory: bool = True, forward_dtype: torch.dtype | None = None,
                        activation_memory: int | None = None, overwrite: bool = False,
-                       extra_meta: dict | None = None) -> QuantizeReport:
+                       extra_meta: dict | None = None, compare_rtn: bool = False) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize the model folder ``source`` into the checkpoint ``out`` one decoder block at a
     time, never holding more than one block's weights (see the module docstring).
 
@@ -263,13 +254,13 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             folder next to ``out`` that is removed at the end (no resumption).
         low_memory: True (default) runs one batch at a time through each layer group (bounded memory); False
             the one-pass driver (every batch's activations at once). Same checkpoint either way.
-        forward_dtype: as in :func:`~gptq_plugin.pipeline.quantize_model`.
+        forward_dtype, compare_rtn: as in :func:`~gptq_plugin.pipeline.quantize_model`.
         activation_memory: bytes of calibration activations also held in memory (the rest stays on disk only);
-            None: a quarter of :func:`~gptq_plugin.pipeline.available_memory`.
+            None: a quarter of :func:`~gptq_plugin.blockquant.available_memory`.
         extra_meta: merged into ``quantization_config["meta"]`` (with the report's fallbacks and notes).
 
     Returns:
-        The :class:`~gptq_plugin.pipeline.QuantizeReport`.
+        The :class:`~gptq_plugin.blockquant.QuantizeReport`.
 
     Raises:
         ConfigError: ``lm_head=True``, or GPTQ without calibration.
@@ -279,26 +270,8 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             before any work); or a file cannot be written (no space left, read-only, no permission).
     """
     check_output_dir(out, overwrite, source)
-    if cfg.lm_head:
-        raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
-    if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
-        raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
     t0 = time.time()
     source, out = Path(source), Path(out)
-    dtype = checkpoint_dtype(source)
-    src = SourceWeights(source)
-    model = build_skeleton(source)
-    blocks, prefix = find_layout(model).blocks(model)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
-    missing = [k for k in expected if k not in src.where]
-    if missing:
-        raise CheckpointError(f"{source}: tensor {missing[0]} is missing from the source weights"
-                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the weights do not "
-                              "match config.json (or use other names; quantize such a model with --in-memory)")
-    outer = [k for k in expected if not k.startswith(prefix + ".")]
-    n_blocks = len(blocks)
-
     own_state = resume is None
     if own_state:
         try:
@@ -306,91 +279,17 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             resume = ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
         except OSError as e:
             raise write_error(e, out) from None
-    work = resume.folder
-    for stale in work.glob("hessian-*.bin"):  # parked by the solver of a killed run
+    for stale in resume.folder.glob("hessian-*.bin"):  # parked by the solver of a killed run
         stale.unlink()
-    report = QuantizeReport()
-    first = min(resume.done, n_blocks)
-    for bi in range(first):
-        report.layers.extend(LayerReport(**r) for r in resume.reports[bi])
+    if activation_memory is None:
+        activation_memory = (available_memory() or 0) // 4
+    blocks = _ShardBlocks(source, cfg)
     try:
-        buf = kwargs_list = None
-        if cfg.method == "gptq" and first < n_blocks:
-            n_batches = (calib.shape[0] + batch_size - 1) // batch_size
-            if activation_memory is None:
-                activation_memory = (available_memory() or 0) // 4
-            buf = ActivationBuffer(work / "activations", n_batches, activation_memory, gen=first)
-            # the modules before block 0 (embeddings; lm_head is never reached): loaded for the capture only
-            out_emb = model.get_output_embeddings()
-            skip = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
-            in_emb = model.get_input_embeddings()
-            keep = {id(p) for p in in_emb.parameters()} if in_emb is not None else set()
-            pre = [k for k, p in model.named_parameters(remove_duplicate=False)
-                   if k in outer and (id(p) not in skip or id(p) in keep)]
-            pre += [k for k, _ in model.named_buffers() if k in outer and k not in pre]
-            _materialize(model, pre, src, "")
-            seen = [0]
-
-            def store(x: torch.Tensor) -> None:
-                if not torch.isfinite(x).all():
-                    raise NumericalError(f"{prefix}.0: its calibration inputs contain NaN or Inf; check the source model")
-                if first == 0:  # a resumed run has the activations of block `first` on disk already
-                    buf.put(seen[0], x)
-                seen[0] += 1
-
-            use_cache = getattr(model.config, "use_cache", None)
-            if use_cache is not None:
-                model.config.use_cache = False
-            with torch.no_grad():
-                _, kwargs_list = capture_block_inputs(model, blocks, calib, batch_size, progress, store=store)
-            if use_cache is not None:
-                model.config.use_cache = use_cache
-            _to_meta(model, pre)
-            gc.collect()
-        for bi in tqdm(range(first, n_blocks), desc=f"{cfg.method} {cfg.bits}-bit (streaming)",
-                       disable=not progress, initial=first, total=n_blocks):
-            block, block_name = blocks[bi], f"{prefix}.{bi}"
-            names = [k for k, _ in block.state_dict().items()]
-            _materialize(block, names, src, block_name + ".")
-            n_reported = len(report.layers)
-            quantize_block(block, block_name, buf, kwargs_list, cfg, report, low_memory, forward_dtype, offload_dir=work)
-            state = {f"{block_name}.{k}": v for k, v in quantized_state_dict(block, cfg, dtype).items()}
-            _atomic_save(state, work / f"shard-{bi:05d}.safetensors")
-            del state
-            block.to("meta")
-            resume.mark_done(bi, [vars(l) for l in report.layers[n_reported:]])
-            if buf is not None:
-                buf.advance()
-            gc.collect()
-            release_free_memory()
-
-        # the last shard: embeddings, final norm, lm_head (in `dtype`, as the in-memory writer stores them)
-        shard_files = [work / f"shard-{bi:05d}.safetensors" for bi in range(n_blocks)]
-        lost = [f for f in shard_files if not f.is_file()]
-        if lost:
-            raise CheckpointError(f"{lost[0]} is missing from the resume state {work}: rerun with --restart")
-        total = n_blocks + 1
-        with atomic_output_dir(out, overwrite, source) as tmp:
-            names = []
-            for bi, f in enumerate(shard_files):
-                name = f"model-{bi + 1:05d}-of-{total:05d}.safetensors"
-                try:
-                    os.link(f, tmp / name)  # the state keeps its copy until the checkpoint is complete
-                except OSError:
-                    shutil.copyfile(f, tmp / name)
-                names.append(name)
-            last = f"model-{total:05d}-of-{total:05d}.safetensors"
-            rest = src.load(outer, dtype)
-            _atomic_save(rest, tmp / last)
-            del rest
-            names.append(last)
-            written = SourceWeights(tmp)  # the shard headers
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": written.nbytes(None)},
-                 "weight_map": {k: f.name for k, f in written.where.items()}}, indent=2, sort_keys=True))
-            qcfg = cfg.to_dict()
-            qcfg["meta"].update(extra_meta or {}, **report.checkpoint_meta())
-            write_model_files(tmp, model.config.to_dict(), qcfg, None, source, dtype)
+        report = quantize_blocks(blocks, blocks, calib, cfg, batch_size=batch_size, progress=progress,
+                                 low_memory=low_memory, forward_dtype=forward_dtype, resume=resume,
+                                 activation_memory=activation_memory, offload_dir=resume.folder,
+                                 compare_rtn=compare_rtn, desc=f"{cfg.method} {cfg.bits}-bit (streaming)")
+        blocks.write(out, overwrite, resume, report, extra_meta)
     except BaseException:
         if own_state:
             resume.remove()

@@ -13,6 +13,7 @@ group 64/128, no act-order).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import torch
 
 from .errors import GPTQPluginError
 from .packing import unpack_qzeros
+from .reader import open_checkpoint
+from .safetensors_io import checkpoint_files
 
 TARGETS = ("tensorrt-llm",)
 TRT_GROUP_SIZES = (64, 128)
@@ -76,11 +79,6 @@ def check_target(path: str | Path, target: str = "tensorrt-llm") -> TargetReport
 
 
 def _check_tensorrt_llm(path: Path) -> TargetReport:
-    import json
-
-    from .checkpoint import checkpoint_files
-    from .formats import open_checkpoint
-
     ck = open_checkpoint(path)
     cfg, fmt = ck.config, ck.format.name
     rep = TargetReport("tensorrt-llm", str(path))

@@ -27,39 +27,18 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .config import QuantizeConfig
-from .errors import CheckpointError, GPTQPluginError
+from .errors import CheckpointError, ConfigError, GPTQPluginError
+from .format_gptq import diagnose_zero_points
+from .formats import dtype_of, shape_of
 from .packing import num_groups, packed_rows
+from .plugins import detect_format
+from .reader import read_quantization_config
+from .safetensors_io import ST_DTYPES, LazyFolder, TensorMeta, checkpoint_files, load_tensors, read_headers
 
 log = logging.getLogger(__name__)
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: safetensors header dtype strings -> torch dtypes
-ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-             "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
-             "BOOL": torch.bool}
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
-
-@dataclass
-class TensorMeta:
-    """A tensor known from a file header only: ``shape`` (list or tuple), ``dtype`` (torch dtype or safetensors
-    string such as ``"I32"``) and, for small tensors read anyway (compressed-tensors ``weight_shape``), ``value``."""
-
-    shape: Any
-    dtype: Any
-    value: list | None = None
-
-
-def shape_of(t) -> Any:
-    """The shape as given (a header's list stays a list, a tensor's becomes a tuple), for messages."""
-    s = t.shape
-    return list(s) if isinstance(s, list) else tuple(int(v) for v in s)
-
-
-def dtype_of(t) -> torch.dtype | None:
-    """The torch dtype of a tensor or :class:`TensorMeta` (None for a header dtype torch does not know)."""
-    d = t.dtype
-    return d if isinstance(d, torch.dtype) else ST_DTYPES.get(str(d))
 
 
 def _dtype_label(t) -> str:
@@ -71,13 +50,6 @@ def _want(dtype: torch.dtype, like) -> str:
     return _ST_NAMES.get(dtype, str(dtype)) if isinstance(like.dtype, str) else str(dtype)
 
 
-def value_of(t) -> list | None:
-    """The values of a small tensor (a list), or a :class:`TensorMeta`'s ``value``."""
-    if isinstance(t, TensorMeta):
-        return t.value
-    return t.reshape(-1).tolist()
-
-
 def _where(handler, cfg: QuantizeConfig) -> str:
     bits, gs = handler.config_names
     return f"{bits}={cfg.bits}, {gs}={cfg.group_size}"
@@ -86,16 +58,18 @@ def _where(handler, cfg: QuantizeConfig) -> str:
 # --- headers: names, shapes, dtypes -------------------------------------------------------------------------
 def check_layer_header(handler, cfg: QuantizeConfig, name: str, meta: Mapping[str, Any],
                        in_features: int | None = None, out_features: int | None = None,
-                       optional: Iterable[str] = ()) -> tuple[int, int] | None:
+                       optional: Iterable[str] = (), exact: bool = False) -> tuple[int, int] | None:
     """Check the stored leaves of one quantized layer against ``cfg`` from their shapes and dtypes alone.
 
     Args:
         handler: the layer's :class:`~gptq_plugin.formats.CheckpointFormat`.
         cfg: the checkpoint's (in-memory) quantization config.
         name: the layer's prefix, for messages (``model.layers.0.mlp.up_proj``).
-        meta: leaf name -> tensor or :class:`TensorMeta` (``bias`` included when stored).
+        meta: leaf name -> tensor or :class:`~gptq_plugin.safetensors_io.TensorMeta` (``bias`` included when stored).
         in_features, out_features: the model's layer size, when known: the tensors must agree.
         optional: required leaves this caller can do without (vLLM's and TGI's loaders derive ``g_idx``).
+        exact: accept only the format's current layout (``expected_tensors``), not the older ones its reader converts
+            (``alternative_tensors``): for loaders that hold the stored tensors as they are (vLLM, Transformers).
 
     Returns:
         ``(in_features, out_features)`` of the layer, from the tensors (None for a format plugin whose handler
@@ -104,7 +78,8 @@ def check_layer_header(handler, cfg: QuantizeConfig, name: str, meta: Mapping[st
     Raises:
         CheckpointError: a required leaf is missing; a leaf's shape or dtype contradicts ``cfg`` (``bits``,
             ``group_size``), the other leaves or the model; an ``int64`` ``g_idx`` (the message names
-            ``gptq-plugin convert``, which casts it).
+            ``gptq-plugin convert``, which casts it); with ``exact``, an older layout (the message names
+            ``gptq-plugin convert``, which rewrites it).
     """
     optional = set(optional)
     for leaf in handler.required_leaves(cfg):
@@ -132,9 +107,16 @@ def check_layer_header(handler, cfg: QuantizeConfig, name: str, meta: Mapping[st
         t = meta[leaf]
         shape, dtype = list(shape_of(t)), dtype_of(t)
         want_shape, want_dtype = expected[leaf]
-        if any((s is None or list(s) == shape) and (d is None or d == dtype)
-               for s, d in alternatives.get(leaf, ())):
-            continue
+        current = shape == list(want_shape) and (want_dtype is None or dtype == want_dtype)
+        if not current and any((s is None or list(s) == shape) and (d is None or d == dtype)
+                               for s, d in alternatives.get(leaf, ())):
+            if not exact:
+                continue
+            if not (leaf == handler.g_idx_leaf and dtype == torch.int64):  # that one is named below
+                raise CheckpointError(
+                    f"tensor {name}.{leaf} has shape {shape_of(t)} and dtype {_dtype_label(t)}, expected "
+                    f"{list(want_shape)}: an older packing of the {handler.name} format, which this loader cannot "
+                    f"hold as stored; rewrite the checkpoint with `gptq-plugin convert SRC DST --to {handler.name}`")
         if leaf == handler.scale_leaf:
             if dtype not in SCALE_DTYPES:
                 raise CheckpointError(f"tensor {name}.{leaf} has dtype {_dtype_label(t)}, expected float16, bfloat16 "
@@ -159,6 +141,23 @@ def check_layer_header(handler, cfg: QuantizeConfig, name: str, meta: Mapping[st
             raise CheckpointError(f"tensor {name}.bias has shape {shape_of(b)} and dtype {_dtype_label(b)}, expected "
                                   f"a floating-point [{n}]: corrupt checkpoint")
     return k, n
+
+
+def read_layer_headers(files: Iterable[str | Path]) -> dict[str, TensorMeta]:
+    """The tensors of safetensors ``files`` from their headers (:func:`~gptq_plugin.safetensors_io.read_headers`),
+    with the values of the small tensors that the handlers' ``layer_features`` read (compressed-tensors'
+    ``*.weight_shape``, ``[2]``), for :func:`check_layer_header` before a loader reads anything else (vLLM's front
+    end, Transformers).
+
+    Raises:
+        CheckpointError: a file or a ``weight_shape`` cannot be read (naming it and the fix).
+    """
+    headers = read_headers(files)
+    small = [k for k, m in headers.items() if k.endswith(".weight_shape") and list(m.shape) == [2]]
+    for f in dict.fromkeys(headers[k].file for k in small):
+        for k, t in load_tensors(f, [k for k in small if headers[k].file == f]).items():
+            headers[k].value = t.tolist()
+    return headers
 
 
 # --- values: the in-memory layout ---------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_proble
     Args:
         path: the checkpoint folder. allow_pickle: accept ``.bin``/``.pt`` weights.
         max_problems: stop collecting after this many failing layers.
-        reader: the folder's files already opened (:class:`LazyFolder`; ``inspect`` passes its own).
+        reader: the folder's files already opened (:class:`~gptq_plugin.safetensors_io.LazyFolder`; ``inspect`` passes its own).
 
     Returns:
         a :class:`CheckpointVerdict`; ``verdict.raise_for_problems()`` turns it into an exception.
@@ -340,10 +339,6 @@ def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_proble
         CheckpointError: the folder cannot be read at all (no config, unknown format, corrupt or missing files, no
             quantized layers). ConfigError: an invalid quantization config.
     """
-    from .checkpoint import checkpoint_files
-    from .errors import ConfigError
-    from .formats import detect_format, read_quantization_config
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -368,63 +363,7 @@ def validate_checkpoint(path: str | Path, allow_pickle: bool = False, max_proble
             if len(verdict.problems) >= max_problems:
                 break
     if handler.name in ("gptq", "gptq_v2"):
-        from .format_gptq import diagnose_zero_points
-
         d = diagnose_zero_points(((p, reader.layer(handler, p)) for p in layers), cfg.bits, cfg.sym, handler.name)
         verdict.zero_points = d  # shown as "MISLABELLED? ..." by summary(); the fix is a relabel, not a re-download
     return verdict
 
-
-class LazyFolder:
-    """The tensors of checkpoint files, read one layer at a time (safetensors) or all at once (pickle).
-
-    Attributes:
-        where: tensor name -> its safetensors file. headers: tensor name -> ``(shape, dtype)`` from the file
-            headers (``[4, 8]``, ``"I32"``). loaded: every tensor, for pickle files.
-
-    Raises:
-        CheckpointError: a corrupt or truncated safetensors header, naming the file.
-    """
-
-    def __init__(self, files: list[Path]):
-        from .checkpoint import read_tensors
-
-        self.where: dict[str, Path] = {}
-        self.headers: dict[str, tuple[list[int], str]] = {}
-        self.loaded: dict[str, torch.Tensor] = {}
-        st = [f for f in files if f.suffix == ".safetensors"]
-        if len(st) != len(files):
-            self.loaded = read_tensors(files)
-            return
-        from safetensors import safe_open
-
-        for f in st:
-            try:
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        sl = h.get_slice(k)
-                        self.where[k] = f
-                        self.headers[k] = (list(sl.get_shape()), sl.get_dtype())
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e}); re-download or re-create "
-                                      "the checkpoint") from None
-
-    def keys(self) -> list[str]:
-        return list(self.loaded) or list(self.where)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read from its file. Raises :class:`CheckpointError` naming the file and the tensor."""
-        if self.loaded:
-            return self.loaded[key]
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.where[key]), "pt") as h:
-                return h.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{self.where[key]}: tensor {key} cannot be read ({e}); re-download or re-create "
-                                  "the checkpoint") from None
-
-    def layer(self, handler, prefix: str) -> dict[str, torch.Tensor]:
-        """The stored tensors of one quantized layer, by leaf name."""
-        return {k.rpartition(".")[2]: self.tensor(k) for k in handler.layer_keys(prefix, self.keys())}

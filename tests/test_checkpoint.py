@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from gptq_plugin.checkpoint import load_quantized, save_quantized
 from gptq_plugin.config import QuantizeConfig
-from gptq_plugin.errors import CheckpointError, GPTQPluginError
+from gptq_plugin.errors import CheckpointError, GPTQPluginError, OutputError
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.pipeline import quantize_model
 from tests.tiny import tiny_llama
@@ -79,7 +79,7 @@ def test_failed_write_leaves_nothing(ckpt, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(ck.OutputError, match="cannot write .*fail: disk full"):  # one clear error, not the OSError
+    with pytest.raises(OutputError, match="cannot write .*fail: disk full"):  # one clear error, not the OSError
         ck.save_quantized(model, QuantizeConfig(bits=3, group_size=24), tmp_path / "fail")
     assert not (tmp_path / "fail").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fail")]

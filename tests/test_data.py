@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gptq_plugin.calibration import (ENV_DATA, SHIPPED_DATA, default_calibration_file, default_eval_file,
-                                     load_calibration, read_text)
+from gptq_plugin.calibration import load_calibration
+from gptq_plugin.calibration_data import ENV_DATA, SHIPPED_DATA, default_calibration_file, default_eval_file, read_text
 from gptq_plugin.errors import CalibrationError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.convert import convert_checkpoint
 from gptq_plugin.errors import CheckpointError, GPTQPluginError, OutputError
 from gptq_plugin.format_gptq import diagnose_zero_points
-from gptq_plugin.formats import detect_format, open_checkpoint, read_checkpoint, read_quantization_config
+from gptq_plugin.plugins import detect_format
+from gptq_plugin.reader import open_checkpoint, read_checkpoint, read_quantization_config
 from gptq_plugin.pipeline import quantize_model
 from tests.tiny import tiny_llama
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gptq_plugin.checkpoint import load_quantized
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import GPTQPluginError
-from gptq_plugin.formats import read_checkpoint
+from gptq_plugin.reader import read_checkpoint
 from tests.mutations import fresh_copy, mutate_bytes, mutate_tensors_and_config, tiny_checkpoint
 
 FIELDS = ["bits", "group_size", "desc_act", "sym", "static_groups", "true_sequential", "damp_percent",

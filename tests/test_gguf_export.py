@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` pack
 from gptq_plugin.checkpoint import load_quantized, save_quantized  # noqa: E402
 from gptq_plugin.config import QuantizeConfig  # noqa: E402
 from gptq_plugin.errors import GPTQPluginError  # noqa: E402
-from gptq_plugin.formats import read_checkpoint  # noqa: E402
+from gptq_plugin.reader import read_checkpoint  # noqa: E402
 from gptq_plugin.gguf_blocks import GGUFExportError  # noqa: E402
 from gptq_plugin.gguf_export import _head_permutation, export_gguf  # noqa: E402
 from gptq_plugin.kernels.reference import dequantize_weight  # noqa: E402

@@ -100,7 +100,7 @@ def test_same_command_twice_is_byte_identical(demo_model_dir, data_dir, tmp_path
 
 
 def test_generation_runs(demo_ckpt_factory, demo_model_dir):
-    from gptq_plugin.demo import generate
+    from gptq_plugin.tools.demo import generate
 
     tok = AutoTokenizer.from_pretrained(demo_model_dir)
     q = load_quantized(demo_ckpt_factory(2, bits=4, group_size=128))

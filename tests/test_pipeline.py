@@ -42,7 +42,7 @@ def test_stand_in_forwards_with_the_solvers_dequantized_weight(bits, k, group_si
     rebuilds (in chunks of input channels) must be the solver's dequantized weight bit for bit, layout included,
     or the next layers' Hessians (and the one-pass / low-memory equality) would change."""
     from gptq_plugin.linear import QuantLinear
-    from gptq_plugin.pipeline import _DequantizedLinear
+    from gptq_plugin.blockquant import _DequantizedLinear
     from gptq_plugin.solver import gptq_quantize
 
     g = torch.Generator().manual_seed(bits)
@@ -58,10 +58,10 @@ def test_stand_in_forwards_with_the_solvers_dequantized_weight(bits, k, group_si
 
 def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch):
     """While a layer group is quantized in a low-memory pass, the groups before it hold no fp32 weight."""
-    from gptq_plugin import pipeline
+    from gptq_plugin import blockquant
 
     held = {}
-    real = pipeline._quantize_layer
+    real = blockquant._quantize_layer
 
     def spy(name, mod, H, cfg, block_name, report, keep_weight=True, offload_dir=None):
         if block_name.endswith(".0"):
@@ -70,7 +70,7 @@ def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch)
                                 and m.weight is not None)
         return real(name, mod, H, cfg, block_name, report, keep_weight, offload_dir)
 
-    monkeypatch.setattr(pipeline, "_quantize_layer", spy)
+    monkeypatch.setattr(blockquant, "_quantize_layer", spy)
     model = tiny_llama(seed=3)
     quantize_model(model, CALIB, CFG, batch_size=2, progress=False, low_memory=True, max_blocks=1)
     assert held["mlp.down_proj"] == ["mlp.down_proj"]
@@ -79,7 +79,7 @@ def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch)
 
 @pytest.mark.parametrize("static_groups", [False, True])
 def test_error_report_by_row_blocks_matches_the_whole_matrix_formula(static_groups):
-    from gptq_plugin.pipeline import _rel_errs
+    from gptq_plugin.blockquant import _rel_errs
     from gptq_plugin.solver import gptq_quantize, rtn_quantize
 
     g = torch.Generator().manual_seed(7)
@@ -114,7 +114,7 @@ class _AliasedBlock(torch.nn.Module):
 
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_stand_ins_replace_every_alias_and_read_like_linear(true_sequential):
-    from gptq_plugin.pipeline import QuantizeReport, quantize_block
+    from gptq_plugin.blockquant import QuantizeReport, quantize_block
 
     def run(low_memory):
         torch.manual_seed(0)

@@ -123,7 +123,7 @@ def test_python_api_refuses_output_containing_an_input(tiny_src, tmp_path):
     from gptq_plugin.config import QuantizeConfig
     from gptq_plugin.pipeline import quantize_model
     from gptq_plugin.streaming import quantize_streaming
-    from gptq_plugin.synthetic import write_synthetic_llama
+    from gptq_plugin.tools.synthetic import write_synthetic_llama
 
     src = tmp_path / "a" / "src"
     shutil.copytree(tiny_src, src)
@@ -143,7 +143,7 @@ def test_python_api_refuses_output_containing_an_input(tiny_src, tmp_path):
 
 
 def test_demo_model_never_replaces_an_existing_folder(tmp_path):
-    from gptq_plugin.demo import get_demo_model
+    from gptq_plugin.tools.demo import get_demo_model
 
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(OutputError, match="is not the demo model"):
@@ -285,7 +285,7 @@ def test_interrupt_in_the_batch_threads_leaves_no_thread_running():
     """The one-pass driver's batch threads end before an interrupt of the calling thread propagates."""
     import threading
 
-    from gptq_plugin.pipeline import _sequential_pass
+    from gptq_plugin.passes import sequential_pass as _sequential_pass
 
     model = tiny_llama(layers=1)
     block = model.model.layers[0]
@@ -364,13 +364,12 @@ def test_failed_load_leaves_no_resume_state(tiny_src, tmp_path, capsys, calib):
 
 
 def test_an_earlier_runs_state_is_kept_when_a_rerun_fails(tiny_src, tmp_path, monkeypatch, capsys):
-    import gptq_plugin.checkpoint
     import gptq_plugin.cli
 
     def fail(*a, **k):
         raise GPTQPluginError("simulated failure")
 
-    monkeypatch.setattr(gptq_plugin.checkpoint, "save_quantized", fail)  # after both blocks: state done=2
+    monkeypatch.setattr(gptq_plugin.cli, "save_quantized", fail)  # after both blocks: state done=2
     rc, _, err = cli(capsys, "quantize", tiny_src, tmp_path / "out", *RTN)
     one_error(rc, err, "simulated failure")
     assert _done(tmp_path / ".out.partial") == 2
@@ -390,7 +389,8 @@ def test_an_earlier_runs_state_is_kept_when_a_rerun_fails(tiny_src, tmp_path, mo
 def test_bf16_source_gives_a_bf16_checkpoint(tmp_path, capsys, calib, driver):
     from safetensors.torch import load_file
 
-    from gptq_plugin.checkpoint import checkpoint_files, load_quantized
+    from gptq_plugin.checkpoint import load_quantized
+    from gptq_plugin.safetensors_io import checkpoint_files
 
     src = _save_tiny(tmp_path / "src", dtype=torch.bfloat16)
     out = tmp_path / "out"

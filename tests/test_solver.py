@@ -216,14 +216,14 @@ def test_hessian_is_borrowed_and_restored_bit_for_bit(case):
 
 
 def test_in_place_permutation_is_the_gather():
-    from gptq_plugin.solver import _permute_
+    from gptq_plugin.solver_memory import permute_
 
     H = torch.randn(37, 37)
     perm = torch.randperm(37, generator=torch.Generator().manual_seed(0))
     P = H.clone()
-    _permute_(P, perm, chunk_bytes=4 * 37 * 5)  # 5 rows per column block
+    permute_(P, perm, chunk_bytes=4 * 37 * 5)  # 5 rows per column block
     assert torch.equal(P, H[perm][:, perm])
-    _permute_(P, torch.argsort(perm))
+    permute_(P, torch.argsort(perm))
     assert torch.equal(P, H)
 
 

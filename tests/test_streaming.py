@@ -11,14 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from gptq_plugin import streaming
-from gptq_plugin.checkpoint import checkpoint_files, load_quantized, read_tensors, save_quantized
+from gptq_plugin import driver, streaming
+from gptq_plugin.checkpoint import load_quantized, save_quantized
+from gptq_plugin.safetensors_io import checkpoint_files, read_tensors
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import CheckpointError
 from gptq_plugin.pipeline import quantize_model
-from gptq_plugin.resume import ResumeState, fingerprint
-from gptq_plugin.streaming import ActivationBuffer, quantize_streaming
-from gptq_plugin.synthetic import write_synthetic_llama
+from gptq_plugin.resume import ActivationBuffer, ResumeState, fingerprint
+from gptq_plugin.streaming import quantize_streaming
+from gptq_plugin.tools.synthetic import write_synthetic_llama
 
 LAYERS = 3
 CALIB = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -76,7 +77,7 @@ def test_one_block_materialised_at_a_time(source, tmp_path, monkeypatch):
     build = streaming.build_skeleton
     monkeypatch.setattr(streaming, "build_skeleton", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
     seen = []
-    real = streaming.quantize_block
+    real = driver.quantize_block
 
     def spy(block, block_name, *args, **kwargs):
         model = models[0]
@@ -84,7 +85,7 @@ def test_one_block_materialised_at_a_time(source, tmp_path, monkeypatch):
         seen.append((block_name, sorted(on_cpu)))
         return real(block, block_name, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "quantize_block", spy)
+    monkeypatch.setattr(driver, "quantize_block", spy)
     quantize_streaming(source, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False, activation_memory=0)
     assert [b for b, _ in seen] == [f"model.layers.{i}" for i in range(LAYERS)]
     for block_name, on_cpu in seen:
@@ -110,7 +111,7 @@ def test_streaming_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
     fp = fingerprint(CFG, source, CALIB, 2, driver="streaming")
     quantize_streaming(source, tmp_path / "whole", CALIB, CFG, batch_size=2, progress=False,
                        resume=ResumeState.open(tmp_path / "whole", fp), activation_memory=0)
-    real, calls = streaming.quantize_block, []
+    real, calls = driver.quantize_block, []
 
     def crash_on_third(*args, **kwargs):
         calls.append(args[1])
@@ -118,7 +119,7 @@ def test_streaming_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the process dies while block 2 is quantized
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "quantize_block", crash_on_third)
+    monkeypatch.setattr(driver, "quantize_block", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         quantize_streaming(source, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False,
                            resume=ResumeState.open(tmp_path / "out", fp), activation_memory=0)
@@ -132,7 +133,7 @@ def test_streaming_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
         assert not stale.exists(), "the resumed run keeps a dead run's parked Hessian"
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "quantize_block", no_stale_file)
+    monkeypatch.setattr(driver, "quantize_block", no_stale_file)
     calls.clear()
     quantize_streaming(source, tmp_path / "out", CALIB, CFG, batch_size=2, progress=False, resume=state,
                        activation_memory=0)
@@ -173,20 +174,20 @@ def test_wrong_shape_is_named(source, tmp_path):
 
 
 def test_cli_streams_when_the_fp32_model_exceeds_half_the_available_memory(source, monkeypatch):
-    from gptq_plugin import cli, pipeline
+    from gptq_plugin import blockquant, models
 
     fp32 = 4 * sum(torch.Size(shape).numel() for shape, _ in streaming.SourceWeights(source).shapes.values())
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * fp32 + 1024)
-    assert not cli._streaming_needed(source)
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * fp32 - 1024)
-    assert cli._streaming_needed(source)
+    monkeypatch.setattr(blockquant, "available_memory", lambda: 2 * fp32 + 1024)
+    assert not models.needs_streaming(source)
+    monkeypatch.setattr(blockquant, "available_memory", lambda: 2 * fp32 - 1024)
+    assert models.needs_streaming(source)
 
 
 def test_available_memory_honours_a_cgroup_limit(monkeypatch):
     """MemAvailable is lowered to the cgroup's limit - usage + reclaimable page cache (v1 and v2 files faked)."""
     import io
 
-    from gptq_plugin import pipeline
+    from gptq_plugin import blockquant
 
     files = {"/proc/meminfo": "MemTotal: 32000000 kB\nMemAvailable: 20000000 kB\n"}
     v1 = "/sys/fs/cgroup/memory/job"
@@ -204,5 +205,5 @@ def test_available_memory_honours_a_cgroup_limit(monkeypatch):
                 raise FileNotFoundError(path)
             return io.StringIO(table[path])
 
-        monkeypatch.setattr(pipeline, "open", fake_open, raising=False)
-        assert pipeline.available_memory() == expected
+        monkeypatch.setattr(blockquant, "open", fake_open, raising=False)
+        assert blockquant.available_memory() == expected

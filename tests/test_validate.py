@@ -19,8 +19,9 @@ from gptq_plugin.checkpoint import inspect_checkpoint, load_quantized
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.convert import convert_checkpoint
 from gptq_plugin.errors import CheckpointError
-from gptq_plugin.formats import get_format
-from gptq_plugin.validate import TensorMeta, check_layer_header, validate_checkpoint
+from gptq_plugin.plugins import get_format
+from gptq_plugin.safetensors_io import TensorMeta
+from gptq_plugin.validate import check_layer_header, validate_checkpoint
 from tests.mutations import tiny_checkpoint
 
 L = "model.layers.0.self_attn.o_proj"  # 64 -> 64, group_size 32: 2 groups

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from gptq_plugin.errors import KernelError
+from gptq_plugin.kernels import CpuInt4Kernel
 from gptq_plugin.plugins import ENV_DISABLED_KERNELS, ENV_FORCE_KERNEL, choose_kernel, kernels
+from gptq_plugin.sharding import RowShard
 from kernel_harness import RTOL, make_input, make_layer, reference, rel_err
 
 
@@ -62,3 +64,23 @@ def test_quant_linear_end_to_end(dtype):
     layer(x)
     layer.load_state_dict(state)
     assert layer.kernel_name is None
+
+
+def test_unequal_groups_are_decided_from_the_spec():
+    """A tensor-parallel row shard of an act-order layer keeps a subset of each group's channels: its spec says the
+    groups are not uniform, so cpu_int4 declines in ``can_implement`` (not later, while repacking) and the registry
+    picks the next kernel, with no environment variable involved."""
+    full = make_layer(256, 48, 4, 64, act_order=True)
+    shard = RowShard.of(256, 64, 1, 2, "probe")
+    g_idx = full.g_idx[shard.lo:shard.hi]
+    assert shard.groups(g_idx) is None  # act-order: every rank keeps all groups, g_idx names them
+    codes = full.qweight[shard.lo * 4 // 32: shard.hi * 4 // 32]
+    layer = type(full).from_tensors(codes, full.qzeros, full.scales, g_idx, 4, 64, sym=False, n_groups=4)
+    spec = layer.spec(torch.bfloat16)
+    assert not spec.uniform_groups and full.spec(torch.bfloat16).uniform_groups
+    ok, reason = CpuInt4Kernel.can_implement(spec)
+    assert not ok and "unequal" in reason
+    x = make_input(3, 128, torch.bfloat16)
+    y = layer(x)
+    assert layer.kernel_name == "dequant_chunked"
+    assert rel_err(y, reference(layer, x)) <= RTOL[torch.bfloat16]

@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from gptq_plugin.adapters.tgi import GPTQPluginWeight, GPTQPluginWeightsLoader
 from gptq_plugin.errors import CheckpointError
+from gptq_plugin.plugins import get_format
 
 from test_tgi_route import fake_tgi  # noqa: F401  (the stand-in TGI modules, a fixture)
-from tgi_standin import ATTN, FUSED, HEADS, KV_HEADS, LAYERS, MLP, UNQUANTIZED, inputs, loader_of, tgi_get_linear
+from tgi_standin import (ATTN, FUSED, HEADS, INTERMEDIATE, KV_HEADS, LAYERS, MLP, UNQUANTIZED, close, inputs, loader_of,
+                         tgi_get_linear, tgi_load_row)
 
 CASES = ["4bit-g16-actorder-asym", "3bit-g64-actorder", "3bit-g64-asym", "2bit-gall-v2", "4bit-g16"]
 WORLDS = [1, 2]
@@ -132,3 +134,47 @@ def test_route_takes_compressed_tensors_checkpoints(fake_tgi, pair):
     own = fake.quantization.get_loader("compressed-tensors", str(ct.path), None)
     assert own == ("tgi's own loader", "compressed-tensors")
     tgi_launcher.uninstall()
+
+
+def test_ignore_entries_name_whole_modules():
+    """The compressed-tensors handler matches ``ignore`` as compressed-tensors does: a full module name or a
+    ``re:`` pattern, never a part of a name; a fused layer is ignored when every one of its modules is."""
+    ct = get_format("compressed-tensors")
+    ignore = ["lm_head", "model.layers.1", "model.layers.2.mlp.down_proj", r"re:.*\.mlp\.gate$"]
+    assert ct.is_ignored(ignore, "lm_head") and ct.is_ignored(ignore, "model.layers.2.mlp.down_proj")
+    assert ct.is_ignored(ignore, "model.layers.7.mlp.gate")
+    assert not ct.is_ignored(ignore, "model.layers.10.mlp.down_proj")  # not a prefix match of "model.layers.1"
+    assert not ct.is_ignored(ignore, "model.layers.1.mlp.down_proj")  # a block's name does not ignore its linears
+    assert not ct.is_ignored(ignore, "model.layers.12.mlp.down_proj")  # nor does another block's linear
+    assert not ct.is_ignored(ignore, "model.lm_head") and not ct.is_ignored([], "lm_head")
+    qkv = [f"model.layers.2.self_attn.{p}_proj" for p in "qkv"]
+    assert not ct.is_ignored(qkv[:2], "model.layers.2.self_attn.qkv_proj", qkv)
+    assert ct.is_ignored(qkv, "model.layers.2.self_attn.qkv_proj", qkv)
+
+
+def test_ignoring_layer_1_keeps_layer_10_quantized(ckpts, tmp_path):
+    """``ignore: ["model.layers.1", "model.layers.1.mlp.down_proj"]`` names block 1 and its down_proj only: block
+    10's down_proj is quantized and loads as such (a substring match took it for an ignored, unquantized layer)."""
+    from gptq_plugin.convert import convert_checkpoint
+
+    gptq = ckpts["4bit-g16"]
+    src = tmp_path / "ct"
+    convert_checkpoint(gptq.path, src, "compressed-tensors")
+    dst = tmp_path / "layer10"
+    dst.mkdir()
+    for f in src.glob("*.safetensors"):  # the same tensors, as block 10
+        save_file({k.replace("layers.0.", "layers.10."): v for k, v in load_file(str(f)).items()}, str(dst / f.name),
+                  metadata={"format": "pt"})
+    d = json.loads((src / "config.json").read_text())
+    d["quantization_config"]["ignore"] = ["lm_head", "model.layers.1", "model.layers.1.mlp.down_proj"]
+    (dst / "config.json").write_text(json.dumps(d))
+    ct = dataclasses.replace(gptq, path=dst)
+    name = "model.layers.10.mlp.down_proj"
+    for world in (1, 2):
+        total = 0
+        for rank in range(world):
+            weights = ct.weights(loader_of(ct), rank, world)
+            assert isinstance(weights.get_weights_row(name), GPTQPluginWeight)
+            x = inputs(INTERMEDIATE)[..., rank * INTERMEDIATE // world:(rank + 1) * INTERMEDIATE // world]
+            total = total + tgi_load_row(weights, name, bias=True)(x)
+        close(total, gptq.refs[f"{MLP}.down_proj"](inputs(INTERMEDIATE)))

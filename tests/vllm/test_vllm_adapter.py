@@ -134,7 +134,7 @@ def test_mislabelled_zero_points_fail_before_loading(tmp_path: Path, stored_as, 
     (pack-quantized ones are served: test_vllm_compressed_tensors.py)."""
     from safetensors.torch import save_file
 
-    from gptq_plugin.formats import get_format
+    from gptq_plugin.plugins import get_format
 
     layer = _quantized_layer(64, 96, 4, 32, desc_act=False, sym=True, bias=False)
     v1 = {leaf: getattr(layer, leaf) for leaf in ("qweight", "qzeros", "scales", "g_idx")}

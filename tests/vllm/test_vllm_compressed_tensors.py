@@ -19,7 +19,7 @@ require_vllm()
 from gptq_plugin.adapters import vllm as adapter  # noqa: E402
 from gptq_plugin.config import QuantizeConfig  # noqa: E402
 from gptq_plugin.errors import CheckpointError  # noqa: E402
-from gptq_plugin.formats import get_format  # noqa: E402
+from gptq_plugin.plugins import get_format  # noqa: E402
 from test_vllm_adapter import vllm_tp1  # noqa: E402,F401  (vLLM's single-process parallel state, a fixture)
 
 CT = "compressed-tensors"
@@ -116,6 +116,20 @@ def test_ignore_list_without_tensor_metadata():
     assert cfg._is_quantized("model.layers.0.mlp.gate_up_proj")
     assert not cfg._is_quantized("model.layers.0.mlp.gate")
     assert not cfg._is_quantized("lm_head")
+
+
+def test_ignore_list_names_whole_modules():
+    """``ignore`` entries are full module names (compressed-tensors' matching, through the core's handler): block 1
+    and block 2's down_proj are ignored, block 10 and block 1's own linears are not; a fused layer is ignored only
+    when all its projections are."""
+    qcfg, _ = _as_ct({}, QuantizeConfig())
+    qcfg["ignore"] = ["model.layers.1", "model.layers.2.mlp.down_proj", "model.layers.3.mlp.gate_proj",
+                      "model.layers.3.mlp.up_proj"]
+    cfg = adapter.GPTQPluginConfig.from_config(qcfg)
+    cfg.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    assert cfg._is_quantized("model.layers.10.mlp.down_proj") and cfg._is_quantized("model.layers.1.mlp.down_proj")
+    assert not cfg._is_quantized("model.layers.2.mlp.down_proj")
+    assert not cfg._is_quantized("model.layers.3.mlp.gate_up_proj") and cfg._is_quantized("model.layers.2.mlp.gate_up_proj")
 
 
 # --- vLLM's linear layers, GPTQ vs compressed-tensors tensors --------------------------------------------------

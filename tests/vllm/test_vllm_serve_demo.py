@@ -131,7 +131,7 @@ def test_quantized_lm_head_is_rejected_at_load(sym_4bit, tmp_path, server_logs):
 
     from safetensors.torch import load_file, save_file
 
-    from gptq_plugin.serve import expect_startup_failure
+    from gptq_plugin.tools.serve import expect_startup_failure
 
     bad = tmp_path / "lm-head-quantized"
     shutil.copytree(sym_4bit, bad)

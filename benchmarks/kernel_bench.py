@@ -1,7 +1,10 @@
 """Kernel benchmark: every kernel that can run a layer, against dense ``torch.matmul`` measured in the same run.
 
-``run_bench(...)`` returns one dict per (kernel, shape, M); ``format_table(rows)`` prints them;
-``main(argv)`` is the command line (``gptq-plugin bench`` and ``python benchmarks/kernels.py``).
+    python benchmarks/kernel_bench.py [--quick] [--json] [--shapes 4096x4096 --m 1,16 ...]   # --help: options
+    python benchmarks/kernel_bench.py --checkpoint DIR --windows 8 --kernels ...           # perplexity per kernel
+
+``run_bench(...)`` returns one dict per (kernel, shape, M); ``format_table(rows)`` prints them; ``main(argv)`` is
+the command line.
 
 Timing: for one (shape, M) every candidate (the kernels, dense fp32/bf16, and on a GPU dense fp16 cuBLAS and
 vLLM's Marlin when installed) runs once per round, round after round (side by side, so load on a shared machine
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,8 +25,12 @@ from typing import Callable
 
 import torch
 
-from .linear import QuantLinear
-from .packing import num_groups, pack_qweight, pack_qzeros
+from gptq_plugin.checkpoint import load_quantized
+from gptq_plugin.errors import GPTQPluginError, KernelError
+from gptq_plugin.evaluate import eval_windows, perplexity
+from gptq_plugin.linear import QuantLinear
+from gptq_plugin.packing import num_groups, pack_qweight, pack_qzeros
+from gptq_plugin.plugins import ENV_FORCE_KERNEL, kernels as registered
 
 SHAPES = ((576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): in x out features
 MS = (1, 4, 16, 128, 1024)
@@ -134,9 +142,6 @@ def run_bench(shapes=SHAPES, ms=MS, kernels: list[str] | None = None, bits: int 
     Raises:
         KernelError: a named kernel does not exist or cannot run the layer.
     """
-    from .errors import KernelError
-    from .plugins import kernels as registered
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     act = _DTYPES[dtype or ("fp16" if device == "cuda" else "bf16")]
     by_name = {k.name: k for k in registered()}
@@ -200,7 +205,7 @@ def run_perplexity(checkpoint: str, kernels: list[str] | None = None, dtype: str
     """WikiText-2 perplexity of a GPTQ checkpoint with each kernel forced in turn (``$GPTQ_PLUGIN_KERNEL``).
 
     Args:
-        checkpoint: a GPTQ checkpoint folder (read with :func:`gptq_plugin.checkpoint.load_quantized`).
+        checkpoint: a GPTQ checkpoint folder (read with :func:`~gptq_plugin.checkpoint.load_quantized`).
         kernels: kernel names (default: every registered kernel that can run every layer in ``dtype``).
         dtype: "bf16", "fp16" or "fp32" for the model and activations. windows, seqlen: the first ``windows``
             windows of ``seqlen`` tokens of ``dataset`` (default: the shared ``wiki.test.raw``).
@@ -209,13 +214,7 @@ def run_perplexity(checkpoint: str, kernels: list[str] | None = None, dtype: str
     Returns:
         One dict per kernel: ``kernel, dtype, windows, seqlen, perplexity, seconds, rel_to_reference``.
     """
-    import os
-
     from transformers import AutoTokenizer
-
-    from .checkpoint import load_quantized
-    from .evaluate import eval_windows, perplexity
-    from .plugins import ENV_FORCE_KERNEL, kernels as registered
 
     act = _DTYPES[dtype]
     model = load_quantized(checkpoint, dtype=act, device=device)
@@ -284,7 +283,7 @@ def _shapes(s: str) -> list[tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptq-plugin bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/kernel_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=_shapes, default=list(SHAPES),
                    help="comma-separated KxN (in x out features), default: " + ",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--m", dest="ms", type=_ints, default=list(MS), help="comma-separated M, default 1,4,16,128,1024")
@@ -311,8 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print the table or JSON to stdout; returns the exit code."""
-    from .errors import GPTQPluginError
-
     args = build_parser().parse_args(argv)
     if args.quick:
         args.shapes, args.ms = [(576, 1536), (4096, 4096)], [1, 16]

