@@ -1,14 +1,16 @@
-"""Kernel benchmark: every kernel that can run a layer, against dense ``torch.matmul`` measured in the same run.
+"""Kernel benchmark: every kernel that can run a layer, against a dense matmul measured in the same run.
 
     python benchmarks/kernel_bench.py [--quick] [--json] [--shapes 4096x4096 --m 1,16 ...]   # --help: options
+    python benchmarks/kernel_bench.py --bits 2,3,4,8 --chosen ...     # the registry's choice for each bit width
     python benchmarks/kernel_bench.py --checkpoint DIR --windows 8 --kernels ...           # perplexity per kernel
 
-``run_bench(...)`` returns one dict per (kernel, shape, M); ``format_table(rows)`` prints them; ``main(argv)`` is
-the command line.
+``run_bench(...)`` returns one dict per (kernel, bits, shape, M); ``format_table(rows)`` prints them; ``main(argv)``
+is the command line.
 
-Timing: for one (shape, M) every candidate (the kernels, dense fp32/bf16, and on a GPU dense fp16 cuBLAS and
-vLLM's Marlin when installed) runs once per round, round after round (side by side, so load on a shared machine
-hits all of them alike), until ``iters`` rounds or ``budget_s`` seconds; the median of the rounds is reported.
+Timing: for one (shape, M) every candidate (the kernels of every bit width asked for, dense fp32/bf16, and on a GPU
+dense fp16 cuBLAS and vLLM's Marlin when installed) runs once per round, round after round (side by side, so load
+on a shared machine hits all of them alike), until ``iters`` rounds or ``budget_s`` seconds; the median of the
+rounds is reported. Dense is ``F.linear(x, W)`` with ``W`` ``[N, K]``, what an unquantized ``nn.Linear`` runs.
 GPU times are CUDA-event times of ``reps`` back-to-back calls. Weight traffic (GB/s) is the bytes of
 ``qweight + qzeros + scales + g_idx`` (dense: the weight) divided by the median time.
 """
@@ -24,13 +26,14 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from gptq_plugin.checkpoint import load_quantized
 from gptq_plugin.errors import GPTQPluginError, KernelError
 from gptq_plugin.evaluate import eval_windows, perplexity
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.packing import num_groups, pack_qweight, pack_qzeros
-from gptq_plugin.plugins import ENV_FORCE_KERNEL, kernels as registered
+from gptq_plugin.plugins import ENV_FORCE_KERNEL, choose_kernel, kernels as registered
 
 SHAPES = ((576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): in x out features
 MS = (1, 4, 16, 128, 1024)
@@ -121,81 +124,104 @@ def _marlin(layer: QuantLinear, M: int, x: torch.Tensor) -> tuple[Callable | Non
         return None, f"vLLM Marlin failed: {type(e).__name__}: {e}"
 
 
-def run_bench(shapes=SHAPES, ms=MS, kernels: list[str] | None = None, bits: int = 4, group_size: int = 128,
-              act_order: bool = False, dtype: str | None = None, device: str | None = None, iters: int = 15,
-              budget_s: float = 3.0, progress: Callable[[str], None] | None = None) -> list[dict]:
+def _kernels_for(layer: QuantLinear, act: torch.dtype, by_name: dict[str, type], kernels: list[str] | None,
+                 chosen: bool) -> dict[str, object]:
+    """The prepared kernels to time on ``layer``: the registry's choice (``chosen``), the named ones that can run it
+    (``kernels``), or every one that can (except :data:`_SLOW`).
+
+    Raises:
+        KernelError: none of the named kernels can run the layer (the message gives each one's reason).
+    """
+    spec = layer.spec(act)
+    if chosen:
+        cls = choose_kernel(spec)
+        return {cls.name: cls(layer)}
+    out, reasons = {}, []
+    for name, cls in by_name.items():
+        if (kernels is None and name in _SLOW) or (kernels is not None and name not in kernels):
+            continue
+        ok, reason = cls.can_implement(spec)
+        if ok:
+            out[name] = cls(layer)
+        else:
+            reasons.append(f"{name}: {reason}")
+    if kernels is not None and not out:
+        raise KernelError(f"no kernel of {', '.join(kernels)} can run {layer.in_features}x{layer.out_features} "
+                          f"bits={layer.bits} group_size={layer.group_size} {act}: " + "; ".join(reasons))
+    return out
+
+
+def run_bench(shapes=SHAPES, ms=MS, kernels: list[str] | None = None, bits: int | tuple[int, ...] = 4,
+              group_size: int = 128, act_order: bool = False, dtype: str | None = None, device: str | None = None,
+              iters: int = 15, budget_s: float = 3.0, progress: Callable[[str], None] | None = None,
+              chosen: bool = False) -> list[dict]:
     """Time the kernels on random layers.
 
     Args:
         shapes: ``(K, N)`` pairs (in_features, out_features). ms: the ``M`` (rows of ``x``) to time.
-        kernels: registered kernel names (default: every kernel that can run the layer, except ``reference``).
-        bits, group_size, act_order: the layer's quantization. dtype: "bf16" (CPU default), "fp16" (GPU default)
-            or "fp32". device: "cpu" or "cuda" (default: cuda when available).
+        kernels: registered kernel names (default: every kernel that can run the layer, except ``reference``); a
+            named kernel is skipped for a bit width it cannot run.
+        bits: one bit width or several; the layers of every bit width are timed in the same rounds as the dense
+            baselines. group_size, act_order: the layers' quantization.
+        dtype: "bf16" (CPU default), "fp16" (GPU default) or "fp32". device: "cpu" or "cuda" (default: cuda when
+            available).
         iters: rounds per (shape, M). budget_s: stop a (shape, M) after this many seconds (at least 3 rounds).
         progress: called with a line after each (shape, M).
+        chosen: time only the kernel the registry chooses for each layer (``$GPTQ_PLUGIN_KERNEL`` and
+            ``$GPTQ_PLUGIN_DISABLED_KERNELS`` apply), instead of ``kernels``.
 
     Returns:
-        One dict per (kernel, shape, M): ``kernel, M, K, N, bits, group_size, act_order, dtype, device, median_us,
-        dense_fp32_us, dense_bf16_us, dense_fp16_us, marlin_us, speedup_fp32, speedup_bf16, weight_gb_s`` (GPU-only
-        fields are None on CPU), plus ``note`` where a comparison was unavailable.
+        One dict per (kernel, bits, shape, M): ``kernel, M, K, N, bits, group_size, act_order, dtype, device,
+        median_us, dense_fp32_us, dense_bf16_us, dense_fp16_us, marlin_us, speedup_fp32, speedup_bf16,
+        weight_gb_s`` (GPU-only fields are None on CPU), plus ``note`` where a comparison was unavailable.
 
     Raises:
-        KernelError: a named kernel does not exist or cannot run the layer.
+        KernelError: a named kernel does not exist, or none of the named kernels can run a layer.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     act = _DTYPES[dtype or ("fp16" if device == "cuda" else "bf16")]
+    bit_widths = (bits,) if isinstance(bits, int) else tuple(bits)
     by_name = {k.name: k for k in registered()}
     unknown = [k for k in kernels or [] if k not in by_name]
     if unknown:
         raise KernelError(f"unknown kernel(s) {', '.join(unknown)}; registered: {', '.join(by_name)}")
     rows: list[dict] = []
     for K, N in shapes:
-        layer = random_layer(K, N, bits, group_size, act_order, device)
-        spec = layer.spec(act)
-        chosen = {}
-        for name, cls in by_name.items():
-            if kernels is None and name in _SLOW:
-                continue
-            if kernels is not None and name not in kernels:
-                continue
-            ok, reason = cls.can_implement(spec)
-            if ok:
-                chosen[name] = cls(layer)
-            elif kernels is not None:
-                raise KernelError(f"kernel {name!r} cannot run {K}x{N} bits={bits} group_size={group_size} "
-                                  f"{act}: {reason}")
-        w32 = torch.randn(K, N, device=device)
+        layers = {b: random_layer(K, N, b, group_size, act_order, device) for b in bit_widths}
+        prepared = {(name, b): kernel for b, layer in layers.items()
+                    for name, kernel in _kernels_for(layer, act, by_name, kernels, chosen).items()}
+        w32 = torch.randn(N, K, device=device)  # nn.Linear's layout
         dense = {"dense_fp32": (w32, torch.float32), "dense_bf16": (w32.bfloat16(), torch.bfloat16)}
         if device == "cuda":
             dense["dense_fp16"] = (w32.half(), torch.float16)
-        wbytes = _weight_bytes(layer)
         for M in ms:
             x = torch.randn(M, K, device=device)
-            fns: dict[str, Callable] = {}
-            for name, kernel in chosen.items():
-                xa = x.to(act)
-                fns[name] = (lambda k=kernel, xa=xa: k.forward(xa))
+            xa = x.to(act)
+            fns: dict[str | tuple[str, int], Callable] = {key: (lambda k=kernel: k.forward(xa)) for key, kernel in prepared.items()}
             for name, (w, dt) in dense.items():
                 xd = x.to(dt)
-                fns[name] = (lambda xd=xd, w=w: torch.matmul(xd, w))
+                fns[name] = (lambda xd=xd, w=w: F.linear(xd, w))
             note = None
             if device == "cuda":
-                fn, note = _marlin(layer, M, x)
-                if fn is not None:
-                    fns["marlin"] = fn
+                for b in (b for b in bit_widths if b in (4, 8)):  # Marlin's GPTQ types
+                    fn, note = _marlin(layers[b], M, x)
+                    if fn is not None:
+                        fns[("marlin", b)] = fn
             with torch.no_grad():
                 t = _time_side_by_side(fns, device, iters, budget_s, reps=10 if device == "cuda" else 1)
-            for name in chosen:
+            for name, b in prepared:
+                us = t[(name, b)]
                 rows.append(dict(
-                    kernel=name, M=M, K=K, N=N, bits=bits, group_size=group_size, act_order=act_order,
-                    dtype=str(act).removeprefix("torch."), device=device, median_us=round(t[name], 1),
+                    kernel=name, M=M, K=K, N=N, bits=b, group_size=group_size, act_order=act_order,
+                    dtype=str(act).removeprefix("torch."), device=device, median_us=round(us, 1),
                     dense_fp32_us=round(t["dense_fp32"], 1), dense_bf16_us=round(t["dense_bf16"], 1),
                     dense_fp16_us=round(t["dense_fp16"], 1) if "dense_fp16" in t else None,
-                    marlin_us=round(t["marlin"], 1) if "marlin" in t else None,
-                    speedup_fp32=round(t["dense_fp32"] / t[name], 2), speedup_bf16=round(t["dense_bf16"] / t[name], 2),
-                    weight_gb_s=round(wbytes / t[name] / 1e3, 1), **({"note": note} if note else {})))
+                    marlin_us=round(t[("marlin", b)], 1) if ("marlin", b) in t else None,
+                    speedup_fp32=round(t["dense_fp32"] / us, 2), speedup_bf16=round(t["dense_bf16"] / us, 2),
+                    weight_gb_s=round(_weight_bytes(layers[b]) / us / 1e3, 1), **({"note": note} if note else {})))
             if progress:
-                progress(f"{K}x{N} M={M}: " + ", ".join(f"{k} {v:.0f}us" for k, v in t.items()))
+                progress(f"{K}x{N} M={M}: " + ", ".join(
+                    f"{k if isinstance(k, str) else f'{k[0]}/{k[1]}b'} {v:.0f}us" for k, v in t.items()))
     return rows
 
 
@@ -274,6 +300,14 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _bits(s: str) -> list[int]:
+    out = _ints(s)
+    bad = [b for b in out if b not in (2, 3, 4, 8)]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"bits {s!r}: use a comma-separated subset of 2,3,4,8")
+    return out
+
+
 def _shapes(s: str) -> list[tuple[int, int]]:
     out = []
     for item in s.split(","):
@@ -289,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", dest="ms", type=_ints, default=list(MS), help="comma-separated M, default 1,4,16,128,1024")
     p.add_argument("--kernels", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="comma-separated kernel names (default: all that can run the layer, except reference)")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--bits", type=_bits, default=[4],
+                   help="comma-separated bit widths, timed in the same rounds (default 4; any of 2,3,4,8)")
+    p.add_argument("--chosen", action="store_true",
+                   help="time only the kernel the registry chooses for each layer (instead of --kernels)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="activations (default bf16 on CPU, fp16 on GPU)")
@@ -322,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                                   args.dataset, args.tokenizer, args.device or "cpu")
             print(json.dumps({"rows": rows}, indent=1) if args.json else _plain_table(rows))
             return 0
+        if args.chosen and args.kernels:
+            raise GPTQPluginError("--chosen and --kernels exclude each other: --chosen times the registry's choice")
         rows = run_bench(args.shapes, args.ms, args.kernels, args.bits, args.group_size, args.act_order, args.dtype,
-                         args.device, args.iters, args.budget, progress=log)
+                         args.device, args.iters, args.budget, progress=log, chosen=args.chosen)
     except GPTQPluginError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

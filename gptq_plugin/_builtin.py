@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gptq_plugin.kernels.cpu_int4 import CpuInt4Kernel
+from gptq_plugin.kernels.cpu_int8 import CpuInt8Kernel
 from gptq_plugin.kernels.dequant_chunked import DequantChunkedKernel
 from gptq_plugin.kernels.reference import ReferenceKernel
 from gptq_plugin.kernels.triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
@@ -16,7 +17,8 @@ from .layouts import GenericCausalLMLayout
 
 @hookimpl
 def gptq_plugin_kernels():
-    return [TritonKernel, TritonGemmKernel, TritonGemvKernel, CpuInt4Kernel, DequantChunkedKernel, ReferenceKernel]
+    return [TritonKernel, TritonGemmKernel, TritonGemvKernel, CpuInt4Kernel, CpuInt8Kernel, DequantChunkedKernel,
+            ReferenceKernel]
 
 
 @hookimpl

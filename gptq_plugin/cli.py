@@ -26,7 +26,7 @@ from .calibration import load_calibration
 from .checkpoint import inspect_checkpoint, save_quantized
 from .config import RECOMMENDED, QuantizeConfig
 from .convert import convert_checkpoint
-from .errors import CalibrationError, CheckpointError, GPTQPluginError, OutputError
+from .errors import CalibrationError, CheckpointError, ConfigError, GPTQPluginError, OutputError
 from .evaluate import compare, eval_windows, perplexity
 from .gguf_export import export_gguf
 from .memory import format_memory
@@ -344,6 +344,13 @@ def plugins():
     typer.echo("calibration sources: " + ", ".join(calibration_sources()))
     typer.echo("model layouts: " + ", ".join(l.name for l in model_layouts()))
     typer.echo("checkpoint formats: " + ", ".join(checkpoint_formats()))
+
+
+@app.command(hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context):
+    """Moved: the kernel benchmark is ``python benchmarks/kernel_bench.py`` in a checkout."""
+    raise ConfigError("the kernel benchmark moved out of the installed package: run `python benchmarks/kernel_bench.py "
+                      f"{' '.join(ctx.args)}` from a checkout of gptq-plugin (docs/kernels.md)".replace("  ", " "))
 
 
 @app.command("synthetic-model")

@@ -22,6 +22,7 @@ two drivers:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import ContextManager, Protocol
 
@@ -35,6 +36,8 @@ from .errors import ConfigError, NumericalError
 from .passes import capture_block_inputs
 from .plugins import find_layout
 from .resume import ActivationBuffer, ResumeState
+
+log = logging.getLogger(__name__)
 
 
 class BlockSource(Protocol):
@@ -121,6 +124,11 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     for bi in range(first):
         sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)
         report.layers.extend(LayerReport(**r) for r in resume.reports[bi])
+    missing = sum(1 for l in report.layers if l.rel_err is not None and l.rtn_rel_err is None)
+    if compare_rtn and missing:
+        log.warning("%d layers of the %d blocks restored from %s were quantized without the RTN comparison (the "
+                    "interrupted run had no --report): their rtn_rel_err is null in the report and the plot leaves "
+                    "them out; rerun with --restart for a complete comparison", missing, first, resume.folder)
 
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()

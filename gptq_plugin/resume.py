@@ -37,6 +37,8 @@ from .safetensors_io import atomic_save, atomic_write_json, load_tensors, read_t
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# the layout of the state folder; bumped when its files change (2: `activations/x-<block>-<batch>`, `block-NNNNN`)
+STATE_LAYOUT = 2
 
 
 def state_dir(out: str | Path) -> Path:
@@ -68,7 +70,7 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
     return {"config": cfg.to_dict(), "source_weights": file_digest(weights), "calibration": calib_digest,
             "calibration_shape": list(calib.shape) if calib is not None else None, "batch_size": batch_size,
             "forward_dtype": forward_dtype, "driver": driver,
-            "gptq_plugin": _version(), "torch": torch.__version__}
+            "gptq_plugin": _version(), "torch": torch.__version__, "state_layout": STATE_LAYOUT}
 
 
 class ActivationBuffer:
@@ -191,8 +193,9 @@ class ResumeState:
         """Resume the state for ``out`` when it was made by the same run, else start a new one.
 
         Raises:
-            ConfigError: a state exists for a different config, source or calibration set and ``restart`` is
-                False (the message names what differs and the ``--restart`` fix).
+            ConfigError: a state exists for a different config, source or calibration set, or was written by an
+                older version in another state layout, and ``restart`` is False (the message names what differs
+                and the ``--restart`` fix).
             OutputError: the state folder cannot be created or written (no space left, read-only file system,
                 no permission, a path under ``/proc``); nothing is left behind.
         """
@@ -207,6 +210,10 @@ class ResumeState:
                 old, done, reports = m["fingerprint"], int(m["done"]), list(m["reports"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ConfigError(f"{manifest} is unreadable ({e}): rerun with --restart to discard {folder}") from None
+            if old.get("state_layout", 1) != fp.get("state_layout", 1):  # refused before any block is redone
+                raise ConfigError(f"{folder} holds a partial run written by another gptq-plugin version (resume state "
+                                  f"layout {old.get('state_layout', 1)}; this version reads {fp.get('state_layout', 1)}):"
+                                  " pass --restart to discard it and start over")
             if old != fp:
                 diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
                 raise ConfigError(f"{folder} holds a partial run with a different {', '.join(diff)}: rerun the same "

@@ -3,7 +3,8 @@
 ``reference`` defines the math; every other kernel is tested against it:
 
 * ``triton`` / ``triton_gemm`` / ``triton_gemv`` (CUDA): fused dequant-GEMM and split-K GEMV in Triton;
-* ``cpu_int4`` (CPU, 4-bit, bf16): PyTorch's native int4 weight-only matmul;
+* ``cpu_int4`` (CPU, 2/3/4-bit, bf16): PyTorch's native int4 weight-only matmul;
+* ``cpu_int8`` (CPU, 8-bit, bf16): the same op on two 4-bit planes of each code;
 * ``dequant_chunked`` (any device): chunked dequantize-and-matmul, the fallback for everything else.
 """
 
@@ -17,9 +18,10 @@ if __name__ != "gptq_plugin.kernels":  # found as a top-level `kernels` (the che
 else:
     from .base import LayerSpec, QuantKernel
     from .cpu_int4 import CpuInt4Kernel
+    from .cpu_int8 import CpuInt8Kernel
     from .dequant_chunked import DequantChunkedKernel
     from .reference import ReferenceKernel, dequantize_weight, gemm
     from .triton_kernels import TritonGemmKernel, TritonGemvKernel, TritonKernel
 
-    __all__ = ["CpuInt4Kernel", "DequantChunkedKernel", "LayerSpec", "QuantKernel", "ReferenceKernel", "TritonGemmKernel",
+    __all__ = ["CpuInt4Kernel", "CpuInt8Kernel", "DequantChunkedKernel", "LayerSpec", "QuantKernel", "ReferenceKernel", "TritonGemmKernel",
                "TritonGemvKernel", "TritonKernel", "dequantize_weight", "gemm"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -25,6 +26,9 @@ class LayerSpec:
         uniform_groups: sorted by group, channel ``i`` is in group ``i // group_size`` (every group holds
             ``group_size`` channels, the last may hold fewer), or every channel is in one group; False for groups
             of unequal lengths, e.g. a tensor-parallel shard of an act-order layer (:mod:`gptq_plugin.sharding`).
+        group_align: sorted by group, the greatest common divisor of the channel positions where a new group starts
+            (0: one group). A kernel that needs every run of ``t`` channels inside one group can run the layer when
+            ``group_align % t == 0``, uniform groups or not (e.g. a row shard that starts inside a group).
     """
 
     in_features: int
@@ -37,13 +41,16 @@ class LayerSpec:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     uniform_groups: bool = True
+    group_align: int = 0
 
     @classmethod
     def of(cls, layer: "QuantLinear", dtype: torch.dtype | None = None) -> "LayerSpec":
         """The spec of a :class:`~gptq_plugin.linear.QuantLinear` run in ``dtype`` (default: its scales' dtype)."""
+        order = group_order(layer.g_idx, layer.group_size)
+        starts = (torch.nonzero(order.g_idx[1:] != order.g_idx[:-1]).flatten() + 1).tolist()
         return cls(layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.sym, layer.desc_act,
                    layer.bias is not None, dtype or layer.scales.dtype, layer.qweight.device.type,
-                   group_order(layer.g_idx, layer.group_size).group_size is not None)
+                   order.group_size is not None, math.gcd(*starts))
 
 
 class QuantKernel:

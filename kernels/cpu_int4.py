@@ -1,22 +1,30 @@
-"""CPU fast path for 4-bit layers: PyTorch's native int4 weight-only matmul for CPU.
+"""CPU fast path for 2-, 3- and 4-bit layers: PyTorch's native int4 weight-only matmul for CPU.
 
 ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, w_packed, group, scale_and_zero)`` computes
 ``y = x @ Wᵀ`` with ``W[n, k] = (q[n, k] - 8) * scale[k // group, n] + zero[k // group, n]`` (the "tinygemm"
 convention), decoding 4-bit codes inside the GEMM so only half a byte per weight is read. Its packing op
-``_convert_weight_to_int4pack_for_cpu`` takes int32 codes ``[N, K]``.
+``_convert_weight_to_int4pack_for_cpu`` takes int32 codes ``[N, K]`` in ``[0, 16)``.
 
 Constraints, checked on torch 2.13 (see docs/kernels.md): ``N % 16 == 0``; ``group`` in {32, 64, 128, 256} and
 ``K % group == 0``; ``scale_and_zero`` in the activation dtype. The op's bf16 path is vectorised, its fp16 and
-fp32 paths are several times slower than a dense matmul, so this kernel takes bf16 activations only.
+fp32 paths are several times slower than a dense matmul, so these kernels take bf16 activations only.
 
-Exact repacking from GPTQ: with GPTQ's ``W = s * (q - z)``, ``zero = s * (8 - z)`` (exact in fp32, rounded once
-to bf16 with ``s``). A GPTQ group is split into op groups of ``t`` channels (``t`` dividing the group size);
-group size -1, partial last groups and ``K`` not a multiple of ``t`` are handled by zero-padding ``K`` (``x`` is
-padded at run time only then). Act-order layers are permuted once at load (:mod:`gptq_plugin.kernels.layout`).
-For ``M`` above :data:`CHUNKED_ABOVE_M` the dense bf16 GEMM on chunk-dequantized weights is faster, and used.
+Exact repacking from GPTQ (``W = s * (q - z)``, codes ``q`` and zeros ``z`` in ``[0, 2**bits)``): 2-, 3- and 4-bit
+codes all fit the op's 4 bits. They are stored re-centred, ``q + 8 - c`` with ``c = 2**(bits - 1)`` (GPTQ's
+symmetric zero point), so the op decodes ``q - c`` and ``zero = s * (c - z)``: zero for a symmetric layer, and
+exact in fp32. In bf16 the scale is rounded once and ``zero`` is formed from the rounded scale, so the
+dequantized weight is ``bf16(s) * (q - z)`` up to one rounding of ``zero``. The op's copy holds 4 bits per weight
+whatever the checkpoint's bit width (3-bit layers keep their 3-bit packing on disk only; docs/kernels.md).
+
+A GPTQ group is split into op groups of ``t`` channels (``t`` dividing the group size); group size -1, partial
+last groups and ``K`` not a multiple of ``t`` are handled by zero-padding ``K`` (``x`` is padded at run time only
+then). Act-order layers are permuted once at load (:mod:`gptq_plugin.kernels.layout`). For ``M`` above a
+measured crossover the dense bf16 GEMM on chunk-dequantized weights is faster, and used.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +33,15 @@ from gptq_plugin.errors import KernelError
 
 from .base import LayerSpec, QuantKernel
 from .dequant_chunked import ChunkedWeight
-from .layout import group_order, unpack_codes, zeros_and_scales
+from .layout import GroupOrder, group_order, unpack_codes, zeros_and_scales
 
 OP_GROUPS = (256, 128, 64, 32)
-CHUNKED_ABOVE_M = 128  # crossover measured on a 2-core Sapphire Rapids VM: see docs/kernels.md
+OP_CENTRE = 8  # the op decodes ``q - 8``
+CHUNKED_ABOVE_M = 128  # crossover measured on the benchmark machine: see docs/kernels.md
 
 
-def _ops_available() -> bool:
+def ops_available() -> bool:
+    """Whether this torch has the int4 CPU weight-only matmul and its packing op (torch >= 2.6)."""
     aten = torch.ops.aten
     return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")
 
@@ -57,59 +67,90 @@ def op_group(group_size: int, K: int, g_sorted: torch.Tensor | None = None) -> i
     return None
 
 
-def pack_int4_for_cpu(layer, order=None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Repack a 4-bit GPTQ layer for ``_weight_int4pack_mm_for_cpu``.
-
-    Args:
-        layer: a 4-bit :class:`gptq_plugin.linear.QuantLinear` on CPU with ``N % 16 == 0``.
-        order: its :class:`~gptq_plugin.kernels.layout.GroupOrder` (computed when None).
+def op_groups(layer, order: GroupOrder, kernel: str) -> tuple[int, int, torch.Tensor]:
+    """How a layer's groups map onto the op's (``kernel``: the name that errors give).
 
     Returns:
-        ``(w_packed, scale_and_zero, t, Kp)``: the op's uint8 ``[N, Kp / 2]`` weight, fp32 ``[Kp / t, N, 2]``
-        (cast it to the activation dtype), the op group ``t`` and padded ``K``.
+        ``(t, Kp, g)``: the op group, ``K`` padded to a multiple of ``t``, and int64 ``[Kp / t]``, the GPTQ group of
+        each op group (the padding takes the last group's).
 
     Raises:
-        KernelError: no op group fits the layer's groups.
+        KernelError: no op group fits the layer's groups (``can_implement`` declines such layers up front).
     """
     K = layer.in_features
-    order = order or group_order(layer.g_idx, layer.group_size)
     t = op_group(layer.group_size, K, order.g_idx)
     if t is None:
-        raise KernelError(f"cpu_int4: the groups of this layer (group_size={layer.group_size}) cannot be split into "
-                          f"runs of {OP_GROUPS} channels; disable it with GPTQ_PLUGIN_DISABLED_KERNELS=cpu_int4")
+        raise KernelError(f"{kernel}: the groups of this layer (group_size={layer.group_size}) cannot be split into "
+                          f"runs of {OP_GROUPS} channels; disable it with GPTQ_PLUGIN_DISABLED_KERNELS={kernel}")
     Kp = (K + t - 1) // t * t
-    codes = unpack_codes(layer, order)  # [K, N], group order
-    codes = F.pad(codes, (0, 0, 0, Kp - K), value=8)  # padded channels decode to `zero` and meet x = 0
-    w_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
-    zeros, scales = zeros_and_scales(layer)  # [G, N]
     first = torch.arange(0, Kp, t)  # first channel of each op group
-    g = order.g_idx[first.clamp(max=K - 1)]
-    s = scales[g]
-    scale_and_zero = torch.stack([s, s * (8 - zeros[g].float())], dim=-1).contiguous()
-    return w_packed, scale_and_zero, t, Kp
+    return t, Kp, order.g_idx[first.clamp(max=K - 1)]
 
 
-class CpuInt4Kernel(QuantKernel):
-    """4-bit GPTQ on CPU through ``_weight_int4pack_mm_for_cpu`` (bf16 activations, fp32 accumulation)."""
+def pack_int4_codes(codes: torch.Tensor, Kp: int) -> torch.Tensor:
+    """The op's packed weight from int codes ``[K, N]`` in ``[0, 16)``, ``K`` zero-padded to ``Kp`` with code 8
+    (padded channels decode to ``zero`` and meet ``x = 0``). Returns uint8 ``[N, Kp / 2]``."""
+    codes = F.pad(codes.to(torch.int32), (0, 0, 0, Kp - codes.shape[0]), value=OP_CENTRE)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
 
-    name = "cpu_int4"
-    priority = 50
+
+def pack_int4_for_cpu(layer, order: GroupOrder | None = None, dtype: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Repack a 2-, 3- or 4-bit GPTQ layer for ``_weight_int4pack_mm_for_cpu`` (see the module docstring).
+
+    Args:
+        layer: a :class:`gptq_plugin.linear.QuantLinear` on CPU, ``bits <= 4``, ``N % 16 == 0``.
+        order: its :class:`~gptq_plugin.kernels.layout.GroupOrder` (computed when None).
+        dtype: the activation dtype the op will run in (``scale_and_zero`` is built in it).
+
+    Returns:
+        ``(w_packed, scale_and_zero, t, Kp)``: the op's uint8 ``[N, Kp / 2]`` weight, ``[Kp / t, N, 2]`` in
+        ``dtype``, the op group ``t`` and padded ``K``. In fp32 the op's weight equals the reference's bit for bit.
+
+    Raises:
+        KernelError: ``bits > 4``, or no op group fits the layer's groups.
+    """
+    if layer.bits > 4:
+        raise KernelError(f"cpu_int4 packs 2-, 3- and 4-bit layers, not bits={layer.bits}")
+    order = order or group_order(layer.g_idx, layer.group_size)
+    t, Kp, g = op_groups(layer, order, "cpu_int4")
+    c = 2 ** (layer.bits - 1)
+    w_packed = pack_int4_codes(unpack_codes(layer, order) + (OP_CENTRE - c), Kp)  # [K, N] group order
+    zeros, scales = zeros_and_scales(layer)  # [G, N]
+    s = scales[g].to(dtype).float()  # the scale the op will use
+    zero = s * (c - zeros[g].float())  # exact in fp32: a scale times an integer of at most 4 bits
+    return w_packed, torch.stack([s, zero], dim=-1).to(dtype).contiguous(), t, Kp
+
+
+class Int4OpKernel(QuantKernel):
+    """What the kernels built on ``_weight_int4pack_mm_for_cpu`` share: the checks of the op's constraints and the
+    run-time steps (permute and pad ``x``, call the op, add the bias; above :attr:`chunked_above_m` rows, the
+    dense bf16 GEMM of :class:`~gptq_plugin.kernels.dequant_chunked.ChunkedWeight`). Subclasses set ``bits_ok``
+    and implement :meth:`pack` and, when they feed the op more than ``x``, :meth:`op_input`."""
+
+    bits_ok: ClassVar[tuple[int, ...]] = ()
+    chunked_above_m: ClassVar[int] = CHUNKED_ABOVE_M
+
+    @classmethod
+    def bits_reason(cls, bits: int) -> str:
+        """Why ``bits`` is not this kernel's (names the kernel that takes it)."""
+        raise NotImplementedError
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str | None]:
         if spec.device != "cpu":
             return False, f"device {spec.device!r} is not cpu"
-        if not _ops_available():
+        if not ops_available():
             return False, f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu (needs torch >= 2.6)"
-        if spec.bits != 4:
-            return False, f"bits={spec.bits}: the int4 op needs 4-bit weights"
+        if spec.bits not in cls.bits_ok:
+            return False, cls.bits_reason(spec.bits)
         if spec.out_features % 16:
             return False, f"out_features={spec.out_features} is not a multiple of 16 (the op's packing)"
         if op_group(spec.group_size, spec.in_features) is None:
             return False, f"group_size={spec.group_size} is not -1 or a multiple of 32 (op groups are {OP_GROUPS})"
-        if not spec.uniform_groups:
-            return False, ("groups of unequal lengths (a tensor-parallel shard of an act-order layer) cannot be split "
-                           f"into runs of {OP_GROUPS} channels")
+        if not any(spec.group_align % t == 0 for t in OP_GROUPS):
+            return False, (f"group boundaries fall on multiples of {spec.group_align} channels only (groups of unequal "
+                           f"lengths, e.g. a tensor-parallel shard): no run of {OP_GROUPS} channels stays in one group")
         if spec.dtype != torch.bfloat16:
             return False, (f"activation dtype {spec.dtype}: the op is only fast for bf16 (its fp16/fp32 paths are "
                            "slower than dequantize-and-matmul); run the model in bf16")
@@ -119,15 +160,22 @@ class CpuInt4Kernel(QuantKernel):
         super().__init__(layer)
         order = group_order(layer.g_idx, layer.group_size)
         self.perm = order.perm
-        self.w_packed, sz, self.t, self.Kp = pack_int4_for_cpu(layer, order)
-        self.scale_and_zero = sz.to(torch.bfloat16)
+        self.w_packed, self.scale_and_zero, self.t, self.Kp = self.pack(layer, order, torch.bfloat16)
         self._chunked = None
+
+    def pack(self, layer, order: GroupOrder, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(w_packed, scale_and_zero, t, Kp)`` for the op (see :func:`pack_int4_for_cpu`)."""
+        raise NotImplementedError
+
+    def op_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """The op's activations from ``x2`` ``[M, Kp]`` (group order, padded)."""
+        return x2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[..., K]`` -> bf16 ``[..., N]``."""
         layer = self.layer
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > CHUNKED_ABOVE_M:  # compute-bound: the dense bf16 GEMM wins
+        if x2.shape[0] > self.chunked_above_m:  # compute-bound: the dense bf16 GEMM wins
             if self._chunked is None:
                 self._chunked = ChunkedWeight(layer)
             y = self._chunked.matmul(x2, layer.bias)
@@ -143,5 +191,21 @@ class CpuInt4Kernel(QuantKernel):
             x2 = x2.index_select(1, self.perm)
         if self.Kp != x2.shape[1]:
             x2 = F.pad(x2, (0, self.Kp - x2.shape[1]))
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.w_packed, self.t,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(self.op_input(x2).contiguous(), self.w_packed, self.t,
                                                           self.scale_and_zero)
+
+
+class CpuInt4Kernel(Int4OpKernel):
+    """2-, 3- and 4-bit GPTQ on CPU through ``_weight_int4pack_mm_for_cpu`` (bf16 activations, fp32 accumulation);
+    the codes are held 4 bits per weight."""
+
+    name = "cpu_int4"
+    priority = 50
+    bits_ok = (2, 3, 4)
+
+    @classmethod
+    def bits_reason(cls, bits: int) -> str:
+        return f"bits={bits}: the int4 op takes codes below 16 (2-, 3- and 4-bit layers; 8-bit ones are cpu_int8's)"
+
+    def pack(self, layer, order, dtype):
+        return pack_int4_for_cpu(layer, order, dtype)

@@ -75,7 +75,7 @@ def test_eval_and_inspect_bad_paths(tmp_path):
     assert_one_line_error(rc, err, "not a GPTQ checkpoint")
 
 
-@pytest.mark.parametrize("args, needle", [(["bench"], "No such command 'bench'"),
+@pytest.mark.parametrize("args, needle", [(["benchmark"], "No such command 'benchmark'"),
                                           (["quantize", "m", "out", "--bits", "x"], "Invalid value for '--bits'")])
 def test_usage_errors_are_the_usage_message(args, needle):
     """Unknown commands and unparsable options end with click's usage message and status 2, not a traceback (the
@@ -83,6 +83,11 @@ def test_usage_errors_are_the_usage_message(args, needle):
     rc, out, err = run_cli(*args)
     assert rc == 2 and "Traceback" not in err, err
     assert err.startswith("Usage: ") and needle in err, err
+
+
+def test_bench_points_at_the_benchmark_script():
+    """`gptq-plugin bench` (a command until the kernel benchmark moved to benchmarks/) names the script to run."""
+    assert_one_line_error(*run_cli("bench", "--quick")[::2], "python benchmarks/kernel_bench.py --quick")
 
 
 def test_quantize_rtn_end_to_end_and_inspect(demo_model_dir, tmp_path, capsys):

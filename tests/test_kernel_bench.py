@@ -32,3 +32,15 @@ def test_an_unknown_kernel_is_one_error_line():
     p = _bench("--shapes", "256x64", "--m", "1", "--kernels", "no_such_kernel")
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: unknown kernel(s) no_such_kernel; registered: ")
+
+
+def test_chosen_kernel_for_several_bit_widths_in_one_run():
+    """``--bits 2,3,4,8 --chosen``: one row per bit width and M, the registry's kernel, against the same dense
+    timings (one set of rounds per shape and M)."""
+    p = _bench("--shapes", "256x64", "--m", "1,3", "--bits", "2,3,4,8", "--chosen", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["rows"]
+    assert sorted((r["bits"], r["M"]) for r in rows) == sorted((b, m) for b in (2, 3, 4, 8) for m in (1, 3))
+    assert {r["bits"]: r["kernel"] for r in rows} == {2: "cpu_int4", 3: "cpu_int4", 4: "cpu_int4", 8: "cpu_int8"}
+    for m in (1, 3):
+        assert len({r["dense_bf16_us"] for r in rows if r["M"] == m}) == 1

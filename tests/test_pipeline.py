@@ -131,3 +131,22 @@ def test_stand_ins_replace_every_alias_and_read_like_linear(true_sequential):
         for t in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(getattr(p1[name], t), getattr(p2[name], t)), (name, t)
     assert all(torch.equal(a, b) for a, b in zip(y1, y2))
+
+
+def test_resumed_blocks_without_the_rtn_comparison_are_reported(tmp_path, caplog):
+    """A run interrupted without the RTN comparison and resumed with it (``--report``) says which rows lack it."""
+    from gptq_plugin.resume import ResumeState
+
+    cfg = QuantizeConfig(bits=4, group_size=32)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    fp = {"config": cfg.to_dict(), "test": "rtn-comparison"}
+    first = quantize_model(tiny_llama(seed=3), calib, cfg, batch_size=2, progress=False, max_blocks=1,
+                           resume=ResumeState.open(tmp_path / "q", fp))
+    assert all(l.rtn_rel_err is None for l in first.layers)
+    with caplog.at_level("WARNING", logger="gptq_plugin.driver"):
+        report = quantize_model(tiny_llama(seed=3), calib, cfg, batch_size=2, progress=False,
+                                resume=ResumeState.open(tmp_path / "q", fp), compare_rtn=True)
+    restored = len(first.layers)
+    assert all(l.rtn_rel_err is None for l in report.layers[:restored])
+    assert all(l.rtn_rel_err is not None for l in report.layers[restored:])
+    assert f"{restored} layers of the 1 blocks restored" in caplog.text and "--restart" in caplog.text

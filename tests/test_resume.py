@@ -105,3 +105,22 @@ def test_changed_config_is_refused_until_restart(small_model, data_dir, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert not partial.exists()
+
+
+def test_state_of_an_older_layout_is_refused_before_any_block(tmp_path):
+    """A partial run written by a version whose state files differ (layout 1: no ``state_layout`` in the manifest,
+    ``shard-NNNNN`` block files) is refused at once, not resumed and redone block by block until a file is missing."""
+    import json
+
+    from gptq_plugin.errors import ConfigError
+    from gptq_plugin.resume import MANIFEST, STATE_LAYOUT, ResumeState, state_dir
+
+    out = tmp_path / "q"
+    fp = {"config": {"bits": 4}, "driver": "streaming", "state_layout": STATE_LAYOUT}
+    state = ResumeState.open(out, fp)
+    state.folder.joinpath(MANIFEST).write_text(json.dumps({"fingerprint": {k: v for k, v in fp.items()
+                                                                           if k != "state_layout"},
+                                                           "done": 2, "reports": [[], []]}))
+    with pytest.raises(ConfigError, match="another gptq-plugin version.*--restart"):
+        ResumeState.open(out, fp)
+    assert ResumeState.open(out, fp, restart=True).done == 0 and state_dir(out).is_dir()

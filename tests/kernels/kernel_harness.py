@@ -39,30 +39,36 @@ class Case:
     act_order: bool
     dtype: torch.dtype
     bias: bool = True
+    sym: bool = False
 
     def __str__(self) -> str:
         return (f"M{self.M}-K{self.K}-N{self.N}-b{self.bits}-g{self.group_size}-{'act' if self.act_order else 'seq'}-"
-                f"{str(self.dtype).removeprefix('torch.')}{'-bias' if self.bias else ''}")
+                f"{str(self.dtype).removeprefix('torch.')}{'-bias' if self.bias else ''}{'-sym' if self.sym else ''}")
 
 
-def grid(shapes, bits=BITS, group_sizes=GROUP_SIZES, dtypes=(torch.float16, torch.bfloat16)) -> list[Case]:
-    """Every (bits, group size, act-order, dtype), shapes taken in turn so each shape meets many configs."""
-    combos = itertools.product(bits, group_sizes, (False, True), dtypes)
-    return [Case(*shapes[i % len(shapes)], b, g, a, d, bias=i % 3 != 2) for i, (b, g, a, d) in enumerate(combos)]
+def grid(shapes, bits=BITS, group_sizes=GROUP_SIZES, dtypes=(torch.float16, torch.bfloat16), syms=(False,)
+         ) -> list[Case]:
+    """Every (bits, group size, act-order, dtype, sym), shapes taken in turn so each shape meets many configs."""
+    combos = itertools.product(bits, group_sizes, (False, True), dtypes, syms)
+    return [Case(*shapes[i % len(shapes)], b, g, a, d, bias=i % 3 != 2, sym=s)
+            for i, (b, g, a, d, s) in enumerate(combos)]
 
 
 def make_layer(K: int, N: int, bits: int, group_size: int, act_order: bool, bias: bool = True, seed: int = 0,
-               device: str = "cpu") -> QuantLinear:
+               device: str = "cpu", sym: bool = False) -> QuantLinear:
     """A random GPTQ layer in the v1 checkpoint layout, built with the project's own packing.
 
-    Codes cover ``[0, 2**bits)``, zeros too (asymmetric), scales are fp16 in ``[0.01, 0.03)``; with ``act_order``
-    ``g_idx`` is a random permutation of ``i // group_size`` (groups scattered over K).
+    Codes cover ``[0, 2**bits)``; zeros too (asymmetric), or all ``2**(bits - 1)`` with ``sym`` (GPTQ's symmetric
+    grid); scales are fp16 in ``[0.01, 0.03)``; with ``act_order`` ``g_idx`` is a random permutation of
+    ``i // group_size`` (groups scattered over K).
     """
     g = torch.Generator().manual_seed(seed)
     G = num_groups(K, group_size)
-    layer = QuantLinear(K, N, bits, group_size, bias=bias, sym=False)
+    layer = QuantLinear(K, N, bits, group_size, bias=bias, sym=sym)
     codes = torch.randint(0, 2**bits, (N, K), generator=g)
     zeros = torch.randint(0, 2**bits, (G, N), generator=g)
+    if sym:
+        zeros.fill_(2 ** (bits - 1))
     gs = K if group_size == -1 else group_size
     g_idx = torch.arange(K) // gs
     if act_order:
@@ -113,7 +119,8 @@ class KernelTests:
         return kernel.forward(x)
 
     def test_matches_reference(self, case: Case):
-        layer = make_layer(case.K, case.N, case.bits, case.group_size, case.act_order, case.bias, device=self.device)
+        layer = make_layer(case.K, case.N, case.bits, case.group_size, case.act_order, case.bias, device=self.device,
+                           sym=case.sym)
         spec = dataclasses.replace(layer.spec(case.dtype), device=self.spec_device())
         ok, reason = self.kernel_cls.can_implement(spec)
         assert ok, f"{self.kernel_cls.name} refuses {case}: {reason}"

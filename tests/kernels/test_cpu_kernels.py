@@ -1,4 +1,5 @@
-"""The pure-torch kernels against the reference: dequant_chunked (everything) and cpu_int4 (4-bit, bf16)."""
+"""The pure-torch kernels against the reference: dequant_chunked (everything), cpu_int4 (2/3/4-bit, bf16) and
+cpu_int8 (8-bit, bf16)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from gptq_plugin.kernels import cpu_int4, cpu_int8
 from gptq_plugin.kernels.cpu_int4 import CpuInt4Kernel, pack_int4_for_cpu
+from gptq_plugin.kernels.cpu_int8 import CpuInt8Kernel, pack_int8_planes_for_cpu
 from gptq_plugin.kernels import dequant_chunked
 from gptq_plugin.kernels.dequant_chunked import ChunkedWeight, DequantChunkedKernel, pack_chunk, unpack_chunk
 from gptq_plugin.kernels.layout import group_order
@@ -113,8 +116,10 @@ def test_harness_rejects_off_by_one_zero():
             assert rel_err(wrong, reference(layer, x)) > 2 * RTOL[dtype], (bits, dtype)
 
 
-# --- cpu_int4 -------------------------------------------------------------------------------------------------
-INT4_SHAPES = ((1, 257, 48), (13, 576, 16), (37, 37, 576), (1, 4096 // 8, 64))
+# --- the int4 op: cpu_int4 (2/3/4-bit) and cpu_int8 (8-bit as two 4-bit planes) ----------------------------------
+# M on both sides of the op / chunked-GEMM crossover, odd K (37: one partial group of 32), N % 16 == 0
+INT4OP_SHAPES = ((1, 257, 48), (7, 575, 16), (128, 37, 576), (129, 513, 32), (1, 1001, 64))
+INT4OP_GROUP_SIZES = (-1, 32, 64, 128, 96, 256)  # with the odd K above, every group size meets a partial last group
 
 
 class TestCpuInt4(KernelTests):
@@ -122,41 +127,105 @@ class TestCpuInt4(KernelTests):
 
     @classmethod
     def cases(cls):
-        return grid(INT4_SHAPES, bits=(4,), group_sizes=(-1, 32, 64, 128, 96, 256), dtypes=(torch.bfloat16,))
+        return grid(INT4OP_SHAPES, bits=(2, 3, 4), group_sizes=INT4OP_GROUP_SIZES, dtypes=(torch.bfloat16,),
+                    syms=(False, True))
 
 
+class TestCpuInt8(KernelTests):
+    kernel_cls = CpuInt8Kernel
+
+    @classmethod
+    def cases(cls):
+        return grid(INT4OP_SHAPES, bits=(8,), group_sizes=INT4OP_GROUP_SIZES, dtypes=(torch.bfloat16,),
+                    syms=(False, True))
+
+
+def _op_weight(layer) -> torch.Tensor:
+    """The weight the int4 op computes with, fp32 ``[K, N]`` in group order: the op, with ``scale_and_zero`` in
+    fp32, fed identity rows (8-bit: ``[I, I]``, one copy per plane)."""
+    pack = pack_int4_for_cpu if layer.bits <= 4 else pack_int8_planes_for_cpu
+    w_packed, sz, t, Kp = pack(layer)
+    assert sz.dtype == torch.float32
+    eye = torch.eye(Kp)
+    if layer.bits == 8:
+        eye = torch.cat([eye, eye], dim=1)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w_packed, t, sz)[:layer.in_features]
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 96, 512])
 @pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("K", [37, 257, 576])
-def test_int4_repacking_is_exact(group_size, act_order, K):
-    """The op, fed fp32 identity rows, returns the reference's dequantized weight exactly: the repacking
-    (codes, op groups, ``zero = s * (8 - z)``, padding, act-order) loses nothing before the bf16 cast."""
-    layer = make_layer(K, 32, 4, group_size, act_order)
-    w_packed, sz, t, Kp = pack_int4_for_cpu(layer)
-    w = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(Kp), w_packed, t, sz)[:K]  # [K, N], group order
-    ref = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, K).t()
+def test_int4_op_repacking_is_exact(bits, group_size, act_order, sym, K):
+    """The op, fed fp32 identity rows, returns the reference's dequantized weight exactly: the repacking (codes
+    re-centred or split into planes, op groups, zero points, padding, act-order) loses nothing before the bf16
+    cast. Any error in a zero point (off by one, or by one scale of a plane) fails this bit-for-bit check."""
+    layer = make_layer(K, 32, bits, group_size, act_order, sym=sym)
+    ref = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, K).t()
     perm = group_order(layer.g_idx, group_size).perm
-    assert torch.equal(w, ref if perm is None else ref[perm])
+    assert torch.equal(_op_weight(layer), ref if perm is None else ref[perm])
 
 
-def test_int4_large_m_uses_chunked_path():
-    """Above CHUNKED_ABOVE_M rows the kernel switches to the dense bf16 GEMM; both paths agree with the reference."""
-    from gptq_plugin.kernels import cpu_int4
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", [False, True])
+def test_int4_op_tells_an_off_by_one_zero(bits, sym):
+    """In bf16 the kernels stay within a bound that a zero point off by one exceeds. 8-bit is the tight case: on
+    codes spread over [0, 256) an off-by-one zero moves the output by ~1% only, inside the harness's bf16 bound
+    (1e-2), so this test takes a bound of half that on a layer large enough for the error to be a stable mean."""
+    K, N, M, bound = 1024, 256, 16, RTOL[torch.bfloat16] / 2
+    layer = make_layer(K, N, bits, 128, act_order=True, sym=sym)
+    kernel = (CpuInt8Kernel if bits == 8 else CpuInt4Kernel)(layer)
+    x = make_input(M, K, torch.bfloat16)
+    y = kernel.forward(x)
+    W = dequantize_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, K)  # [N, K]
+    off_by_one = W + layer.scales.float()[layer.g_idx.long()].t()  # s * (q - (z - 1))
+    for w, want_close in ((W, True), (off_by_one, False)):
+        ref = (x.float() @ w.t() + layer.bias.float()).to(torch.bfloat16)
+        err = rel_err(y, ref)
+        assert (err <= bound) == want_close, (bits, sym, want_close, err)
 
-    layer = make_layer(256, 48, 4, 128, act_order=True)
-    kernel = CpuInt4Kernel(layer)
-    for M in (cpu_int4.CHUNKED_ABOVE_M, cpu_int4.CHUNKED_ABOVE_M + 1):
+
+@pytest.mark.parametrize("kernel_cls,bits", [(CpuInt4Kernel, 3), (CpuInt8Kernel, 8)])
+def test_int4_op_large_m_uses_chunked_path(kernel_cls, bits):
+    """Above the crossover the kernel switches to the dense bf16 GEMM; both paths agree with the reference."""
+    layer = make_layer(256, 48, bits, 128, act_order=True)
+    kernel = kernel_cls(layer)
+    for M in (kernel.chunked_above_m, kernel.chunked_above_m + 1):
         x = make_input(M, 256, torch.bfloat16)
         assert rel_err(kernel.forward(x), reference(layer, x)) <= RTOL[torch.bfloat16]
     assert kernel._chunked is not None
 
 
-@pytest.mark.parametrize("change,needle", [
-    (dict(bits=3), "bits=3"), (dict(out_features=40), "multiple of 16"), (dict(group_size=100), "group_size=100"),
-    (dict(dtype=torch.float16), "bf16"), (dict(dtype=torch.float32), "bf16"), (dict(device="cuda"), "cpu"),
+def test_int4_op_crossovers():
+    assert CpuInt4Kernel.chunked_above_m == cpu_int4.CHUNKED_ABOVE_M
+    assert CpuInt8Kernel.chunked_above_m == cpu_int8.CHUNKED_ABOVE_M
+
+
+@pytest.mark.parametrize("kernel_cls,bits,change,needle", [
+    (CpuInt4Kernel, 4, dict(bits=8), "cpu_int8"), (CpuInt8Kernel, 8, dict(bits=4), "cpu_int4"),
+    (CpuInt8Kernel, 8, dict(bits=2), "bits=2"),
+    (CpuInt4Kernel, 3, dict(out_features=40), "multiple of 16"), (CpuInt8Kernel, 8, dict(out_features=40), "16"),
+    (CpuInt4Kernel, 2, dict(group_size=100), "group_size=100"), (CpuInt8Kernel, 8, dict(group_size=48), "48"),
+    (CpuInt4Kernel, 4, dict(uniform_groups=False, group_align=48), "unequal"),
+    (CpuInt8Kernel, 8, dict(uniform_groups=False, group_align=16), "unequal"),
+    (CpuInt4Kernel, 3, dict(dtype=torch.float16), "bf16"), (CpuInt8Kernel, 8, dict(dtype=torch.float32), "bf16"),
+    (CpuInt4Kernel, 4, dict(device="cuda"), "cpu"), (CpuInt8Kernel, 8, dict(device="cuda"), "cpu"),
 ])
-def test_int4_can_implement_reasons(change, needle):
-    spec = dataclasses.replace(make_layer(256, 48, 4, 128, False).spec(torch.bfloat16), **change)
-    ok, reason = CpuInt4Kernel.can_implement(spec)
-    assert not ok and needle in reason
-    assert CpuInt4Kernel.can_implement(make_layer(256, 48, 4, 128, False).spec(torch.bfloat16)) == (True, None)
+def test_int4_op_can_implement_reasons(kernel_cls, bits, change, needle):
+    spec = make_layer(256, 48, bits, 128, False).spec(torch.bfloat16)
+    assert kernel_cls.can_implement(spec) == (True, None)
+    ok, reason = kernel_cls.can_implement(dataclasses.replace(spec, **change))
+    assert not ok and needle in reason, reason
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_cpu_int4_runs_2_3_4_bit(bits):
+    assert CpuInt4Kernel.can_implement(make_layer(64, 16, bits, -1, True).spec(torch.bfloat16)) == (True, None)
+
+
+def test_int4_op_memory():
+    """The op's copy holds 4 bits per weight for 2/3/4-bit layers and 8 for 8-bit ones (two planes)."""
+    for bits, per_weight in ((2, 0.5), (3, 0.5), (4, 0.5), (8, 1)):
+        kernel = (CpuInt8Kernel if bits == 8 else CpuInt4Kernel)(make_layer(256, 64, bits, 128, False))
+        assert kernel.w_packed.numel() * kernel.w_packed.element_size() == 256 * 64 * per_weight
