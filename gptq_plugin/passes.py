@@ -9,6 +9,8 @@ gives it); these functions only order the forwards and accumulate each group's H
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 
 import torch
@@ -218,9 +220,10 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     threads: list[threading.Thread] = []
     try:
         try:
-            for b in range(n):
-                threads.append(threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}"))
-                threads[-1].start()
+            with _signals_deferred():  # an interrupt inside Thread.start() could leave a thread _join_all never sees
+                for b in range(n):
+                    threads.append(threading.Thread(target=run, args=(b,), name=f"gptq-batch-{b}"))
+                    threads[-1].start()
             for t in threads:
                 t.join()
         except BaseException as e:  # e.g. KeyboardInterrupt in this thread: stop the batches, then re-raise
@@ -239,6 +242,20 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
         if g[0] not in done:
             quantize_group(g, None)
     return outputs
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back while the block runs (main thread, where the OS supports it); they are delivered,
+    and their Python handlers run, as soon as it ends."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _join_all(threads: list[threading.Thread]) -> None:
