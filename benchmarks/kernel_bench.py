@@ -171,9 +171,10 @@ def run_bench(shapes=SHAPES, ms=MS, kernels: list[str] | None = None, bits: int 
             ``$GPTQ_PLUGIN_DISABLED_KERNELS`` apply), instead of ``kernels``.
 
     Returns:
-        One dict per (kernel, bits, shape, M): ``kernel, M, K, N, bits, group_size, act_order, dtype, device,
+        One dict per (kernel, bits, shape, M): ``kernel, path, M, K, N, bits, group_size, act_order, dtype, device,
         median_us, dense_fp32_us, dense_bf16_us, dense_fp16_us, marlin_us, speedup_fp32, speedup_bf16,
-        weight_gb_s`` (GPU-only fields are None on CPU), plus ``note`` where a comparison was unavailable.
+        weight_gb_s`` (GPU-only fields are None on CPU; ``path`` is what a kernel with ``path_for(M)`` runs, e.g.
+        cpu_int4's "op" or "tiles", else None), plus ``note`` where a comparison was unavailable.
 
     Raises:
         KernelError: a named kernel does not exist, or none of the named kernels can run a layer.
@@ -211,8 +212,10 @@ def run_bench(shapes=SHAPES, ms=MS, kernels: list[str] | None = None, bits: int 
                 t = _time_side_by_side(fns, device, iters, budget_s, reps=10 if device == "cuda" else 1)
             for name, b in prepared:
                 us = t[(name, b)]
+                path_for = getattr(prepared[(name, b)], "path_for", None)
                 rows.append(dict(
-                    kernel=name, M=M, K=K, N=N, bits=b, group_size=group_size, act_order=act_order,
+                    kernel=name, path=path_for(M) if path_for else None, M=M, K=K, N=N, bits=b,
+                    group_size=group_size, act_order=act_order,
                     dtype=str(act).removeprefix("torch."), device=device, median_us=round(us, 1),
                     dense_fp32_us=round(t["dense_fp32"], 1), dense_bf16_us=round(t["dense_bf16"], 1),
                     dense_fp16_us=round(t["dense_fp16"], 1) if "dense_fp16" in t else None,
@@ -272,8 +275,9 @@ def run_perplexity(checkpoint: str, kernels: list[str] | None = None, dtype: str
 def format_table(rows: list[dict]) -> str:
     """One fixed-width table, a row per (kernel, shape, M); GPU columns only when measured."""
     gpu = any(r.get("dense_fp16_us") is not None for r in rows)
-    cols = [("kernel", "kernel", "<16"), ("M", "M", ">5"), ("KxN", None, ">11"), ("bits", "bits", ">4"),
-            ("group", "group_size", ">5"), ("dtype", "dtype", ">8"), ("median_us", "median_us", ">10"),
+    cols = [("kernel", "kernel", "<16"), ("path", "path", "<7"), ("M", "M", ">5"), ("KxN", None, ">11"),
+            ("bits", "bits", ">4"), ("group", "group_size", ">5"), ("dtype", "dtype", ">8"),
+            ("median_us", "median_us", ">10"),
             ("fp32_us", "dense_fp32_us", ">10"), ("bf16_us", "dense_bf16_us", ">10")]
     if gpu:
         cols += [("fp16_us", "dense_fp16_us", ">10"), ("marlin_us", "marlin_us", ">10")]

@@ -3,8 +3,10 @@
 ``reference`` defines the math; every other kernel is tested against it:
 
 * ``triton`` / ``triton_gemm`` / ``triton_gemv`` (CUDA): fused dequant-GEMM and split-K GEMV in Triton;
-* ``cpu_int4`` (CPU, 2/3/4-bit, bf16): PyTorch's native int4 weight-only matmul;
-* ``cpu_int8`` (CPU, 8-bit, bf16): the same op on two 4-bit planes of each code;
+* ``cpu_int4`` (CPU, 2/3/4-bit, bf16): PyTorch's native int4 weight-only matmul at decode, compiled bf16 tiles
+  (``cpu_native``) at prefill;
+* ``cpu_int8`` (CPU, 8-bit, bf16): ``cpu_native``'s compiled GEMV and tiles (without a C compiler: the int4 op on
+  two 4-bit planes of each code);
 * ``dequant_chunked`` (any device): chunked dequantize-and-matmul, the fallback for everything else.
 """
 

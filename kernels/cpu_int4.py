@@ -19,7 +19,8 @@ whatever the checkpoint's bit width (3-bit layers keep their 3-bit packing on di
 A GPTQ group is split into op groups of ``t`` channels (``t`` dividing the group size); group size -1, partial
 last groups and ``K`` not a multiple of ``t`` are handled by zero-padding ``K`` (``x`` is padded at run time only
 then). Act-order layers are permuted once at load (:mod:`gptq_plugin.kernels.layout`). For ``M`` above a
-measured crossover the dense bf16 GEMM on chunk-dequantized weights is faster, and used.
+measured crossover a dense bf16 GEMM on dequantized weights is faster, and used: tiles dequantized by the compiled
+helpers of :mod:`gptq_plugin.kernels.cpu_native`, or without them the chunked path (:class:`Int4OpKernel`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import torch.nn.functional as F
 from gptq_plugin.errors import KernelError
 
 from .base import LayerSpec, QuantKernel
+from .cpu_native import NativeWeight, library, unavailable_reason
 from .dequant_chunked import ChunkedWeight
 from .layout import GroupOrder, group_order, unpack_codes, zeros_and_scales
 
 OP_GROUPS = (256, 128, 64, 32)
 OP_CENTRE = 8  # the op decodes ``q - 8``
-CHUNKED_ABOVE_M = 128  # crossover measured on the benchmark machine: see docs/kernels.md
+CHUNKED_ABOVE_M = 640  # op vs chunked bf16 GEMM (no compiled helpers), measured: see docs/kernels.md
+TILES_ABOVE_M = 12  # op vs compiled dequant + bf16 GEMM tiles, measured: see docs/kernels.md
 
 
 def ops_available() -> bool:
@@ -123,13 +126,22 @@ def pack_int4_for_cpu(layer, order: GroupOrder | None = None, dtype: torch.dtype
 
 
 class Int4OpKernel(QuantKernel):
-    """What the kernels built on ``_weight_int4pack_mm_for_cpu`` share: the checks of the op's constraints and the
-    run-time steps (permute and pad ``x``, call the op, add the bias; above :attr:`chunked_above_m` rows, the
-    dense bf16 GEMM of :class:`~gptq_plugin.kernels.dequant_chunked.ChunkedWeight`). Subclasses set ``bits_ok``
-    and implement :meth:`pack` and, when they feed the op more than ``x``, :meth:`op_input`."""
+    """What ``cpu_int4`` and ``cpu_int8`` share: the checks of the int4 op's constraints and the choice of a path by
+    the number of rows ``M`` of ``x`` (:meth:`path_for`):
+
+    * ``"op"``: ``_weight_int4pack_mm_for_cpu`` (permute and pad ``x``, call the op, add the bias);
+    * ``"gemv"``: the compiled GEMV of :mod:`~gptq_plugin.kernels.cpu_native` (8-bit decode);
+    * ``"tiles"``: the compiled dequantizer feeding bf16 GEMMs tile by tile (prefill);
+    * ``"chunked"``: the dense bf16 GEMM of :class:`~gptq_plugin.kernels.dequant_chunked.ChunkedWeight`, the
+      prefill path when the compiled helpers are unavailable (no C compiler, or ``GPTQ_PLUGIN_CPU_NATIVE=0``).
+
+    Subclasses set ``bits_ok`` and the crossovers, and implement :meth:`pack` (and :meth:`op_input` when they feed
+    the op more than ``x``). The crossovers are measured on the benchmark machine (docs/kernels.md)."""
 
     bits_ok: ClassVar[tuple[int, ...]] = ()
-    chunked_above_m: ClassVar[int] = CHUNKED_ABOVE_M
+    chunked_above_m: ClassVar[int] = CHUNKED_ABOVE_M  # without the compiled helpers: op up to here, then chunked
+    tiles_above_m: ClassVar[int] = TILES_ABOVE_M  # with them: the small-M path up to here, then tiles
+    gemv_max_m: ClassVar[int] = 0  # with them: the compiled GEMV for M <= this (0: never), else the op
 
     @classmethod
     def bits_reason(cls, bits: int) -> str:
@@ -158,10 +170,24 @@ class Int4OpKernel(QuantKernel):
 
     def __init__(self, layer):
         super().__init__(layer)
-        order = group_order(layer.g_idx, layer.group_size)
-        self.perm = order.perm
-        self.w_packed, self.scale_and_zero, self.t, self.Kp = self.pack(layer, order, torch.bfloat16)
-        self._chunked = None
+        self.order = group_order(layer.g_idx, layer.group_size)
+        self.perm = self.order.perm
+        self.lib = library()  # None: pure-torch paths only
+        self._op: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+        self._native: NativeWeight | None = None
+        self._chunked: ChunkedWeight | None = None
+        if self.path_for(1) == "op":
+            self._op = self.pack(layer, self.order, torch.bfloat16)
+        else:  # the compiled helpers run every M: one copy of the codes, theirs
+            self._native = NativeWeight(layer, self.order, self.lib)
+
+    def path_for(self, M: int) -> str:
+        """The path that runs ``M`` rows: "op", "gemv", "tiles" or "chunked" (class docstring)."""
+        if self.lib is None:
+            return "chunked" if M > self.chunked_above_m else "op"
+        if M > self.tiles_above_m:
+            return "tiles"
+        return "gemv" if M <= self.gemv_max_m else "op"
 
     def pack(self, layer, order: GroupOrder, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``(w_packed, scale_and_zero, t, Kp)`` for the op (see :func:`pack_int4_for_cpu`)."""
@@ -171,11 +197,39 @@ class Int4OpKernel(QuantKernel):
         """The op's activations from ``x2`` ``[M, Kp]`` (group order, padded)."""
         return x2
 
+    @property
+    def w_packed(self) -> torch.Tensor:
+        """The op's packed weight (packed on first use when the compiled helpers run every ``M``)."""
+        return self._op_pack()[0]
+
+    def _op_pack(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        if self._op is None:
+            self._op = self.pack(self.layer, self.order, torch.bfloat16)
+        return self._op
+
+    def native(self) -> NativeWeight:
+        """The layer in the compiled helpers' layout (built on first use).
+
+        Raises:
+            KernelError: the compiled helpers are unavailable (:func:`~gptq_plugin.kernels.cpu_native.library`).
+        """
+        if self.lib is None:
+            raise KernelError(f"{self.name}: the compiled CPU helpers are unavailable: "
+                              f"{unavailable_reason()}")
+        if self._native is None:
+            self._native = NativeWeight(self.layer, self.order, self.lib)
+        return self._native
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[..., K]`` -> bf16 ``[..., N]``."""
         layer = self.layer
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > self.chunked_above_m:  # compute-bound: the dense bf16 GEMM wins
+        path = self.path_for(x2.shape[0])
+        if path == "tiles":
+            y = self.native().matmul_tiles(x2, layer.bias)
+        elif path == "gemv":
+            y = self.native().gemv(x2, layer.bias)
+        elif path == "chunked":
             if self._chunked is None:
                 self._chunked = ChunkedWeight(layer)
             y = self._chunked.matmul(x2, layer.bias)
@@ -187,12 +241,13 @@ class Int4OpKernel(QuantKernel):
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``x2`` bf16 ``[M, K]`` in input order -> ``x2 @ dequant(W)ᵀ`` bf16 ``[M, N]`` through the int4 op."""
+        w_packed, scale_and_zero, t, Kp = self._op_pack()
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.Kp != x2.shape[1]:
-            x2 = F.pad(x2, (0, self.Kp - x2.shape[1]))
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(self.op_input(x2).contiguous(), self.w_packed, self.t,
-                                                          self.scale_and_zero)
+        if Kp != x2.shape[1]:
+            x2 = F.pad(x2, (0, Kp - x2.shape[1]))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(self.op_input(x2).contiguous(), w_packed, t,
+                                                          scale_and_zero)
 
 
 class CpuInt4Kernel(Int4OpKernel):

@@ -1,4 +1,9 @@
-"""CPU fast path for 8-bit layers: each code split into two 4-bit planes, both run through the int4 op in one call.
+"""CPU fast path for 8-bit layers: the compiled GEMV and bf16 tiles of :mod:`gptq_plugin.kernels.cpu_native`, or,
+without a C compiler, each code split into two 4-bit planes, both run through the int4 op in one call.
+
+With the compiled helpers the GEMV (``M <=`` :data:`GEMV_MAX_M`) reads one byte per weight, 1.5-1.9x faster than
+the op at ``M = 1`` (docs/kernels.md), and the tiles run prefill at ~0.95x a dense bf16 GEMM; the op is then never
+used and its planes are never packed. Without them, the two-plane op below runs up to :data:`CHUNKED_ABOVE_M`.
 
 An 8-bit code is ``q = 16 * hi + lo`` with ``hi, lo`` in ``[0, 16)``, so GPTQ's ``W = s * (q - z)`` is::
 
@@ -14,7 +19,7 @@ both planes in fp32 before its one rounding of the output.
 Measured against the alternatives on the benchmark machine (docs/kernels.md, one thread): two op calls summed
 (within 5% at ``M = 1``, two output roundings), ``_weight_int8pack_mm`` once per group (it has per-channel scales
 only; within 10% at ``M = 1``, 10-15% faster for ``16 <= M <= 128`` but slower than a dense bf16 GEMM there
-anyway) and the chunked dequantize-and-matmul (faster above ``M = 96``, which is why the kernel hands those to it).
+anyway) and the chunked dequantize-and-matmul (faster above ``M = 72``, which is why the kernel hands those to it).
 All of them decode about as fast as the int4 op does twice, so at ``M = 1`` an 8-bit layer takes about twice a
 4-bit one.
 """
@@ -29,7 +34,9 @@ from gptq_plugin.errors import KernelError
 from .cpu_int4 import OP_CENTRE, Int4OpKernel, op_groups, pack_int4_codes
 from .layout import GroupOrder, group_order, unpack_codes, zeros_and_scales
 
-CHUNKED_ABOVE_M = 96  # op vs chunked bf16 GEMM, measured on the benchmark machine: see docs/kernels.md
+CHUNKED_ABOVE_M = 72  # op vs chunked bf16 GEMM (no compiled helpers), measured: see docs/kernels.md
+GEMV_MAX_M = 5  # with the compiled helpers: their GEMV up to here, their bf16 tiles above (docs/kernels.md)
+TILES_ABOVE_M = GEMV_MAX_M  # (the int4 op is slower than both at every M: never used with the helpers)
 
 
 def pack_int8_planes_for_cpu(layer, order: GroupOrder | None = None, dtype: torch.dtype = torch.float32
@@ -66,13 +73,17 @@ def pack_int8_planes_for_cpu(layer, order: GroupOrder | None = None, dtype: torc
 
 
 class CpuInt8Kernel(Int4OpKernel):
-    """8-bit GPTQ on CPU as two int4 planes through ``_weight_int4pack_mm_for_cpu`` (bf16 activations, fp32
-    accumulation); the codes are held 8 bits per weight."""
+    """8-bit GPTQ on CPU (bf16 activations, fp32 accumulation): with the compiled helpers of
+    :mod:`~gptq_plugin.kernels.cpu_native`, their GEMV for ``M <=`` :data:`GEMV_MAX_M` and their bf16 tiles above
+    (one copy of the codes, theirs); without them, the int4 op on two planes up to :data:`CHUNKED_ABOVE_M` and the
+    chunked bf16 GEMM above. Each copy of the codes holds 8 bits per weight."""
 
     name = "cpu_int8"
     priority = 50
     bits_ok = (8,)
     chunked_above_m = CHUNKED_ABOVE_M
+    tiles_above_m = TILES_ABOVE_M
+    gemv_max_m = GEMV_MAX_M
 
     @classmethod
     def bits_reason(cls, bits: int) -> str:

@@ -42,5 +42,6 @@ def test_chosen_kernel_for_several_bit_widths_in_one_run():
     rows = json.loads(p.stdout)["rows"]
     assert sorted((r["bits"], r["M"]) for r in rows) == sorted((b, m) for b in (2, 3, 4, 8) for m in (1, 3))
     assert {r["bits"]: r["kernel"] for r in rows} == {2: "cpu_int4", 3: "cpu_int4", 4: "cpu_int4", 8: "cpu_int8"}
+    assert {r["path"] for r in rows} <= {"op", "gemv", "tiles", "chunked"}  # the path each kernel took at that M
     for m in (1, 3):
         assert len({r["dense_bf16_us"] for r in rows if r["M"] == m}) == 1

@@ -1,5 +1,5 @@
-"""The pure-torch kernels against the reference: dequant_chunked (everything), cpu_int4 (2/3/4-bit, bf16) and
-cpu_int8 (8-bit, bf16)."""
+"""The CPU kernels against the reference: dequant_chunked (everything), cpu_int4 (2/3/4-bit, bf16) and cpu_int8
+(8-bit, bf16), each path they choose by M (the compiled helpers' own tests: test_cpu_native.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from gptq_plugin.kernels import cpu_int4, cpu_int8
+from gptq_plugin.kernels import cpu_int4, cpu_int8, cpu_native
 from gptq_plugin.kernels.cpu_int4 import CpuInt4Kernel, pack_int4_for_cpu
 from gptq_plugin.kernels.cpu_int8 import CpuInt8Kernel, pack_int8_planes_for_cpu
 from gptq_plugin.kernels import dequant_chunked
@@ -117,7 +117,9 @@ def test_harness_rejects_off_by_one_zero():
 
 
 # --- the int4 op: cpu_int4 (2/3/4-bit) and cpu_int8 (8-bit as two 4-bit planes) ----------------------------------
-# M on both sides of the op / chunked-GEMM crossover, odd K (37: one partial group of 32), N % 16 == 0
+# M = 1, 7, 128, 129: with the compiled helpers cpu_int4 runs the op, then tiles (both GEMM orientations), cpu_int8
+# its GEMV, then tiles; without them the op, and cpu_int8 the chunked path at 128/129. Every crossover's two sides:
+# test_int4_op_paths_on_both_sides_of_each_crossover. Odd K (37: one partial group of 32), N % 16 == 0
 INT4OP_SHAPES = ((1, 257, 48), (7, 575, 16), (128, 37, 576), (129, 513, 32), (1, 1001, 64))
 INT4OP_GROUP_SIZES = (-1, 32, 64, 128, 96, 256)  # with the odd K above, every group size meets a partial last group
 
@@ -138,6 +140,22 @@ class TestCpuInt8(KernelTests):
     def cases(cls):
         return grid(INT4OP_SHAPES, bits=(8,), group_sizes=INT4OP_GROUP_SIZES, dtypes=(torch.bfloat16,),
                     syms=(False, True))
+
+
+@pytest.fixture
+def without_compiled_helpers(monkeypatch):
+    """The kernels as on a machine without a C compiler: the int4 op and the chunked path only."""
+    monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+
+
+@pytest.mark.usefixtures("without_compiled_helpers")
+class TestCpuInt4WithoutCompiledHelpers(TestCpuInt4):
+    pass
+
+
+@pytest.mark.usefixtures("without_compiled_helpers")
+class TestCpuInt8WithoutCompiledHelpers(TestCpuInt8):
+    pass
 
 
 def _op_weight(layer) -> torch.Tensor:
@@ -186,20 +204,53 @@ def test_int4_op_tells_an_off_by_one_zero(bits, sym):
         assert (err <= bound) == want_close, (bits, sym, want_close, err)
 
 
-@pytest.mark.parametrize("kernel_cls,bits", [(CpuInt4Kernel, 3), (CpuInt8Kernel, 8)])
-def test_int4_op_large_m_uses_chunked_path(kernel_cls, bits):
-    """Above the crossover the kernel switches to the dense bf16 GEMM; both paths agree with the reference."""
-    layer = make_layer(256, 48, bits, 128, act_order=True)
+def _crossover_cases():
+    """(kernel, bits, native, M, path): M on both sides of every crossover of both kernels, with and without the
+    compiled helpers."""
+    out = []
+    for cls, bits_list in ((CpuInt4Kernel, (2, 3, 4)), (CpuInt8Kernel, (8,))):
+        for native in (True, False):
+            if native:
+                small = "gemv" if cls.gemv_max_m >= 1 else "op"
+                edges = [(cls.tiles_above_m, "gemv" if cls.tiles_above_m <= cls.gemv_max_m else "op"),
+                         (cls.tiles_above_m + 1, "tiles"), (1, small)]
+                if cls.gemv_max_m:
+                    edges += [(cls.gemv_max_m, "gemv"), (cls.gemv_max_m + 1, "op" if cls.gemv_max_m < cls.tiles_above_m
+                                                          else "tiles")]
+            else:
+                edges = [(1, "op"), (cls.chunked_above_m, "op"), (cls.chunked_above_m + 1, "chunked")]
+            for i, (M, path) in enumerate(edges):
+                out.append((cls, bits_list[i % len(bits_list)], native, M, path))
+    return out
+
+
+@pytest.mark.parametrize("kernel_cls,bits,native,M,path", _crossover_cases(),
+                         ids=lambda v: v.name if isinstance(v, type) else str(v))
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, True), (128, True), (64, False)])
+def test_int4_op_paths_on_both_sides_of_each_crossover(kernel_cls, bits, native, M, path, group_size, act_order,
+                                                       monkeypatch):
+    """Each path the kernels choose by M (op, compiled GEMV, compiled tiles, chunked) agrees with the reference on
+    an odd K (a partial last group), at the crossover M and one above."""
+    if native and cpu_native.library() is None:
+        pytest.skip(f"compiled CPU helpers unavailable: {cpu_native.unavailable_reason()}")
+    if not native:
+        monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
+    layer = make_layer(289, 48, bits, group_size, act_order)
     kernel = kernel_cls(layer)
-    for M in (kernel.chunked_above_m, kernel.chunked_above_m + 1):
-        x = make_input(M, 256, torch.bfloat16)
-        assert rel_err(kernel.forward(x), reference(layer, x)) <= RTOL[torch.bfloat16]
-    assert kernel._chunked is not None
+    assert kernel.path_for(M) == path
+    x = make_input(M, 289, torch.bfloat16)
+    y = kernel.forward(x)
+    assert y.shape == (M, 48) and torch.isfinite(y).all()
+    assert rel_err(y, reference(layer, x)) <= RTOL[torch.bfloat16] / 2
+    assert (kernel._chunked is not None) == (path == "chunked")
 
 
 def test_int4_op_crossovers():
     assert CpuInt4Kernel.chunked_above_m == cpu_int4.CHUNKED_ABOVE_M
     assert CpuInt8Kernel.chunked_above_m == cpu_int8.CHUNKED_ABOVE_M
+    assert CpuInt4Kernel.tiles_above_m == cpu_int4.TILES_ABOVE_M and CpuInt4Kernel.gemv_max_m == 0
+    assert CpuInt8Kernel.tiles_above_m == cpu_int8.TILES_ABOVE_M
+    assert CpuInt8Kernel.gemv_max_m == cpu_int8.GEMV_MAX_M
 
 
 @pytest.mark.parametrize("kernel_cls,bits,change,needle", [
@@ -224,8 +275,21 @@ def test_cpu_int4_runs_2_3_4_bit(bits):
     assert CpuInt4Kernel.can_implement(make_layer(64, 16, bits, -1, True).spec(torch.bfloat16)) == (True, None)
 
 
-def test_int4_op_memory():
-    """The op's copy holds 4 bits per weight for 2/3/4-bit layers and 8 for 8-bit ones (two planes)."""
+def test_int4_op_memory(monkeypatch):
+    """Bytes per weight of the kernels' copies of the codes: the op's holds 4 bits for 2/3/4-bit layers and 8 for
+    8-bit ones (two planes); the compiled helpers' holds as many. An 8-bit kernel with the helpers keeps theirs only
+    (they run every M), a 4-bit one keeps the op's and builds theirs on the first batch above the crossover."""
     for bits, per_weight in ((2, 0.5), (3, 0.5), (4, 0.5), (8, 1)):
+        monkeypatch.setenv(cpu_native.ENV_NATIVE, "0")
         kernel = (CpuInt8Kernel if bits == 8 else CpuInt4Kernel)(make_layer(256, 64, bits, 128, False))
+        assert kernel._native is None
         assert kernel.w_packed.numel() * kernel.w_packed.element_size() == 256 * 64 * per_weight
+        monkeypatch.delenv(cpu_native.ENV_NATIVE)
+        if cpu_native.library() is None:
+            continue
+        kernel = (CpuInt8Kernel if bits == 8 else CpuInt4Kernel)(make_layer(256, 64, bits, 128, False))
+        assert (kernel._op is None) == (bits == 8) and (kernel._native is None) == (bits != 8)
+        kernel.forward(make_input(kernel.tiles_above_m + 1, 256, torch.bfloat16))
+        packed = kernel._native.packed
+        assert packed.numel() * packed.element_size() == 256 * 64 * per_weight
+        assert (kernel._op is None) == (bits == 8)
