@@ -76,7 +76,8 @@ LAYOUT_FIELDS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
 # fields that only matter while quantizing (recorded in the checkpoint, ignored when loading one)
 QUANTIZE_FIELDS = ("static_groups", "true_sequential", "damp_percent", "damp_auto_increment", "mse", "block_size",
                    "method", "lm_head")
-CALIBRATION_DEFAULTS = {"dataset": None, "tokenizer": None, "nsamples": 128, "seqlen": 512, "batch_size": 8}
+CALIBRATION_DEFAULTS = {"dataset": None, "tokenizer": None, "nsamples": 128, "seqlen": 512, "batch_size": 8,
+                        "device": "auto"}
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -105,6 +106,9 @@ class GPTQPluginConfig(QuantizationConfigMixin):
         nsamples (`int`, *optional*, defaults to 128): calibration windows.
         seqlen (`int`, *optional*, defaults to 512): tokens per calibration window.
         batch_size (`int`, *optional*, defaults to 8): calibration windows per forward.
+        device (`str`, *optional*, defaults to "auto"): where each decoder block is quantized when quantizing on
+            load: "auto" (CUDA when torch sees a GPU), "cpu", "cuda", "cuda:N"; the model stays where
+            `from_pretrained` put it, one block at a time goes there and back.
         meta (`dict`, *optional*): the ``meta`` object of the checkpoint's ``quantization_config``.
 
     Raises:
@@ -118,12 +122,12 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                  method: str | None = None, lm_head: bool | None = None,
                  dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
                  nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
-                 meta: dict | None = None):
+                 device: str | None = None, meta: dict | None = None):
         given = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
                      true_sequential=true_sequential, damp_percent=damp_percent,
                      damp_auto_increment=damp_auto_increment, mse=mse, block_size=block_size,
                      checkpoint_format=checkpoint_format, method=method, lm_head=lm_head, dataset=dataset,
-                     tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+                     tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device)
         self.quant_method = METHOD_NAME
         self._explicit = frozenset(k for k, v in given.items() if v is not None)
         core = QuantizeConfig(**{k: v for k, v in given.items() if k in LAYOUT_FIELDS + QUANTIZE_FIELDS
@@ -298,7 +302,7 @@ class GPTQPluginHfQuantizer(HfQuantizer):
                         cfg.seqlen, cfg.nsamples)
         device = model.get_input_embeddings().weight.device
         self.report = quantize_model(model, calib.to(device), cfg.to_quantize_config(), batch_size=cfg.batch_size,
-                                     progress=is_progress_bar_enabled())
+                                     progress=is_progress_bar_enabled(), device=cfg.device)
         if self.target_dtype is not None and self.target_dtype != torch.float32:
             _cast_unquantized(model, self.target_dtype)
         model.config.dtype = self.target_dtype or torch.float32

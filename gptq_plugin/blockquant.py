@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
+from .distributed import SINGLE, Ranks
 from .errors import NumericalError
 from .linear import QuantLinear
 from .packing import unpack_qweight, unpack_qzeros
@@ -134,8 +135,10 @@ def release_free_memory() -> None:
 def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     """Whether the one-pass driver's paused activations (every batch's forward state at a layer group, measured
     on Llama blocks at about ``4 B x tokens x max(6 x hidden, 3 x widest linear input)``) take under half of the
-    memory available now (:func:`available_memory`; True where that cannot be read)."""
-    avail = available_memory()
+    memory available now on the block's device (:func:`available_memory` on the CPU, free CUDA memory on a GPU;
+    True where that cannot be read)."""
+    dev = next((p.device for p in block.parameters()), torch.device("cpu"))
+    avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory()
     if avail is None:
         return True
     tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
@@ -167,11 +170,10 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
     return num / den, rtn_num / den if rtn else None
 
 
-def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                    report: QuantizeReport, keep_weight: bool = True, offload_dir=None) -> QuantResult:
-    """Quantize one layer with GPTQ (RTN when no calibration token reached it). With ``keep_weight``, put the
-    dequantized weight in place so later layers see quantized outputs; otherwise the caller replaces the
-    layer (see :class:`_DequantizedLinear`). ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`."""
+def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
+                 compare_rtn: bool, offload_dir=None) -> tuple[QuantResult, LayerReport]:
+    """Quantize one layer with GPTQ (RTN when no calibration token reached it); returns the result (on the CPU)
+    and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`."""
     t = time.time()
     full = f"{block_name}.{name}"
     W = mod.weight.data
@@ -179,17 +181,32 @@ def _quantize_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quan
         log.warning("%s received no calibration tokens: quantized with RTN", full)
         res = rtn_quantize(W, cfg)
         res.fallback = "no calibration tokens reached this layer: RTN"
-        report.layers.append(LayerReport(full, None, None, 0.0, res.fallback, time.time() - t))
+        row = LayerReport(full, None, None, 0.0, res.fallback, time.time() - t)
     else:
         res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
-        errs = _rel_errs(W, H, res, cfg, grid, rtn=report.compare_rtn)
-        report.layers.append(LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t))
-    _check_scales(full, W, res, report.layers[-1])
-    if keep_weight:
-        mod.weight.data = res.dequantize().to(mod.weight.dtype)
-    return res
+        errs = _rel_errs(W, H, res, cfg, grid, rtn=compare_rtn)
+        row = LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t)
+    _check_scales(full, W, res, row)
+    return res.to("cpu"), row
+
+
+def _share_layer(ranks: Ranks, solved: tuple[QuantResult, LayerReport] | None, owner: int
+                 ) -> tuple[QuantResult, LayerReport]:
+    """The layer that rank ``owner`` solved, on every rank (codes travel as uint8: they are below 2**8)."""
+    if ranks.world == 1:
+        return solved
+    tensors = meta = None
+    if solved is not None:
+        res, row = solved
+        tensors = {"codes": res.codes.to(torch.uint8), "scales": res.scales, "zeros": res.zeros, "g_idx": res.g_idx}
+        meta = (res.bits, res.group_size, res.sym, res.damp_percent, res.fallback, vars(row))
+    tensors, meta = ranks.share(tensors, meta, owner)
+    bits, group_size, sym, damp, fallback, row = meta
+    res = QuantResult(tensors["codes"].to(torch.int32), tensors["scales"], tensors["zeros"], tensors["g_idx"], bits,
+                      group_size, sym, damp, fallback)
+    return res, LayerReport(**row)
 
 
 class _DequantizedLinear(nn.Module):
@@ -201,24 +218,27 @@ class _DequantizedLinear(nn.Module):
     time). ``weight``, ``bias``, ``in_features`` and ``out_features`` read as on ``nn.Linear`` (some blocks read
     ``layer.weight.dtype`` in their forward)."""
 
-    def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         self.packed, self.bias, self.dtype = packed, bias, dtype
         self.in_features, self.out_features = packed.in_features, packed.out_features
-        self.scales = packed.scales.float()  # [G, out]
-        self.zeros = unpack_qzeros(packed.qzeros, packed.bits, packed.out_features).float()
+        self.device = torch.device(device)
+        self.scales = packed.scales.float().to(self.device)  # [G, out]
+        self.zeros = unpack_qzeros(packed.qzeros, packed.bits, packed.out_features).float().to(self.device)
+        self.qweight, self.g_idx = packed.qweight.to(self.device), packed.g_idx.long().to(self.device)
 
     @property
     def weight(self) -> torch.Tensor:
         """``[out, in]`` (a transposed view of an ``[in, out]`` tensor), ``scales[g] * (codes - zeros[g])``."""
         q = self.packed
         K, N = q.in_features, q.out_features
-        W = torch.empty(K, N)
-        g = q.g_idx.long()
+        W = torch.empty(K, N, device=self.device)
+        g = self.g_idx
         step = max(32, (1 << 18) // max(N, 1) // 32 * 32)  # input channels per chunk, a multiple of 32 codes
         for k0 in range(0, K, step):
             k1 = min(k0 + step, K)
-            codes = unpack_qweight(q.qweight[k0 * q.bits // 32:(k1 * q.bits + 31) // 32], q.bits, k1 - k0)
+            codes = unpack_qweight(self.qweight[k0 * q.bits // 32:(k1 * q.bits + 31) // 32], q.bits, k1 - k0)
             gk = g[k0:k1]
             torch.mul(self.scales[gk], codes.float() - self.zeros[gk], out=W[k0:k1])
         return W.t().to(self.dtype)
@@ -240,15 +260,17 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
 
 def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
                    report: QuantizeReport, low_memory: bool | None = None,
-                   forward_dtype: torch.dtype | None = None, offload_dir=None) -> dict[str, QuantLinear]:
+                   forward_dtype: torch.dtype | None = None, offload_dir=None, ranks: Ranks | None = None,
+                   first_batch: int = 0) -> dict[str, QuantLinear]:
     """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
     replace each calibration input by the quantized block's output (the next block's input).
 
     Args:
-        block: the decoder block (float weights, on CPU).
+        block: the decoder block (float weights, on the device it computes on; the packed layers are put on the
+            same device).
         block_name: its state-dict prefix, e.g. ``"model.layers.3"`` (names layers in reports and errors).
-        inputs: the block's inputs, one ``[b, seqlen, hidden]`` tensor per batch: a list or any sequence that
-            supports ``len``, iteration, indexing and item assignment (e.g.
+        inputs: the block's inputs, one ``[b, seqlen, hidden]`` tensor per batch (this rank's batches): a list or
+            any sequence that supports ``len``, iteration, indexing and item assignment (e.g.
             :class:`gptq_plugin.resume.ActivationBuffer`, which can keep them on disk); once batch ``i``'s output is
             assigned, its input is not read again. Unused for RTN.
         kwargs_list: the block's keyword arguments per batch (masks, rotary embeddings). Unused for RTN.
@@ -257,14 +279,20 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         low_memory, forward_dtype: as in :func:`gptq_plugin.pipeline.quantize_model`.
         offload_dir: a folder where the solver parks large Hessians while it runs (see
             :func:`gptq_plugin.solver.gptq_quantize`); None keeps them in memory.
+        ranks: the ranks sharing the work (:mod:`gptq_plugin.distributed`): each adds its batches to the
+            Hessians, which are completed across ranks; each layer is solved on one rank and shared. Default: this
+            process alone.
+        first_batch: the global index of ``inputs[0]`` (this rank's first batch).
 
     Returns:
         The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
-        ``report``.
+        ``report`` (the same rows on every rank).
 
     Raises:
         NumericalError: the block's quantized output contains NaN or Inf (names the block).
+        DistributedError: another rank failed meanwhile.
     """
+    ranks = ranks or SINGLE
     linears = linear_modules(block)
     aliases: dict[int, list[str]] = {}  # a module registered under several names is replaced under each
     for n, m in block.named_modules(remove_duplicate=False):
@@ -274,13 +302,15 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     def keep(name: str, res: QuantResult, stand_in: bool = False) -> None:
         # packed at once: the int32 codes are as large as the fp32 weight, so a block's worth would double its memory
         mod = linears[name]
-        bias = mod.bias.data if mod.bias is not None else None
-        packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym)
+        bias = mod.bias.data.cpu() if mod.bias is not None else None
+        packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym).to(mod.weight.device)
         if stand_in:  # the fp32 weight goes; later forwards dequantize the packed layer
-            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype)
+            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype, mod.weight.device)
             for alias in aliases[id(mod)]:
                 _replace(block, alias, stand)
             mod.weight = None
+        else:  # later layers see this layer's quantized outputs
+            mod.weight.data = res.dequantize().to(mod.weight.device, mod.weight.dtype)
 
     def emit(i: int, y: torch.Tensor) -> None:  # the next block sees this block's quantized outputs
         if not torch.isfinite(y).all():
@@ -290,7 +320,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     if cfg.method == "rtn":
         for name, mod in linears.items():
             t = time.time()
-            res = rtn_quantize(mod.weight.data, cfg)
+            res = rtn_quantize(mod.weight.data, cfg).to("cpu")
             report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
             _check_scales(f"{block_name}.{name}", mod.weight.data, res, report.layers[-1])
             keep(name, res)
@@ -305,11 +335,22 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         # the one-pass driver's paused batches resume inside the nn.Linear just quantized: it keeps its weight
         stand_in = bool(low_memory) or not cfg.true_sequential
 
+        def new_accumulator(k: int) -> HessianAccumulator:
+            return HessianAccumulator(k, first_batch=first_batch, ranks=ranks)
+
         def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
-            # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32
+            # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32.
+            # One Hessian, computed once, for the layers sharing an input; each layer solved on its owner rank.
             with torch.autocast(device_type=x0.device.type, enabled=False):
-                for name in group:  # one Hessian, computed once, for the layers sharing an input
-                    res = _quantize_layer(name, linears[name], H, cfg, block_name, report, not stand_in, offload_dir)
+                owners = ranks.owners([linears[n].out_features * linears[n].in_features ** 2 for n in group])
+
+                def solve(name: str):
+                    return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir)
+
+                mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
+                for name, owner in zip(group, owners):
+                    res, row = solve(name) if ranks.world == 1 else _share_layer(ranks, mine.pop(name, None), owner)
+                    report.layers.append(row)
                     keep(name, res, stand_in)
                     del res
                     if stand_in:  # the low-memory passes
@@ -318,14 +359,16 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         outputs: list[torch.Tensor] = []
         if cfg.true_sequential:
             if low_memory:
-                groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit)
+                groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit,
+                               new_accumulator=new_accumulator)
             else:
-                outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype)
+                outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype,
+                                          new_accumulator=new_accumulator)
         else:  # every Hessian from the unquantized block, then one forward to propagate
-            accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+            accs = {g[0]: new_accumulator(linears[g[0]].in_features) for g in groups}
             accumulate(block, accs, inputs, kwargs_list, forward_dtype)
             for g in groups:
-                quantize_group(g, accs[g[0]].finalize() if accs[g[0]].n else None)
+                quantize_group(g, accs[g[0]].finalize(allow_empty=True))
             with torch.no_grad():
                 for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
                     emit(i, call_block(block, x, kw, forward_dtype))

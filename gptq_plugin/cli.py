@@ -22,23 +22,20 @@ import click
 import torch
 import typer
 
-from .calibration import load_calibration
-from .checkpoint import inspect_checkpoint, save_quantized
-from .config import RECOMMENDED, QuantizeConfig
+from .checkpoint import inspect_checkpoint
+from .config import QuantizeConfig
 from .convert import convert_checkpoint
-from .errors import CalibrationError, CheckpointError, ConfigError, GPTQPluginError, OutputError
+from .distributed import close_ranks, init_ranks, resolve_device
+from .errors import CheckpointError, ConfigError, GPTQPluginError, OutputError
 from .evaluate import compare, eval_windows, perplexity
 from .gguf_export import export_gguf
 from .memory import format_memory
-from .models import check_model_folder, is_quantized, load_model, load_tokenizer, needs_streaming
-from .pipeline import quantize_model
+from .models import is_quantized, load_model, load_tokenizer
 from .plugins import calibration_sources, checkpoint_formats, discovery, kernels, model_layouts
 from .reader import read_quantization_config
-from .process_memory import limit_malloc_arenas, peak_rss_mb
-from .report_plot import png_path, write_report_plot
-from .resume import ResumeState, fingerprint
-from .safetensors_io import check_not_input, check_output_dir, is_write_failure
-from .streaming import quantize_streaming
+from .process_memory import limit_malloc_arenas
+from .safetensors_io import is_write_failure
+from .quantize_job import run_quantize
 from .targets import check_target
 from .tools.demo import get_demo_model, run_demo
 from .tools.serve import require_vllm, serve_command
@@ -96,13 +93,18 @@ def quantize(
     low_memory: Optional[bool] = typer.Option(
         None, "--low-memory/--one-pass", show_default="auto",
         help="How true-sequential GPTQ runs the calibration batches: --one-pass (fastest, all batches' "
-             "activations in memory at once) or --low-memory (one batch at a time, ~1.5x slower). Default: one "
+             "activations in memory at once) or --low-memory (one batch at a time, ~1.6x slower). Default: one "
              "pass when it fits in half the available memory. Same checkpoint either way."),
     report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here, and its plot (GPTQ vs RTN "
                                           "per-layer error; needs matplotlib: the report extra) next to it as .png."),
     forward_dtype: str = typer.Option(
-        "float32", help="dtype of the calibration forward passes: float32, or bfloat16 (autocast: ~2x faster on "
-                        "CPUs with AMX/AVX512-BF16, as GPTQModel computes; Hessians stay fp32)."),
+        "auto", help="dtype of the calibration forward passes: float32, bfloat16 or float16 (autocast: ~2x faster "
+                     "on CPUs with AMX/AVX512-BF16 and on GPUs, as GPTQModel computes; Hessians and the solver stay "
+                     "fp32). auto: float32 on the CPU, bfloat16 on CUDA."),
+    device: str = typer.Option(
+        "auto", help="Where each decoder block is quantized: auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N. "
+                     "Only the block, its calibration batches and Hessians go there; the model stays in host memory "
+                     "(or is streamed). Under torchrun each rank takes cuda:LOCAL_RANK."),
     restart: bool = typer.Option(False, "--restart", help="Discard the progress of an interrupted run for OUT "
                                  "instead of resuming it."),
     streaming: Optional[bool] = typer.Option(
@@ -121,98 +123,14 @@ def quantize(
     Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
-    if mse is None:
-        mse = RECOMMENDED["mse"] if method == Method.gptq else 0.0
-    if method != Method.gptq:  # RTN has no Hessian: input order, no act-order to record in the checkpoint
-        act_order = static_groups = False
-    cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
-                         true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method.value,
-                         checkpoint_format=checkpoint_format)
-    check_model_folder(model)
-    inputs = [model]
-    if dataset is not None and Path(dataset).exists():
-        inputs.append(dataset)  # writing OUT must not delete the calibration file either
-    check_output_dir(out, overwrite, inputs)
-    if report is not None:
-        check_not_input(report, inputs)
-        check_not_input(png_path(report), inputs)
-    if dataset is not None and cfg.method != "gptq":
-        _check_unused_dataset(dataset, cfg.method)
-    if is_quantized(model):
-        raise GPTQPluginError(f"{model} is already quantized: quantize the original model")
-    if nsamples < 1 or seqlen < 2:
-        raise GPTQPluginError(f"--nsamples {nsamples} / --seqlen {seqlen}: use nsamples >= 1 and seqlen >= 2")
-    if batch_size < 1:
-        raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
-    tok = load_tokenizer(model)
-    calib = None
-    if cfg.method == "gptq":
-        calib = load_calibration(dataset, tok, nsamples, seqlen)
-        if calib.shape[0] < nsamples:
-            log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
-    if forward_dtype not in ("float32", "bfloat16", "float16"):
-        raise GPTQPluginError(f"--forward-dtype {forward_dtype}: use float32, bfloat16 or float16")
-    fdtype = getattr(torch, forward_dtype)
-    if activation_memory is not None and activation_memory < 0:
-        raise GPTQPluginError(f"--activation-memory {activation_memory}: use a size in MB >= 0")
-    if streaming is None:
-        streaming = needs_streaming(model)
-    meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
-                            "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
-    if forward_dtype != "float32":  # recorded only when it is not the exact default
-        meta["calibration"]["forward_dtype"] = forward_dtype
-    driver = "streaming" if streaming else "in-memory"
-    state = ResumeState.open(out, fingerprint(cfg, model, calib, batch_size, forward_dtype, driver), restart)
-    t0 = time.time()
+    dev = resolve_device(device)
+    ranks = init_ranks(dev)
     try:
-        if streaming:
-            rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
-                                     low_memory=low_memory is not False,
-                                     forward_dtype=None if fdtype == torch.float32 else fdtype,
-                                     activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
-                                     overwrite=overwrite, extra_meta=meta, compare_rtn=report is not None)
-        else:
-            m = load_model(model)
-            rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
-                                 forward_dtype=None if fdtype == torch.float32 else fdtype,
-                                 compare_rtn=report is not None)
-            save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
-                           extra_meta=dict(meta, **rep.checkpoint_meta()))
-    except BaseException as e:
-        _end_run(e, state)
-        raise
-    wall = time.time() - t0
-    state.remove()
-    plot_line = None
-    if report:
-        report.write_text(json.dumps(rep.to_dict(), indent=2))
-        plot_line = write_report_plot(rep.to_dict(), report, f"{Path(model).name}: {cfg.method.upper()} {bits}-bit "
-                                      f"g{group_size}, per-layer relative output error vs RTN")[1]
-    errs = [l for l in rep.layers if l.rel_err is not None]
-    msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {driver}) in "
-           f"{wall:.1f} s, peak RSS {peak_rss_mb():.0f} MB -> {out}")
-    if errs:
-        msg += f"\nmean relative output error: GPTQ {sum(l.rel_err for l in errs) / len(errs):.4g}"
-        if all(l.rtn_rel_err is not None for l in errs):  # RTN's error is computed for --report only
-            msg += f" vs RTN {sum(l.rtn_rel_err for l in errs) / len(errs):.4g}"
-    if report:
-        msg += f"\nreport: {report}"
-    typer.echo(msg)
-    if plot_line:
-        typer.echo(plot_line, err=plot_line.startswith("warning"))
-
-
-def _check_unused_dataset(dataset: str, method: str) -> None:
-    """RTN reads no calibration data: refuse a --dataset that names nothing, warn that an existing one is unused.
-
-    Raises:
-        CalibrationError: ``dataset`` is neither an existing path nor a known calibration source.
-    """
-    if not Path(dataset).exists() and dataset not in calibration_sources():
-        raise CalibrationError(f"--dataset {dataset}: no such file or calibration source ({', '.join(calibration_sources())}); "
-                               f"--method {method} uses no calibration data anyway: drop --dataset")
-    typer.echo(f"warning: --dataset {dataset} is not used: --method {method} (round-to-nearest) needs no calibration "
-               "data", err=True)
+        run_quantize(ranks, model, out, bits, group_size, act_order, sym, static_groups, true_sequential,
+                     damp_percent, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
+                     overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run)
+    finally:
+        close_ranks(ranks)
 
 
 class Interrupted(Exception):
@@ -466,10 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     _signal_received.clear()
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+    rank = None if rank in (None, "0") else rank  # rank 0's lines read as a plain run's
     try:
         rc = app(args=argv, standalone_mode=False)
     except GPTQPluginError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", err=True)
         sys.exit(2)
     except Interrupted as e:
         typer.echo(f"\n{e}", err=True)

@@ -32,7 +32,7 @@ def _version() -> str:
 # The recipe `gptq-plugin quantize` and the demo use unless told otherwise: act-order with static groups and an
 # MSE clipping search. The dataclass defaults below (and those of the Transformers adapter's GPTQPluginConfig,
 # which also parses checkpoints) stay the GPTQ format's defaults: what a checkpoint means when it omits a field. Evidence: docs/quality.md (demo model, 4-bit g64: WikiText-2 perplexity
-# 34.22 with this recipe, 35.41 without the clipping search, 36.02 act-order alone, 40.44 neither, RTN 42.04).
+# 34.22 (34.39 since the fixed-order Hessian sum of session 7) with this recipe, 35.41 without the clipping search, 36.02 act-order alone, 40.44 neither, RTN 42.04).
 RECOMMENDED = {"desc_act": True, "static_groups": True, "mse": 2.4}
 
 

@@ -18,13 +18,19 @@ two drivers:
   (``nn.Linear`` -> :class:`~gptq_plugin.linear.QuantLinear`);
 * streaming (:mod:`gptq_plugin.streaming`): a skeleton on ``meta`` whose blocks are read from the source's
   safetensors shards one at a time; each quantized block becomes one checkpoint shard.
+
+Devices and ranks (:class:`~gptq_plugin.distributed.Ranks`): the block being quantized goes to ``ranks.device``
+(e.g. a GPU) with the batch it runs and its Hessians, and comes back; under torchrun each rank runs a contiguous
+share of the calibration batches, the Hessians are summed in one fixed tree across ranks, each layer is solved on
+one rank and shared, so the checkpoint does not depend on the number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import ContextManager, Protocol
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +39,7 @@ from tqdm.auto import tqdm
 from .blockquant import LayerReport, QuantizeReport, quantize_block, release_free_memory
 from .config import QuantizeConfig
 from .errors import ConfigError, NumericalError
+from .distributed import SINGLE, Ranks
 from .passes import capture_block_inputs
 from .plugins import find_layout
 from .resume import ActivationBuffer, ResumeState
@@ -82,7 +89,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
                     batch_size: int = 8, progress: bool = True, max_blocks: int | None = None,
                     low_memory: bool | None = None, forward_dtype: torch.dtype | None = None,
                     resume: ResumeState | None = None, activation_memory: int | None = None, offload_dir=None,
-                    compare_rtn: bool = False, desc: str | None = None) -> QuantizeReport:
+                    compare_rtn: bool = False, desc: str | None = None, ranks: Ranks | None = None
+                    ) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize the decoder blocks of ``source``'s model one at a time into ``sink`` (see the module
     docstring).
 
@@ -101,6 +109,12 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         compare_rtn: also compute each layer's RTN error for the report (``LayerReport.rtn_rel_err``; one more
             quantization of every layer).
         desc: the progress bar's label (default ``"<method> <bits>-bit"``).
+        ranks: the processes sharing the run and the device this one computes on (:mod:`gptq_plugin.distributed`):
+            each rank runs its contiguous share of the calibration batches, the Hessians are completed across
+            ranks in a fixed order (the checkpoint's bytes do not depend on the number of ranks), each layer is
+            solved on one rank and shared; only rank 0 writes the resume state's manifest and block files. Each
+            block being quantized, its Hessians and the calibration batches it runs on are on ``ranks.device``;
+            the rest of the model and the stored activations stay on the CPU. Default: one process on the CPU.
 
     Returns:
         The :class:`~gptq_plugin.blockquant.QuantizeReport` (per-layer relative output error, dampening,
@@ -110,7 +124,10 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         ConfigError: ``lm_head=True`` (not supported yet), or GPTQ without calibration data.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
+        DistributedError: another rank failed or did not answer within the timeout.
     """
+    ranks = ranks or SINGLE
+    device = ranks.device
     if cfg.lm_head:
         raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
     if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
@@ -136,21 +153,31 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         model.config.use_cache = False
     try:
         inputs = kwargs_list = None
+        mine = range(0)
         if cfg.method == "gptq" and first < n_blocks:
-            n_batches = (calib.shape[0] + batch_size - 1) // batch_size
-            inputs = (ActivationBuffer(None, n_batches) if resume is None
-                      else resume.activations(n_batches, activation_memory))
+            mine = ranks.batches((calib.shape[0] + batch_size - 1) // batch_size)  # this rank's batches
+            inputs = (ActivationBuffer(None, len(mine)) if resume is None
+                      else resume.activations(len(mine), activation_memory, first=mine.start))
             with source.embeddings():
-                kwargs_list = _capture(model, blocks, prefix, calib, batch_size, progress, inputs, store=first == 0)
+                kwargs_list = _capture(model, blocks, prefix, calib[mine.start * batch_size:mine.stop * batch_size],
+                                       batch_size, progress, inputs, store=first == 0)
         for bi in tqdm(range(first, n_blocks), desc=desc or f"{cfg.method} {cfg.bits}-bit", disable=not progress,
                        initial=first, total=n_blocks):
             block, name = blocks[bi], f"{prefix}.{bi}"
             source.load(block, name)
             n_reported = len(report.layers)
-            quantize_block(block, name, inputs, kwargs_list, cfg, report, low_memory, forward_dtype, offload_dir)
+            with _on_device(block, inputs, kwargs_list, device) as (placed, placed_kwargs):
+                quantize_block(block, name, placed, placed_kwargs, cfg, report, low_memory, forward_dtype,
+                               offload_dir, ranks=ranks, first_batch=mine.start)
             kept = sink.keep(block, name)
             if resume is not None:
-                resume.save_block(bi, kept, [vars(l) for l in report.layers[n_reported:]])
+                ranks.barrier(f"storing the activations after {name}")  # every rank's, before the manifest says so
+                rows = [vars(l) for l in report.layers[n_reported:]]
+                if ranks.is_writer:
+                    resume.save_block(bi, kept, rows)
+                else:
+                    resume.done, resume.reports = bi + 1, resume.reports + [rows]
+                ranks.barrier(f"recording {name}")  # the old activations are deleted only once it is recorded
             del kept
             source.unload(block)
             if inputs is not None:
@@ -179,3 +206,53 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.
 
     with torch.no_grad():
         return capture_block_inputs(model, blocks, calib, batch_size, progress, store=check_and_store)[1]
+
+
+class _Placed:
+    """The calibration batches of a block, read onto ``device`` and stored back on ``home`` (the sequence
+    :func:`~gptq_plugin.blockquant.quantize_block` reads its inputs from and writes its outputs to)."""
+
+    def __init__(self, inputs, device: torch.device, home: torch.device):
+        self.inputs, self.device, self.home = inputs, device, home
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.inputs[i].to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, i: int, y: torch.Tensor) -> None:
+        self.inputs[i] = y.to(self.home)
+
+
+def _to(value, device: torch.device):
+    """``value`` (a tensor, or a tuple/list/dict of them, e.g. rotary embeddings) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def _on_device(block: nn.Module, inputs, kwargs_list: list[dict] | None, device: torch.device) -> Iterator[tuple]:
+    """Run the body with ``block`` (and the batches it reads, one at a time, and their keyword arguments) on
+    ``device``; the block goes back to the device it came from afterwards, its quantized layers with it, and its
+    outputs are stored there. When the block is on ``device`` already, nothing moves (the same objects are given)."""
+    home = next((p.device for p in block.parameters()), device)
+    if home == device:
+        yield inputs, kwargs_list
+        return
+    block.to(device)
+    try:
+        yield (None if inputs is None else _Placed(inputs, device, home),
+               None if kwargs_list is None else [_to(kw, device) for kw in kwargs_list])
+    finally:
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ import torch
 from . import blockquant
 from .checkpoint import load_quantized
 from .errors import CheckpointError, GPTQPluginError
-from .safetensors_io import checkpoint_files
+from .safetensors_io import checkpoint_files, read_headers
 from .streaming import SourceWeights
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,19 @@ def load_model(path: str | Path, dtype: str = "float32", allow_pickle: bool = Fa
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except Exception as e:
         raise GPTQPluginError(f"{path}: Transformers cannot load this model ({type(e).__name__}: {e})") from None
+
+
+def stored_float_dtype(path: str | Path) -> torch.dtype | None:
+    """The one floating dtype every floating tensor of the model folder's safetensors weights is stored in
+    (``torch.bfloat16`` for the demo model), or None when they differ, are fp8, or the folder holds no
+    safetensors (read from the headers only)."""
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    try:
+        files = [f for f in checkpoint_files(Path(path)) if f.suffix == ".safetensors"]
+        kinds = {m.dtype for m in read_headers(files).values() if m.dtype.startswith(("BF", "F"))}
+    except GPTQPluginError:
+        return None
+    return names.get(kinds.pop()) if len(kinds) == 1 else None
 
 
 def load_tokenizer(path: str | Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from typing import Callable
 
 import torch
 from torch import nn
@@ -142,7 +143,8 @@ class _Aborted(Exception):
 
 
 def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
-                    quantize_group, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+                    quantize_group, dtype: torch.dtype | None = None,
+                    new_accumulator: Callable[[int], HessianAccumulator] = HessianAccumulator) -> list[torch.Tensor]:
     """One forward of every calibration batch through ``block`` that quantizes the block's layer groups on the
     way (true-sequential GPTQ in a single pass).
 
@@ -159,13 +161,16 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     propagates, so no thread outlives the pass (a thread still inside torch when the interpreter exits aborts the
     process: "terminate called without an active exception"). A group being quantized finishes first.
 
+    ``new_accumulator(K)`` makes each group's :class:`~gptq_plugin.solver.HessianAccumulator` (with several ranks:
+    one that starts at this rank's first batch and completes the sum across ranks in ``finalize``).
+
     Returns:
         The block's output for each batch. Groups that no batch reached are passed to ``quantize_group`` with
         ``H=None`` after the pass.
     """
     n = len(inputs)
     linears = linear_modules(block)
-    accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+    accs = {g[0]: new_accumulator(linears[g[0]].in_features) for g in groups}
     by_head = {g[0]: g for g in groups}
     done: set[str] = set()
     cond = threading.Condition()
@@ -239,8 +244,8 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     if state["error"] is not None:
         raise state["error"]
     for g in groups:
-        if g[0] not in done:
-            quantize_group(g, None)
+        if g[0] not in done:  # no batch of this rank reached it (nor, for a dense block, of any other rank)
+            quantize_group(g, accs[g[0]].finalize(allow_empty=True))
     return outputs
 
 
@@ -269,18 +274,20 @@ def _join_all(threads: list[threading.Thread]) -> None:
 
 
 def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
-                   quantize_group, dtype: torch.dtype | None = None, sink=None) -> list[torch.Tensor]:
+                   quantize_group, dtype: torch.dtype | None = None, sink=None,
+                   new_accumulator: Callable[[int], HessianAccumulator] = HessianAccumulator) -> list[torch.Tensor]:
     """The low-memory form of :func:`sequential_pass`, with the same result: for each layer group in forward
     order, run every calibration batch, one at a time, through ``block`` only as far as the group's first layer
     (a forward pre-hook adds the input to the group's Hessian and stops the forward there), quantize the group,
     then go on to the next group; a last full forward gives the block's outputs. Only one batch's activations
     are alive at a time, at the cost of re-running the start of the block once per group (about 2x the
     forward compute of the one-pass driver for a Llama block). With ``sink``, each batch's output is passed to
-    ``sink(i, y)`` as soon as it is computed (and an empty list returned), so outputs need not all be held."""
+    ``sink(i, y)`` as soon as it is computed (and an empty list returned), so outputs need not all be held.
+    ``new_accumulator``: as in :func:`sequential_pass`."""
     linears = linear_modules(block)
     for g in groups:
         head = g[0]
-        acc = HessianAccumulator(linears[head].in_features)
+        acc = new_accumulator(linears[head].in_features)
 
         def hook(module, args, acc=acc):
             acc.add_batch(args[0])
@@ -296,7 +303,7 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
                         pass
         finally:
             handle.remove()
-        quantize_group(g, acc.finalize() if acc.n else None)
+        quantize_group(g, acc.finalize(allow_empty=True))
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):

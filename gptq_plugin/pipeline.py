@@ -15,8 +15,10 @@ from torch import nn
 
 from .blockquant import QuantizeReport
 from .config import QuantizeConfig
+from .distributed import Ranks, resolve_device
 from .driver import quantize_blocks
 from .errors import CheckpointError
+from .plugins import find_layout
 from .linear import QuantLinear
 from .resume import ResumeState
 
@@ -28,17 +30,31 @@ class _LoadedModel:
     """A :class:`~gptq_plugin.driver.BlockSource` and :class:`~gptq_plugin.driver.BlockSink` for a model in memory:
     the blocks are there already, and the quantized blocks stay in it."""
 
-    def __init__(self, model: nn.Module, cfg: QuantizeConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: QuantizeConfig, hold_dtype: torch.dtype | None = None):
+        self.model, self.cfg, self.hold_dtype = model, cfg, hold_dtype
+        self.held: dict[int, torch.dtype] = {}  # id(block) -> its dtype, for blocks held in hold_dtype
 
     def open(self) -> nn.Module:
+        """The model; with ``hold_dtype``, each block whose floating weights all survive the round trip
+        ``dtype -> hold_dtype -> dtype`` (a bf16 source loaded in fp32) is held in ``hold_dtype`` until its turn."""
+        if self.hold_dtype is not None:
+            blocks, _ = find_layout(self.model).blocks(self.model)
+            for block in blocks:
+                ts = [t for t in list(block.parameters()) + list(block.buffers()) if t.is_floating_point()]
+                dtypes = {t.dtype for t in ts}
+                if len(dtypes) == 1 and self.hold_dtype not in dtypes and all(
+                        torch.equal(t.to(self.hold_dtype).to(t.dtype), t) for t in ts):
+                    self.held[id(block)] = dtypes.pop()
+                    block.to(self.hold_dtype)
         return self.model
 
     def embeddings(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def load(self, block: nn.Module, name: str) -> None:
-        pass
+        dtype = self.held.pop(id(block), None)
+        if dtype is not None:
+            block.to(dtype)
 
     def unload(self, block: nn.Module) -> None:
         pass
@@ -50,6 +66,7 @@ class _LoadedModel:
 
     def restore(self, block: nn.Module, name: str, state: ResumeState, index: int) -> None:
         """Put the recorded quantized layers of block ``index`` into ``block`` (``nn.Linear`` -> QuantLinear)."""
+        self.load(block, name)
         tensors = state.load_block(index)
         cfg = self.cfg
         for layer in sorted({k.rpartition(".")[0] for k in tensors}):
@@ -67,7 +84,8 @@ class _LoadedModel:
 def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeConfig, batch_size: int = 8,
                    progress: bool = True, max_blocks: int | None = None, low_memory: bool | None = None,
                    resume: ResumeState | None = None, forward_dtype: torch.dtype | None = None,
-                   compare_rtn: bool = False) -> QuantizeReport:
+                   compare_rtn: bool = False, device: str | torch.device | None = "auto",
+                   ranks: Ranks | None = None, hold_dtype: torch.dtype | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -80,7 +98,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         low_memory: how ``true_sequential`` runs the calibration batches through a block. False: one forward in
             which every batch pauses at each layer group (fastest; holds every batch's activations at once,
             e.g. ~1.5 GB for 128x512 tokens of a 576-wide model). True: the block is re-run up to each group, one
-            batch at a time (about 1.5x slower on the demo model; one batch's activations). None (default): one
+            batch at a time (about 1.6x slower on the demo model; one batch's activations). None (default): one
             pass when its estimated activations take under half the available memory, else low memory. The
             checkpoints are identical either way.
         forward_dtype: run the calibration forwards of the decoder blocks under autocast to this dtype (e.g.
@@ -91,6 +109,16 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         compare_rtn: also compute each layer's relative output error under RTN on the same grid
             (``LayerReport.rtn_rel_err``, e.g. for ``quantize --report``'s plot): one more quantization of every
             layer. Without it ``rtn_rel_err`` is None.
+        device: where each block is quantized: ``"auto"`` (CUDA when torch sees a GPU, else the CPU), ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"``. Only the block being quantized, the calibration batch it runs and its Hessians
+            go there; the model stays where it is (its blocks come back after quantization). None: where the model
+            is. The same bytes on the CPU whatever this says.
+        ranks: several processes sharing the run (torch.distributed, e.g. under torchrun:
+            :func:`gptq_plugin.distributed.init_ranks`; its device wins over ``device``); the result is the same on
+            every rank and does not depend on their number.
+        hold_dtype: hold the decoder blocks that wait for their turn in this dtype (e.g. ``torch.bfloat16`` for a
+            bf16 model loaded in fp32: half its memory), each cast back when it is quantized. Only blocks whose
+            weights survive the round trip exactly are held so: the result is the same bytes. None: as loaded.
 
     Returns:
         A :class:`~gptq_plugin.blockquant.QuantizeReport` (per-layer relative output error, dampening, fallbacks).
@@ -100,8 +128,13 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         ConfigError: ``lm_head=True`` (not supported yet), or GPTQ without calibration data.
         NumericalError: NaN/Inf activations (names the block).
         CheckpointError: a resume state whose recorded blocks are missing or do not fit the model.
+        ConfigError: a CUDA ``device`` that torch does not see.
+        DistributedError: (with ``ranks``) another rank failed.
     """
-    loaded = _LoadedModel(model, cfg)
+    if ranks is None:
+        home = next((p.device for p in model.parameters()), torch.device("cpu"))
+        ranks = Ranks(device=home if device is None else resolve_device(device))
+    loaded = _LoadedModel(model, cfg, hold_dtype)
     return quantize_blocks(loaded, loaded, calib, cfg, batch_size=batch_size, progress=progress,
                            max_blocks=max_blocks, low_memory=low_memory, forward_dtype=forward_dtype, resume=resume,
-                           compare_rtn=compare_rtn)
+                           compare_rtn=compare_rtn, ranks=ranks)

@@ -37,8 +37,9 @@ from .safetensors_io import atomic_save, atomic_write_json, load_tensors, read_t
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# the layout of the state folder; bumped when its files change (2: `activations/x-<block>-<batch>`, `block-NNNNN`)
-STATE_LAYOUT = 2
+# the layout of the state folder; bumped when its files or their meaning change (2: `activations/x-<block>-<batch>`,
+# `block-NNNNN`; 3: Hessians summed in a fixed tree over the batches, so layout-2 blocks would not match new ones)
+STATE_LAYOUT = 3
 
 
 def state_dir(out: str | Path) -> Path:
@@ -59,9 +60,10 @@ def file_digest(paths: list[Path]) -> str:
 
 
 def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | None, batch_size: int,
-                forward_dtype: str = "float32", driver: str = "in-memory") -> dict:
+                forward_dtype: str = "float32", driver: str = "in-memory", device: str = "cpu") -> dict:
     """The identity of a run: what must not change between a killed run and its resumption (``driver``:
-    ``"in-memory"`` or ``"streaming"``, whose block files differ)."""
+    ``"in-memory"`` or ``"streaming"``, whose block files differ; ``device``: the device type, ``"cpu"`` or
+    ``"cuda"``, whose arithmetic differs). The number of ranks is not part of it: it does not change the bytes."""
     src = Path(source)
     weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
     calib_digest = None
@@ -69,7 +71,7 @@ def fingerprint(cfg: QuantizeConfig, source: str | Path, calib: torch.Tensor | N
         calib_digest = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     return {"config": cfg.to_dict(), "source_weights": file_digest(weights), "calibration": calib_digest,
             "calibration_shape": list(calib.shape) if calib is not None else None, "batch_size": batch_size,
-            "forward_dtype": forward_dtype, "driver": driver,
+            "forward_dtype": forward_dtype, "driver": driver, "device": device,
             "gptq_plugin": _version(), "torch": torch.__version__, "state_layout": STATE_LAYOUT}
 
 
@@ -92,26 +94,36 @@ class ActivationBuffer:
         max_resident_bytes: with a folder, bytes of activations also kept in memory; 0 keeps only the one batch
             being used in memory; None: no limit.
         gen: the generation to start at (the resumed block's index); files of other generations in ``folder`` (a
-            killed run's) are deleted.
+            killed run's) are deleted, for this buffer's batches.
+        first: the global index of batch 0 (a rank's first batch, :meth:`gptq_plugin.distributed.Ranks.batches`):
+            files are named by global index, so ranks share one folder and a run resumed with another number of
+            ranks finds every batch.
 
     Raises:
         CheckpointError: (reading) a batch's file is missing or corrupt.
         IndexError: a batch index outside ``[-n, n)``, or (without a folder) a current batch already replaced.
     """
 
-    def __init__(self, folder: Path | None, n: int, max_resident_bytes: int | None = None, gen: int = 0):
-        self.folder, self.n, self.gen = None if folder is None else Path(folder), n, gen
+    def __init__(self, folder: Path | None, n: int, max_resident_bytes: int | None = None, gen: int = 0,
+                 first: int = 0):
+        self.folder, self.n, self.gen, self.first = None if folder is None else Path(folder), n, gen, first
         self.max_resident_bytes = None if max_resident_bytes is None else max(0, int(max_resident_bytes))
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self.resident_bytes = 0
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob("x-*"):
-                if not stale.name.startswith(f"x-{gen:05d}-") or stale.suffix != ".safetensors":
-                    stale.unlink()
+            for stale in self.folder.glob("x-*"):  # x-<gen>-<batch>.safetensors[.tmp]
+                parts = stale.name.split(".")[0].split("-")
+                if len(parts) != 3 or not parts[2].isdigit():
+                    if first == 0:  # not an activation file: the first rank removes it
+                        stale.unlink(missing_ok=True)
+                    continue
+                i = int(parts[2]) - first
+                if 0 <= i < n and stale.name != self._path(gen, i).name:  # this buffer's batch, another generation
+                    stale.unlink(missing_ok=True)
 
     def _path(self, gen: int, i: int) -> Path:
-        return self.folder / f"x-{gen:05d}-{i:05d}.safetensors"
+        return self.folder / f"x-{gen:05d}-{self.first + i:05d}.safetensors"
 
     def __len__(self) -> int:
         return self.n
@@ -238,10 +250,11 @@ class ResumeState:
         atomic_write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "done": self.done,
                                                    "reports": self.reports})
 
-    def activations(self, n: int, max_resident_bytes: int | None = None) -> ActivationBuffer:
-        """The :class:`ActivationBuffer` of ``n`` batches in ``activations/``, at generation :attr:`done` (the
-        activations entering the first unfinished block, when an earlier run recorded them)."""
-        return ActivationBuffer(self.folder / "activations", n, max_resident_bytes, gen=self.done)
+    def activations(self, n: int, max_resident_bytes: int | None = None, first: int = 0) -> ActivationBuffer:
+        """The :class:`ActivationBuffer` of ``n`` batches (global indices from ``first``) in ``activations/``, at
+        generation :attr:`done` (the activations entering the first unfinished block, when an earlier run recorded
+        them)."""
+        return ActivationBuffer(self.folder / "activations", n, max_resident_bytes, gen=self.done, first=first)
 
     def block_file(self, index: int) -> Path:
         """The file holding the recorded tensors of block ``index``."""

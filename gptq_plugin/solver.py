@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantizeConfig
+from .distributed import SINGLE, GramTree, Ranks
 from .errors import NumericalError
 from .grid import dequantize, find_params, quantize
 from .packing import default_g_idx, num_groups
@@ -26,34 +27,59 @@ log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n Σ x xᵀ`` over the calibration tokens that reach one linear layer.
+    """``H = 2/n Σ_b x_bᵀ x_b`` over the calibration batches ``b`` that reach one linear layer (``n``: their
+    tokens). Each batch's Gram matrix ``x_bᵀ x_b`` is one leaf of a fixed binary tree over the global batch index
+    (:class:`~gptq_plugin.distributed.GramTree`), so the sum has the same bits whether one process adds every batch
+    or several ranks add their own batches and complete the tree in :meth:`finalize`.
+
+    Memory: up to ``log2(batches) + 1`` fp32 ``[K, K]`` matrices while batches are added (5 for 16 batches).
 
     Args:
         in_features: width ``K`` of the layer input; ``H`` is fp32 ``[K, K]``.
+        device: unused (kept for callers that name it): the Gram matrices are computed where the inputs are.
+        first_batch: the global index of the first batch added here (a rank's first batch,
+            :meth:`~gptq_plugin.distributed.Ranks.batches`); later ones follow in order.
+        ranks: the ranks that complete the sum in :meth:`finalize` (default: this process alone).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device: torch.device | str | None = None, first_batch: int = 0,
+                 ranks: Ranks | None = None):
+        self.in_features, self.ranks = in_features, ranks or SINGLE
+        self.tree: GramTree | None = GramTree()
+        self.next_batch = first_batch
         self.n = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token). Always fp32, also when
-        called from a forward hook under autocast."""
+        """Add one batch of inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token) as the next
+        leaf. Always fp32, also when called from a forward hook under autocast."""
+        if self.tree is None:
+            raise RuntimeError("HessianAccumulator.finalize() was already called")
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            self.H.addmm_(x.t(), x)
+            gram = x.t() @ x
+        self.tree.push(0, self.next_batch, gram)
+        self.next_batch += 1
         self.n += x.shape[0]
 
-    def finalize(self) -> torch.Tensor:
-        """``H`` scaled to ``2/n Σ x xᵀ``, in place: the accumulator gives up its buffer (no second ``[K, K]`` copy;
-        for a 14336-wide layer 0.8 GB) and cannot be used afterwards. Raises :class:`NumericalError` when no
-        tokens were added."""
-        if self.n == 0:
-            raise NumericalError("no calibration tokens reached this layer: its Hessian is undefined")
-        if self.H is None:
+    def finalize(self, allow_empty: bool = False) -> torch.Tensor | None:
+        """``H = 2/n Σ x xᵀ`` (fp32 ``[K, K]``, on the inputs' device), every rank's batches included: a collective
+        when there are several ranks (every rank calls it, in the same order). The accumulator cannot be used
+        afterwards.
+
+        Raises:
+            NumericalError: no calibration token reached the layer on any rank (with ``allow_empty``: returns None).
+            DistributedError: another rank failed meanwhile.
+        """
+        if self.tree is None:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
-        H, self.H = self.H.mul_(2.0 / self.n), None
-        return H
+        tree, self.tree = self.tree, None
+        tree, n = self.ranks.all_pieces(tree, self.n, (self.in_features, self.in_features))
+        H = tree.total()
+        if n == 0 or H is None:
+            if allow_empty:
+                return None
+            raise NumericalError("no calibration tokens reached this layer: its Hessian is undefined")
+        return H.mul_(2.0 / n)
 
 
 @dataclass
@@ -80,6 +106,13 @@ class QuantResult:
     sym: bool
     damp_percent: float = 0.0
     fallback: str | None = None
+
+    def to(self, device: torch.device | str) -> "QuantResult":
+        """This result with its tensors on ``device`` (itself when they are there already)."""
+        if self.codes.device == torch.device(device):
+            return self
+        return QuantResult(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.g_idx.to(device),
+                           self.bits, self.group_size, self.sym, self.damp_percent, self.fallback)
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """fp32 ``[out, in]`` (or the output ``rows``): ``scales[g_idx] * (codes - zeros[g_idx])`` transposed to the
@@ -123,7 +156,7 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
     W = W.float()
     maxq = 2**cfg.bits - 1
     scales, zeros = (grid[0].float(), grid[1].float()) if grid is not None else _group_params(W, cfg)
-    g_idx = default_g_idx(W.shape[1], cfg.group_size)
+    g_idx = default_g_idx(W.shape[1], cfg.group_size).to(W.device)
     g = g_idx.long()
     codes = quantize(W, scales[g].t(), zeros[g].t(), maxq)
     return QuantResult(codes.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx, cfg.bits, cfg.group_size,
@@ -253,11 +286,12 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
     if static is not None:
         static_scales, static_zeros = static
 
-    Q = torch.zeros(W.shape, dtype=torch.int32)  # codes, permuted column order
+    dev = W.device
+    Q = torch.zeros(W.shape, dtype=torch.int32, device=dev)  # codes, permuted column order
     G = num_groups(columns, cfg.group_size)
-    scales = torch.zeros(G, rows)
-    zeros = torch.zeros(G, rows)
-    col_group = torch.zeros(columns, dtype=torch.long)  # group of each (permuted) column
+    scales = torch.zeros(G, rows, device=dev)
+    zeros = torch.zeros(G, rows, device=dev)
+    col_group = torch.zeros(columns, dtype=torch.long, device=dev)  # group of each (permuted) column
     scale = zero = None
 
     # the column loop is thousands of tiny ops: one thread avoids fork/join overhead dominating

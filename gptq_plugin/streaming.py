@@ -41,6 +41,7 @@ from torch import nn
 from .blockquant import QuantizeReport, available_memory
 from .checkpoint import checkpoint_dtype, quantized_state_dict, write_model_files
 from .config import QuantizeConfig
+from .distributed import Ranks, resolve_device
 from .driver import quantize_blocks
 from .errors import CheckpointError
 from .plugins import find_layout
@@ -233,7 +234,8 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
                        batch_size: int = 8, progress: bool = True, resume: ResumeState | None = None,
                        low_memory: bool = True, forward_dtype: torch.dtype | None = None,
                        activation_memory: int | None = None, overwrite: bool = False,
-                       extra_meta: dict | None = None, compare_rtn: bool = False) -> QuantizeReport:
+                       extra_meta: dict | None = None, compare_rtn: bool = False,
+                       device: str | torch.device | None = "auto", ranks: Ranks | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize the model folder ``source`` into the checkpoint ``out`` one decoder block at a
     time, never holding more than one block's weights (see the module docstring).
 
@@ -258,6 +260,9 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         activation_memory: bytes of calibration activations also held in memory (the rest stays on disk only);
             None: a quarter of :func:`~gptq_plugin.blockquant.available_memory`.
         extra_meta: merged into ``quantization_config["meta"]`` (with the report's fallbacks and notes).
+        device, ranks: as in :func:`~gptq_plugin.pipeline.quantize_model` (None: the CPU); with several ranks
+            only rank 0 writes ``out``, and ``resume`` must be the same folder on every rank (the ranks of one
+            host share it; across hosts it must be on a shared file system).
 
     Returns:
         The :class:`~gptq_plugin.blockquant.QuantizeReport`.
@@ -270,17 +275,24 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
             before any work); or a file cannot be written (no space left, read-only, no permission).
     """
     check_output_dir(out, overwrite, source)
+    if ranks is None:
+        ranks = Ranks(device=torch.device("cpu") if device is None else resolve_device(device))
     t0 = time.time()
     source, out = Path(source), Path(out)
     own_state = resume is None
     if own_state:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            resume = ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
-        except OSError as e:
-            raise write_error(e, out) from None
-    for stale in resume.folder.glob("hessian-*.bin"):  # parked by the solver of a killed run
-        stale.unlink()
+        def make_state() -> ResumeState:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                return ResumeState(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stream-")), {})
+            except OSError as e:
+                raise write_error(e, out) from None
+
+        resume = ranks.on_writer("creating the streaming state folder", make_state)
+    if ranks.is_writer:
+        for stale in resume.folder.glob("hessian-*.bin"):  # parked by the solver of a killed run
+            stale.unlink()
+    ranks.barrier("clearing the streaming state folder")
     if activation_memory is None:
         activation_memory = (available_memory() or 0) // 4
     blocks = _ShardBlocks(source, cfg)
@@ -288,12 +300,16 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         report = quantize_blocks(blocks, blocks, calib, cfg, batch_size=batch_size, progress=progress,
                                  low_memory=low_memory, forward_dtype=forward_dtype, resume=resume,
                                  activation_memory=activation_memory, offload_dir=resume.folder,
-                                 compare_rtn=compare_rtn, desc=f"{cfg.method} {cfg.bits}-bit (streaming)")
-        blocks.write(out, overwrite, resume, report, extra_meta)
+                                 compare_rtn=compare_rtn, desc=f"{cfg.method} {cfg.bits}-bit (streaming)",
+                                 ranks=ranks)
+        if ranks.is_writer:
+            blocks.write(out, overwrite, resume, report, extra_meta)
+        ranks.barrier(f"writing {out}")
     except BaseException:
-        if own_state:
+        if own_state and ranks.is_writer:
             resume.remove()
         raise
-    resume.remove()
+    if ranks.is_writer:
+        resume.remove()
     report.seconds = time.time() - t0
     return report

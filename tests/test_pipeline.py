@@ -61,16 +61,16 @@ def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch)
     from gptq_plugin import blockquant
 
     held = {}
-    real = blockquant._quantize_layer
+    real = blockquant._solve_layer
 
-    def spy(name, mod, H, cfg, block_name, report, keep_weight=True, offload_dir=None):
+    def spy(name, mod, H, cfg, block_name, compare_rtn, offload_dir=None):
         if block_name.endswith(".0"):
             block = model.model.layers[0]
             held[name] = sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)
                                 and m.weight is not None)
-        return real(name, mod, H, cfg, block_name, report, keep_weight, offload_dir)
+        return real(name, mod, H, cfg, block_name, compare_rtn, offload_dir)
 
-    monkeypatch.setattr(blockquant, "_quantize_layer", spy)
+    monkeypatch.setattr(blockquant, "_solve_layer", spy)
     model = tiny_llama(seed=3)
     quantize_model(model, CALIB, CFG, batch_size=2, progress=False, low_memory=True, max_blocks=1)
     assert held["mlp.down_proj"] == ["mlp.down_proj"]

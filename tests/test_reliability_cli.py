@@ -364,17 +364,17 @@ def test_failed_load_leaves_no_resume_state(tiny_src, tmp_path, capsys, calib):
 
 
 def test_an_earlier_runs_state_is_kept_when_a_rerun_fails(tiny_src, tmp_path, monkeypatch, capsys):
-    import gptq_plugin.cli
+    import gptq_plugin.quantize_job
 
     def fail(*a, **k):
         raise GPTQPluginError("simulated failure")
 
-    monkeypatch.setattr(gptq_plugin.cli, "save_quantized", fail)  # after both blocks: state done=2
+    monkeypatch.setattr(gptq_plugin.quantize_job, "save_quantized", fail)  # after both blocks: state done=2
     rc, _, err = cli(capsys, "quantize", tiny_src, tmp_path / "out", *RTN)
     one_error(rc, err, "simulated failure")
     assert _done(tmp_path / ".out.partial") == 2
     monkeypatch.undo()
-    monkeypatch.setattr(gptq_plugin.cli, "load_model", fail)  # a rerun that fails while loading the source
+    monkeypatch.setattr(gptq_plugin.quantize_job, "load_model", fail)  # a rerun that fails while loading the source
     rc, _, err = cli(capsys, "quantize", tiny_src, tmp_path / "out", *RTN)
     one_error(rc, err, "simulated failure")
     assert _done(tmp_path / ".out.partial") == 2

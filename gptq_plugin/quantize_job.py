@@ -1,0 +1,159 @@
+"""The ``quantize`` command's work on one rank: the checks, the calibration data, the resume state, the in-memory
+or streaming driver, the checkpoint and the summary line (:mod:`gptq_plugin.cli` parses the options and handles
+interrupts). Under ``torchrun`` every rank runs it; rank 0 alone writes and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import typer
+
+from .calibration import load_calibration
+from .checkpoint import save_quantized
+from .config import RECOMMENDED, QuantizeConfig
+from .distributed import Ranks
+from .errors import CalibrationError, GPTQPluginError
+from .models import check_model_folder, is_quantized, load_model, load_tokenizer, needs_streaming, stored_float_dtype
+from .pipeline import quantize_model
+from .plugins import calibration_sources
+from .process_memory import peak_rss_mb
+from .report_plot import png_path, write_report_plot
+from .resume import ResumeState, fingerprint
+from .safetensors_io import check_not_input, check_output_dir
+from .streaming import quantize_streaming
+
+log = logging.getLogger("gptq_plugin")
+
+
+def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: int, act_order: bool, sym: bool,
+                 static_groups: bool, true_sequential: bool, damp_percent: float, mse: float | None,
+                 dataset: str | None, nsamples: int, seqlen: int, batch_size: int, method: str,
+                 checkpoint_format: str, overwrite: bool, low_memory: bool | None, report: Path | None,
+                 forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
+                 end_run: Callable[[BaseException, ResumeState], None]) -> None:
+    """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
+    check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
+    write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
+    ``"rtn"``); ``end_run(e, state)`` is called with an error or interrupt before it propagates.
+
+    Raises:
+        GPTQPluginError: bad input (missing folder, impossible config, corrupt checkpoint), named with the fix;
+            DistributedError when another rank fails.
+    """
+    if mse is None:
+        mse = RECOMMENDED["mse"] if method == "gptq" else 0.0
+    if method != "gptq":  # RTN has no Hessian: input order, no act-order to record in the checkpoint
+        act_order = static_groups = False
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
+                         true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
+                         checkpoint_format=checkpoint_format)
+    check_model_folder(model)
+    inputs = [model]
+    if dataset is not None and Path(dataset).exists():
+        inputs.append(dataset)  # writing OUT must not delete the calibration file either
+    check_output_dir(out, overwrite, inputs)
+    if report is not None:
+        check_not_input(report, inputs)
+        check_not_input(png_path(report), inputs)
+    if dataset is not None and cfg.method != "gptq":
+        check_unused_dataset(dataset, cfg.method)
+    if is_quantized(model):
+        raise GPTQPluginError(f"{model} is already quantized: quantize the original model")
+    if nsamples < 1 or seqlen < 2:
+        raise GPTQPluginError(f"--nsamples {nsamples} / --seqlen {seqlen}: use nsamples >= 1 and seqlen >= 2")
+    if batch_size < 1:
+        raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
+    tok = load_tokenizer(model)
+    calib = None
+    if cfg.method == "gptq":
+        calib = load_calibration(dataset, tok, nsamples, seqlen)
+        if calib.shape[0] < nsamples:
+            log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
+    if forward_dtype == "auto":
+        forward_dtype = "bfloat16" if ranks.device.type == "cuda" else "float32"
+    if forward_dtype not in ("float32", "bfloat16", "float16"):
+        raise GPTQPluginError(f"--forward-dtype {forward_dtype}: use auto, float32, bfloat16 or float16")
+    fdtype = getattr(torch, forward_dtype)
+    if activation_memory is not None and activation_memory < 0:
+        raise GPTQPluginError(f"--activation-memory {activation_memory}: use a size in MB >= 0")
+    if streaming is None:
+        streaming = needs_streaming(model)
+    meta = {"calibration": {"dataset": str(dataset) if dataset else "wikitext2-valid (shared)",
+                            "nsamples": int(calib.shape[0]) if calib is not None else 0, "seqlen": seqlen}}
+    if forward_dtype != "float32":  # recorded only when it is not the exact default
+        meta["calibration"]["forward_dtype"] = forward_dtype
+    driver = "streaming" if streaming else "in-memory"
+    fp = fingerprint(cfg, model, calib, batch_size, forward_dtype, driver, ranks.device.type)
+    ranks.agree(fp, "configuration")  # under torchrun: every rank runs the same job
+    state = ranks.on_writer("opening the resume state", lambda: ResumeState.open(out, fp, restart))
+    if not ranks.is_writer:
+        state.created = False  # rank 0 owns the folder: another rank never deletes it
+    t0 = time.time()
+    progress = ranks.is_writer
+    try:
+        if streaming:
+            rep = quantize_streaming(model, out, calib, cfg, batch_size=batch_size, resume=state,
+                                     low_memory=low_memory is not False,
+                                     forward_dtype=None if fdtype == torch.float32 else fdtype,
+                                     activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
+                                     overwrite=overwrite, extra_meta=meta, compare_rtn=report is not None,
+                                     ranks=ranks, progress=progress)
+        else:
+            m = load_model(model)
+            stored = stored_float_dtype(model)  # blocks waiting for their turn are held as stored (e.g. bf16)
+            rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
+                                 forward_dtype=None if fdtype == torch.float32 else fdtype,
+                                 compare_rtn=report is not None, ranks=ranks, progress=progress,
+                                 hold_dtype=stored if stored in (torch.bfloat16, torch.float16) else None)
+            if ranks.is_writer:
+                save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
+                               extra_meta=dict(meta, **rep.checkpoint_meta()))
+            ranks.barrier(f"writing {out}")
+    except BaseException as e:
+        end_run(e, state)
+        raise
+    wall = time.time() - t0
+    peaks = ranks.gather(round(peak_rss_mb()), "peak RSS")
+    if not ranks.is_writer:
+        return
+    state.remove()
+    plot_line = None
+    if report:
+        report.write_text(json.dumps(rep.to_dict(), indent=2))
+        plot_line = write_report_plot(rep.to_dict(), report, f"{Path(model).name}: {cfg.method.upper()} {bits}-bit "
+                                      f"g{group_size}, per-layer relative output error vs RTN")[1]
+    errs = [l for l in rep.layers if l.rel_err is not None]
+    gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated(ranks.device) / 2**20:.0f} MB"
+           if ranks.device.type == "cuda" else "")
+    where = f"{driver}, {ranks.device}" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
+    msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {where}) in "
+           f"{wall:.1f} s, peak RSS {' / '.join(map(str, peaks))} MB{' (per rank)' if ranks.world > 1 else ''}"
+           f"{gpu} -> {out}")
+    if errs:
+        msg += f"\nmean relative output error: GPTQ {sum(l.rel_err for l in errs) / len(errs):.4g}"
+        if all(l.rtn_rel_err is not None for l in errs):  # RTN's error is computed for --report only
+            msg += f" vs RTN {sum(l.rtn_rel_err for l in errs) / len(errs):.4g}"
+    if report:
+        msg += f"\nreport: {report}"
+    typer.echo(msg)
+    if plot_line:
+        typer.echo(plot_line, err=plot_line.startswith("warning"))
+
+
+def check_unused_dataset(dataset: str, method: str) -> None:
+    """RTN reads no calibration data: refuse a --dataset that names nothing, warn that an existing one is unused.
+
+    Raises:
+        CalibrationError: ``dataset`` is neither an existing path nor a known calibration source.
+    """
+    if not Path(dataset).exists() and dataset not in calibration_sources():
+        raise CalibrationError(f"--dataset {dataset}: no such file or calibration source ({', '.join(calibration_sources())}); "
+                               f"--method {method} uses no calibration data anyway: drop --dataset")
+    typer.echo(f"warning: --dataset {dataset} is not used: --method {method} (round-to-nearest) needs no calibration "
+               "data", err=True)
