@@ -85,10 +85,10 @@ def demo_model_dir() -> Path:
 
 
 def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate: bool = True,
-                   low_memory: bool | None = None, **cfg_kwargs) -> Path:
-    """Quantize the first ``n_blocks`` blocks of the demo model quickly (8 calibration windows of 128 tokens).
-    With ``truncate`` the model keeps only those blocks (a small, fully quantized model); without, the later
-    blocks stay unquantized (a model whose perplexity means something)."""
+                   low_memory: bool | None = None, nsamples: int = 8, **cfg_kwargs) -> Path:
+    """Quantize the first ``n_blocks`` blocks of the demo model quickly (``nsamples`` calibration windows of 128
+    tokens, 8 by default). With ``truncate`` the model keeps only those blocks (a small, fully quantized model);
+    without, the later blocks stay unquantized (a model whose perplexity means something)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptq_plugin.calibration import load_calibration
@@ -102,7 +102,7 @@ def _quantize_demo(src: Path, out: Path, n_blocks: int, data_dir: Path, truncate
     if truncate:
         model.model.layers = model.model.layers[:n_blocks]
         model.config.num_hidden_layers = n_blocks
-    calib = load_calibration(data_dir / "wikitext-2" / "valid.tokens.txt", tok, 8, 128)
+    calib = load_calibration(data_dir / "wikitext-2" / "valid.tokens.txt", tok, nsamples, 128)
     quantize_model(model, calib if cfg.method == "gptq" else None, cfg, progress=False, max_blocks=n_blocks,
                    low_memory=low_memory)
     save_quantized(model, cfg, out, source_dir=src)

@@ -318,8 +318,9 @@ def jobs(files, tmp_path_factory) -> dict[int, tuple[subprocess.CompletedProcess
 
 
 def _exits(err: str) -> dict[tuple[int, int], int]:
-    """(rank, run) -> exit status, from the lines :data:`_JOB` prints."""
-    found = re.findall(r"^@@ rank=(\d+) run=(\d+) exit=(\S+)$", err, re.M)
+    """(rank, run) -> exit status, from the markers :data:`_JOB` prints (the ranks share stderr, so two markers
+    can end up on one line)."""
+    found = re.findall(r"@@ rank=(\d+) run=(\d+) exit=(-?\d+|None)", err)
     return {(int(r), int(i)): 0 if c == "None" else int(c) for r, i, c in found}
 
 
