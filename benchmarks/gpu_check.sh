@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the kernel test-suite against the reference, the benchmark table, then GPTQ quantization on
 # the GPU (demo model vs the CPU, a synthetic ~1B Llama); all written to one file (default gpu_check_<date>.txt, or
-# $1). Sized to finish in under 10 minutes on one H100 (not run yet: no GPU was lent so far): tests with
+# $1). Meant to finish in under 10 minutes on one H100; not run yet (no GPU was lent so far), so unmeasured: tests with
 # one Triton config per kernel (no autotuning; the compiles dominate), the benchmark autotuned on every
 # default shape with M in 1,16,128,1024. Without CUDA it prints why and exits 0 (nothing to check).
 #

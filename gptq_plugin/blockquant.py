@@ -141,8 +141,9 @@ def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
     avail = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_memory()
     if avail is None:
         return True
-    tokens = sum(x.shape[0] * x.shape[1] for x in inputs)
-    hidden = inputs[0].shape[-1]
+    x0 = inputs[0]  # batches are equal but for a shorter last one: an upper bound without reading (or moving) them all
+    tokens = x0.shape[0] * x0.shape[1] * len(inputs)
+    hidden = x0.shape[-1]
     widest = max(m.in_features for m in linear_modules(block).values())
     return 4 * tokens * max(6 * hidden, 3 * widest) < avail / 2
 

@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     _signal_received.clear()
-    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = os.environ.get("RANK") if world > 1 else None
     rank = None if rank in (None, "0") else rank  # rank 0's lines read as a plain run's
     try:
         rc = app(args=argv, standalone_mode=False)
@@ -392,7 +393,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", err=True)
         sys.exit(2)
     except Interrupted as e:
-        typer.echo(f"\n{e}", err=True)
+        if world > 1:  # under torchrun the agent stops every rank with SIGTERM when one of them fails
+            typer.echo(f"\nerror{f' (rank {rank})' if rank is not None else ''}: rank {os.environ.get('RANK')} of "
+                       f"{world}: {e} (torchrun stops the other ranks when one fails: see its summary below)",
+                       err=True)
+        else:
+            typer.echo(f"\n{e}", err=True)
         sys.exit(128 + (_signal_received[-1] if _signal_received else signal.SIGINT))
     except (typer.Abort, KeyboardInterrupt):
         rc = 130

@@ -27,8 +27,8 @@ def limit_malloc_arenas(n: int = 2, mmap_threshold: int | None = 8 << 20) -> Non
     model (128x512 tokens, act-order), peak RSS 5.3 GB by default, 2.8 GB with one arena. glibc also raises its
     mmap threshold to the largest block freed so far (up to 32 MB), after which the MB-sized activations of the
     paused batches come from the heaps, which fragment and keep their high-water mark: with the threshold fixed
-    at 8 MB they are mapped and unmapped instead, measured on 2 blocks of the demo model at 2.36 GB peak against
-    3.69 GB, no slower. (The drivers also return the heap's free pages after each block:
+    at 8 MB they are mapped and unmapped instead: on the first 4 blocks of the demo model 2.42 GB peak against
+    3.83 GB, about 5% slower (docs/reliability.md). (The drivers also return the heap's free pages after each block:
     :func:`gptq_plugin.blockquant.release_free_memory`.)"""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -35,15 +35,13 @@ class HessianAccumulator:
     Memory: up to ``log2(batches) + 1`` fp32 ``[K, K]`` matrices while batches are added (5 for 16 batches).
 
     Args:
-        in_features: width ``K`` of the layer input; ``H`` is fp32 ``[K, K]``.
-        device: unused (kept for callers that name it): the Gram matrices are computed where the inputs are.
+        in_features: width ``K`` of the layer input; ``H`` is fp32 ``[K, K]``, on the inputs' device.
         first_batch: the global index of the first batch added here (a rank's first batch,
             :meth:`~gptq_plugin.distributed.Ranks.batches`); later ones follow in order.
         ranks: the ranks that complete the sum in :meth:`finalize` (default: this process alone).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, first_batch: int = 0,
-                 ranks: Ranks | None = None):
+    def __init__(self, in_features: int, first_batch: int = 0, ranks: Ranks | None = None):
         self.in_features, self.ranks = in_features, ranks or SINGLE
         self.tree: GramTree | None = GramTree()
         self.next_batch = first_batch
