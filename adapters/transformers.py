@@ -75,7 +75,7 @@ _CT_METHODS = ("compressed-tensors", "compressed_tensors")
 LAYOUT_FIELDS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
 # fields that only matter while quantizing (recorded in the checkpoint, ignored when loading one)
 QUANTIZE_FIELDS = ("static_groups", "true_sequential", "damp_percent", "damp_auto_increment", "mse", "block_size",
-                   "method", "lm_head")
+                   "method", "lm_head", "moe_calibration", "moe_min_tokens")
 CALIBRATION_DEFAULTS = {"dataset": None, "tokenizer": None, "nsamples": 128, "seqlen": 512, "batch_size": 8,
                         "device": "auto"}
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -93,9 +93,9 @@ class GPTQPluginConfig(QuantizationConfigMixin):
         desc_act (`bool`, *optional*, defaults to `False`): act-order (quantize columns by decreasing Hessian
             diagonal).
         sym (`bool`, *optional*, defaults to `True`): symmetric grid.
-        static_groups, true_sequential, damp_percent, damp_auto_increment, mse, block_size, method, lm_head:
-            as in :class:`gptq_plugin.QuantizeConfig` (defaults `False`, `True`, 0.01, 0.0025, 0.0, 128, "gptq",
-            `False`).
+        static_groups, true_sequential, damp_percent, damp_auto_increment, mse, block_size, method, lm_head,
+            moe_calibration, moe_min_tokens: as in :class:`gptq_plugin.QuantizeConfig` (defaults `False`, `True`,
+            0.01, 0.0025, 0.0, 128, "gptq", `False`, "all", 128).
         checkpoint_format (`str`, *optional*, defaults to "gptq"): zero-point convention written by
             ``save_pretrained``: "gptq" (v1) or "gptq_v2".
         dataset (`str`, `os.PathLike` or `list[str]`, *optional*): calibration text: a registered source
@@ -119,14 +119,15 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                  sym: bool | None = None, static_groups: bool | None = None, true_sequential: bool | None = None,
                  damp_percent: float | None = None, damp_auto_increment: float | None = None,
                  mse: float | None = None, block_size: int | None = None, checkpoint_format: str | None = None,
-                 method: str | None = None, lm_head: bool | None = None,
-                 dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
+                 method: str | None = None, lm_head: bool | None = None, moe_calibration: str | None = None,
+                 moe_min_tokens: int | None = None, dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
                  nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
                  device: str | None = None, meta: dict | None = None):
         given = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
                      true_sequential=true_sequential, damp_percent=damp_percent,
                      damp_auto_increment=damp_auto_increment, mse=mse, block_size=block_size,
-                     checkpoint_format=checkpoint_format, method=method, lm_head=lm_head, dataset=dataset,
+                     checkpoint_format=checkpoint_format, method=method, lm_head=lm_head,
+                     moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, dataset=dataset,
                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device)
         self.quant_method = METHOD_NAME
         self._explicit = frozenset(k for k, v in given.items() if v is not None)
@@ -284,6 +285,8 @@ class GPTQPluginHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             finish_shells(model, self.quantization_config.checkpoint_dict(), Path(str(model.name_or_path)))
+            if self.target_dtype is not None:  # a tensor Transformers renamed on load (Mixtral's router) keeps its dtype
+                _cast_unquantized(model, self.target_dtype)
             return model
         return self._quantize(model)
 
@@ -292,6 +295,7 @@ class GPTQPluginHfQuantizer(HfQuantizer):
         from transformers.utils.logging import is_progress_bar_enabled
 
         from gptq_plugin.calibration import load_calibration
+        from gptq_plugin.checkpoint import checkpoint_meta_names
         from gptq_plugin.pipeline import quantize_model
 
         cfg = self.quantization_config
@@ -310,9 +314,8 @@ class GPTQPluginHfQuantizer(HfQuantizer):
         meta = dict(cfg.meta)
         meta["calibration"] = {"dataset": _dataset_label(cfg.dataset), "nsamples": int(calib.shape[0]),
                                "seqlen": cfg.seqlen}
-        fallbacks = {l.name: l.fallback for l in self.report.layers if l.fallback}
-        if fallbacks:
-            meta["fallbacks"] = fallbacks
+        # fallbacks, notes, MoE experts (tokens, path) and routers kept in float, under the checkpoint's names
+        meta.update(checkpoint_meta_names(model, self.report.checkpoint_meta()))
         done = GPTQPluginConfig(**{n: getattr(cfg, n) for n in LAYOUT_FIELDS + QUANTIZE_FIELDS}, meta=meta)
         self.quantization_config = model.config.quantization_config = done
         return model

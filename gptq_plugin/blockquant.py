@@ -27,6 +27,7 @@ from .config import QuantizeConfig
 from .distributed import SINGLE, Ranks
 from .errors import NumericalError
 from .linear import QuantLinear
+from .moe import expert_of, set_calibration
 from .packing import unpack_qweight, unpack_qzeros
 from .passes import accumulate, call_block, discover_groups, groupwise_pass, linear_modules, sequential_pass
 from .solver import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 class LayerReport:
     """What happened to one linear layer: relative output error on the calibration inputs
     (``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``) for GPTQ and for RTN on the same grid (None when the run did not ask for the
-    comparison, see :class:`QuantizeReport`), dampening used, fallback, seconds spent, a note (clipped scales)."""
+    comparison, see :class:`QuantizeReport`), dampening used, fallback, seconds spent, a note (clipped scales), and for
+    a layer of an MoE's experts the calibration tokens the router sent to its expert (``tokens``)."""
 
     name: str
     rel_err: float | None
@@ -47,6 +49,7 @@ class LayerReport:
     fallback: str | None
     seconds: float
     note: str | None = None
+    tokens: int | None = None
 
 
 @dataclass
@@ -57,15 +60,44 @@ class QuantizeReport:
     Attributes:
         compare_rtn: whether each layer's ``rtn_rel_err`` is computed (RTN of the layer on GPTQ's grid, one more
             quantization of every layer: only for a report or plot that shows it); not part of :meth:`to_dict`.
+        unquantized: weight matrices of the blocks kept in float on purpose (MoE routers), by full name.
+        moe_calibration: how the experts' Hessians were gathered (``QuantizeConfig.moe_calibration``).
     """
 
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     compare_rtn: bool = False
+    unquantized: list[str] = field(default_factory=list)
+    moe_calibration: str = "all"
 
     def to_dict(self) -> dict:
-        """``{"seconds": ..., "layers": [LayerReport fields, ...]}`` (the ``--report`` JSON)."""
-        return {"seconds": self.seconds, "layers": [vars(l) for l in self.layers]}
+        """``{"seconds": ..., "layers": [LayerReport fields, ...], "unquantized": [...], "experts": {...}}`` (the
+        ``--report`` JSON; ``experts`` as in :meth:`experts`)."""
+        d = {"seconds": self.seconds, "layers": [vars(l) for l in self.layers], "unquantized": self.unquantized}
+        if self.experts():
+            d["experts"] = self.experts()
+        return d
+
+    def experts(self) -> dict[str, dict]:
+        """Per expert of an MoE block (``"model.layers.3.mlp.experts.7"``): ``tokens``, the calibration tokens the
+        router sent to it (None for RTN runs), and ``path``: ``"gptq (all tokens)"`` (every calibration token's
+        Hessian, ``moe_calibration="all"``), ``"gptq (routed tokens)"``, or ``"rtn: <why>"`` (a fallback)."""
+        out: dict[str, dict] = {}
+        for l in self.layers:
+            where = expert_of(l.name)
+            if where is None:
+                continue
+            key = f"{where[0]}.{where[1]}"
+            if l.rel_err is None and l.fallback is None:
+                path = "rtn"  # --method rtn
+            elif l.fallback:
+                path = f"rtn: {l.fallback}"
+            else:
+                path = f"gptq ({self.moe_calibration} tokens)"
+            entry = out.setdefault(key, {"tokens": l.tokens, "path": path})
+            if path.startswith("rtn:") and not entry["path"].startswith("rtn:"):
+                entry["path"] = path
+        return out
 
     def checkpoint_meta(self) -> dict:
         """What the checkpoint's ``quantization_config["meta"]`` records of this run: per-layer ``fallbacks``
@@ -77,6 +109,10 @@ class QuantizeReport:
         notes = {l.name: l.note for l in self.layers if l.note}
         if notes:
             meta["notes"] = notes
+        if self.unquantized:
+            meta["unquantized"] = self.unquantized
+        if self.experts():
+            meta["experts"] = self.experts()
         return meta
 
 
@@ -172,23 +208,28 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
 
 
 def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                 compare_rtn: bool, offload_dir=None) -> tuple[QuantResult, LayerReport]:
-    """Quantize one layer with GPTQ (RTN when no calibration token reached it); returns the result (on the CPU)
-    and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`."""
+                 compare_rtn: bool, offload_dir=None, tokens: int | None = None) -> tuple[QuantResult, LayerReport]:
+    """Quantize one layer with GPTQ (RTN when no calibration token reached it, or when it is an expert's layer
+    that saw fewer than ``cfg.moe_min_tokens`` routed tokens with ``moe_calibration="routed"``); returns the result
+    (on the CPU) and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`. ``tokens``: the
+    routed calibration tokens of the layer's expert (None: not an expert's layer)."""
     t = time.time()
     full = f"{block_name}.{name}"
     W = mod.weight.data
-    if H is None:
-        log.warning("%s received no calibration tokens: quantized with RTN", full)
+    few = (tokens is not None and cfg.moe_calibration == "routed" and tokens < cfg.moe_min_tokens)
+    if H is None or few:
+        why = (f"its expert saw {tokens} routed calibration tokens (< moe_min_tokens={cfg.moe_min_tokens})"
+               if few else "no calibration tokens reached this layer")
+        log.warning("%s: %s: quantized with RTN", full, why)
         res = rtn_quantize(W, cfg)
-        res.fallback = "no calibration tokens reached this layer: RTN"
-        row = LayerReport(full, None, None, 0.0, res.fallback, time.time() - t)
+        res.fallback = f"{why}: RTN"
+        row = LayerReport(full, None, None, 0.0, res.fallback, time.time() - t, tokens=tokens)
     else:
         res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
         errs = _rel_errs(W, H, res, cfg, grid, rtn=compare_rtn)
-        row = LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t)
+        row = LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t, tokens=tokens)
     _check_scales(full, W, res, row)
     return res.to("cpu"), row
 
@@ -327,54 +368,61 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             keep(name, res)
             del res
     else:
-        x0 = inputs[0]
-        groups = discover_groups(block, x0, kwargs_list[0])  # each group shares one input
-        if cfg.true_sequential and low_memory is None:
-            low_memory = not _one_pass_fits(block, inputs)
-            log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
-                     else "one pass per block")
-        # the one-pass driver's paused batches resume inside the nn.Linear just quantized: it keeps its weight
-        stand_in = bool(low_memory) or not cfg.true_sequential
+        set_calibration(block, cfg.moe_calibration)  # MoE experts: every expert called in every batch
+        try:
+            x0 = inputs[0]
+            groups = discover_groups(block, x0, kwargs_list[0])  # each group shares one input
+            if cfg.true_sequential and low_memory is None:
+                low_memory = not _one_pass_fits(block, inputs)
+                log.info("true-sequential driver: %s", "low memory (group by group)" if low_memory
+                         else "one pass per block")
+            # the one-pass driver's paused batches resume inside the nn.Linear just quantized: it keeps its weight
+            stand_in = bool(low_memory) or not cfg.true_sequential
 
-        def new_accumulator(k: int) -> HessianAccumulator:
-            return HessianAccumulator(k, first_batch=first_batch, ranks=ranks)
+            def new_accumulator(k: int) -> HessianAccumulator:
+                return HessianAccumulator(k, first_batch=first_batch, ranks=ranks)
 
-        def quantize_group(group: list[str], H: torch.Tensor | None) -> None:
-            # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32.
-            # One Hessian, computed once, for the layers sharing an input; each layer solved on its owner rank.
-            with torch.autocast(device_type=x0.device.type, enabled=False):
-                owners = ranks.owners([linears[n].out_features * linears[n].in_features ** 2 for n in group])
+            def quantize_group(group: list[str], H: torch.Tensor | None, routed: list[int] | None = None) -> None:
+                # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32.
+                # One Hessian, computed once, for the layers sharing an input; each layer solved on its owner rank.
+                with torch.autocast(device_type=x0.device.type, enabled=False):
+                    owners = ranks.owners([linears[n].out_features * linears[n].in_features ** 2 for n in group])
 
-                def solve(name: str):
-                    return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir)
+                    def solve(name: str):
+                        where = expert_of(name) if routed is not None else None
+                        return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir,
+                                            None if where is None else routed[where[1]])
 
-                mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
-                for name, owner in zip(group, owners):
-                    res, row = solve(name) if ranks.world == 1 else _share_layer(ranks, mine.pop(name, None), owner)
-                    report.layers.append(row)
-                    keep(name, res, stand_in)
-                    del res
-                    if stand_in:  # the low-memory passes
-                        release_free_memory()
+                    mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
+                    for name, owner in zip(group, owners):
+                        res, row = solve(name) if ranks.world == 1 else _share_layer(ranks, mine.pop(name, None), owner)
+                        report.layers.append(row)
+                        keep(name, res, stand_in)
+                        del res
+                        if stand_in:  # the low-memory passes
+                            release_free_memory()
 
-        outputs: list[torch.Tensor] = []
-        if cfg.true_sequential:
-            if low_memory:
-                groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit,
-                               new_accumulator=new_accumulator)
-            else:
-                outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype,
-                                          new_accumulator=new_accumulator)
-        else:  # every Hessian from the unquantized block, then one forward to propagate
-            accs = {g[0]: new_accumulator(linears[g[0]].in_features) for g in groups}
-            accumulate(block, accs, inputs, kwargs_list, forward_dtype)
-            for g in groups:
-                quantize_group(g, accs[g[0]].finalize(allow_empty=True))
-            with torch.no_grad():
-                for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
-                    emit(i, call_block(block, x, kw, forward_dtype))
-        for i, y in enumerate(outputs):
-            emit(i, y)
+            outputs: list[torch.Tensor] = []
+            if cfg.true_sequential:
+                if low_memory:
+                    groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit,
+                                   new_accumulator=new_accumulator)
+                else:
+                    outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype,
+                                              new_accumulator=new_accumulator)
+            else:  # every Hessian from the unquantized block, then one forward to propagate
+                accs = {g[0]: new_accumulator(linears[g[0]].in_features) for g in groups}
+                accumulate(block, accs, inputs, kwargs_list, forward_dtype)
+                for g in groups:
+                    H = accs[g[0]].finalize(allow_empty=True)
+                    quantize_group(g, H, accs[g[0]].routed)
+                with torch.no_grad():
+                    for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+                        emit(i, call_block(block, x, kw, forward_dtype))
+            for i, y in enumerate(outputs):
+                emit(i, y)
+        finally:
+            set_calibration(block, None)
     for name, q in packed.items():
         for alias in aliases[id(linears[name])]:
             _replace(block, alias, q)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .config import QuantizeConfig
 from .errors import CheckpointError, ConfigError, GPTQPluginError
 from .linear import QuantLinear
 from .memory import memory_split
+from .moe import checkpoint_names
 from .plugins import detect_format, get_format
 from .reader import open_checkpoint, read_quantization_config
 from .safetensors_io import (MAX_SHARD_BYTES, LazyFolder, TensorMeta, atomic_output_dir, check_output_dir,
@@ -123,13 +125,33 @@ def save_quantized(model: nn.Module, cfg: QuantizeConfig, out_dir: str | Path, t
     check_output_dir(out_dir, overwrite, source_dir)
     dtype = checkpoint_dtype(source_dir, model.config)
     state = quantized_state_dict(model, cfg, dtype)
+    names = checkpoint_names(model, state)  # e.g. Mixtral's experts under block_sparse_moe, as its checkpoints
+    state = {names[k]: v for k, v in state.items()}
     qcfg = cfg.to_dict()
     if extra_meta:
-        qcfg["meta"].update(extra_meta)
+        qcfg["meta"].update(checkpoint_meta_names(model, extra_meta))
     with atomic_output_dir(out_dir, overwrite, source_dir) as tmp:
         write_shards(state, tmp, max_shard_bytes)
         write_model_files(tmp, model.config.to_dict(), qcfg, tokenizer, source_dir, dtype)
     return Path(out_dir).resolve()
+
+
+def checkpoint_meta_names(model: nn.Module, meta: dict) -> dict:
+    """``meta`` (a run's :meth:`~gptq_plugin.blockquant.QuantizeReport.checkpoint_meta`) with the module names in its
+    ``fallbacks``, ``notes``, ``experts`` and ``unquantized`` entries as the checkpoint stores them
+    (:func:`gptq_plugin.moe.checkpoint_names`)."""
+    keyed = ("fallbacks", "notes", "experts")
+    names = [n for k in keyed for n in meta.get(k) or {}] + list(meta.get("unquantized") or [])
+    if not names:
+        return meta
+    ren = {k[:-len(".x")]: v[:-len(".x")] for k, v in checkpoint_names(model, [n + ".x" for n in names]).items()}
+    out = dict(meta)
+    for k in keyed:
+        if meta.get(k):
+            out[k] = {ren.get(n, n): v for n, v in meta[k].items()}
+    if meta.get("unquantized"):
+        out["unquantized"] = [ren.get(n, n) for n in meta["unquantized"]]
+    return out
 
 
 def write_model_files(folder: Path, config: dict, qcfg: dict, tokenizer=None, source_dir: str | Path | None = None,
@@ -218,17 +240,20 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    replace_with_quant_linear(model, prefixes, cfg)
-    state = {k: v for k, v in ck.state.items()}
+    model_names = _model_names(model)  # checkpoint key -> the model's (per-expert layers of fused MoE experts)
+    state = {model_names.get(k, k): v for k, v in ck.state.items()}
+    layer_of = {p: model_names.get(p + ".weight", p + ".weight")[:-len(".weight")] for p in prefixes}
+    replace_with_quant_linear(model, list(layer_of.values()), cfg)
     for p in prefixes:
         for k in ck.format.layer_keys(p, ck.state):
-            del state[k]
-        module = model.get_submodule(p)
+            state.pop(model_names.get(k, k), None)
+        module = model.get_submodule(layer_of[p])
         try:  # the one validator: leaves, shapes and dtypes against the config and the model, g_idx, scales
             tensors = validate_layer(ck.format, cfg, p, ck.layer_tensors(p), module.in_features, module.out_features)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        state.update({f"{p}.{leaf}": v for leaf, v in tensors.items()})
+        state.update({f"{layer_of[p]}.{leaf}": v for leaf, v in tensors.items()})
+    prefixes = list(layer_of.values())
     expected = set(model.state_dict().keys())
     tied = getattr(hf_config, "tie_word_embeddings", False)
     missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
@@ -261,6 +286,20 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         raise CheckpointError(f"{path}: no value for {leftover[0]}: the checkpoint is incomplete")
     model.eval()
     return model.to(device)
+
+
+def _model_names(model: nn.Module) -> dict[str, str]:
+    """Split ``model``'s fused MoE experts into per-expert linear layers (its layout's ``split_experts``)
+    and map its checkpoint keys to its state-dict keys (the inverse of :func:`gptq_plugin.moe.checkpoint_names`)."""
+    from .plugins import find_layout, split_experts
+
+    try:
+        blocks, _ = find_layout(model).blocks(model)
+    except GPTQPluginError:
+        return {}
+    if not split_experts(model, blocks):
+        return {}
+    return {disk: k for k, disk in checkpoint_names(model, model.state_dict()).items()}
 
 
 def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
@@ -313,6 +352,9 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         tied = False
     owned_by = {k: p for p in prefixes for k in fmt.layer_keys(p, shapes)}
     memory = memory_split(shapes, layers, owned_by, tied and "lm_head.weight" not in shapes)
+    kinds = layer_kinds([l["name"] for l in layers],
+                        [k for k, (shape, dt) in shapes.items() if k not in owned and len(shape) >= 2
+                         and dt in ("F16", "BF16", "F32") and _IN_BLOCK.search(k)])
     check_result, problems = None, []
     if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
         verdict = validate_checkpoint(path, reader=reader)
@@ -334,5 +376,30 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         "fp16_equivalent_bytes": fp16_equiv,
         "compression_ratio": (fp16_equiv / disk) if disk else None,
         "memory": memory,
+        "layer_kinds": kinds,
         "layers": layers,
     }
+
+
+_IN_BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")
+
+
+def layer_kinds(quantized: list[str], kept: list[str]) -> dict:
+    """Counts of a checkpoint's quantized layers by kind, from their names: ``attention`` (``attn``/``attention``),
+    ``experts`` (``.experts.{e}.``; ``n_experts``: the distinct experts), ``dense_mlp`` (other ``mlp``/``ffn``/
+    ``feed_forward`` layers, shared experts included), ``other``; and ``excluded``: the weight matrices inside the
+    decoder blocks left in float (``kept``, e.g. MoE routers), with their names in ``excluded_names``."""
+    counts = {"attention": 0, "dense_mlp": 0, "experts": 0, "other": 0}
+    experts = set()
+    for n in quantized:
+        m = re.search(r"^(.*\.experts\.\d+)\.", n)
+        if m:
+            counts["experts"] += 1
+            experts.add(m.group(1))
+        elif re.search(r"attn|attention", n):
+            counts["attention"] += 1
+        elif re.search(r"mlp|ffn|feed_forward|shared_expert", n):
+            counts["dense_mlp"] += 1
+        else:
+            counts["other"] += 1
+    return dict(counts, n_experts=len(experts), excluded=len(kept), excluded_names=sorted(kept))

@@ -116,6 +116,12 @@ def quantize(
     activation_memory: Optional[float] = typer.Option(
         None, help="Streaming: MB of calibration activations kept in memory; the rest stays on disk only (0: one "
                    "batch at a time). Default: a quarter of the available memory."),
+    moe_calibration: str = typer.Option(
+        "all", help="Mixture-of-experts models: 'all' sends every calibration token through every expert for the "
+                    "Hessians (outputs stay routed; as llm-compressor), 'routed' gives each expert the Hessian of "
+                    "the tokens its router sends it."),
+    moe_min_tokens: int = typer.Option(128, help="With --moe-calibration routed: experts that saw fewer routed "
+                                       "calibration tokens are quantized with RTN (reported per expert)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT.
@@ -128,7 +134,8 @@ def quantize(
     try:
         run_quantize(ranks, model, out, bits, group_size, act_order, sym, static_groups, true_sequential,
                      damp_percent, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
-                     overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run)
+                     overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run,
+                     moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
     finally:
         close_ranks(ranks)
 
@@ -219,6 +226,11 @@ def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
             if k == "format_check" and info[k] is None:
                 continue
             typer.echo(f"{k:>20}: {info[k]}")
+        k = info["layer_kinds"]
+        typer.echo(f"{'quantized by kind':>20}: attention {k['attention']}, dense MLP {k['dense_mlp']}, experts "
+                   f"{k['experts']} ({k['n_experts']} experts), other {k['other']}")
+        typer.echo(f"{'kept in float':>20}: {k['excluded']} weight matrices in the blocks"
+                   + (f" (e.g. {k['excluded_names'][0]})" if k["excluded"] else ""))
         typer.echo(f"{'size on disk':>20}: {info['size_on_disk_bytes'] / 1e6:.1f} MB")
         typer.echo(f"{'fp16 equivalent':>20}: {info['fp16_equivalent_bytes'] / 1e6:.1f} MB")
         ratio = info["compression_ratio"]

@@ -67,6 +67,12 @@ class QuantizeConfig:
         lm_head (`bool`, *optional*, defaults to False): also quantize the output projection.
         method (`str`, *optional*, defaults to "gptq"): "gptq", or "rtn" for round-to-nearest on the same
             grid (the baseline).
+        moe_calibration (`str`, *optional*, defaults to "all"): for mixture-of-experts blocks, "all" sends every
+            calibration token through every expert for the Hessians (the block's output keeps the routed tokens,
+            as llm-compressor's default), "routed" gives each expert the Hessian of its routed tokens
+            (:mod:`gptq_plugin.moe`).
+        moe_min_tokens (`int`, *optional*, defaults to 128): with "routed", an expert that saw fewer routed
+            calibration tokens is quantized with RTN (reported per expert).
 
     Raises:
         ConfigError: from :meth:`validate` when a field has an unsupported value.
@@ -85,6 +91,8 @@ class QuantizeConfig:
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"
+    moe_calibration: str = "all"
+    moe_min_tokens: int = 128
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +120,9 @@ class QuantizeConfig:
             )
         if self.method not in ("gptq", "rtn"):
             raise ConfigError(f"method={self.method!r} is not supported: use 'gptq' or 'rtn'")
+        from .moe import check_moe_config
+
+        check_moe_config(self.moe_calibration, self.moe_min_tokens)
         for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
@@ -126,6 +137,8 @@ class QuantizeConfig:
         meta.setdefault("damp_auto_increment", self.damp_auto_increment)
         meta.setdefault("mse", self.mse)
         meta.setdefault("block_size", self.block_size)
+        meta.setdefault("moe_calibration", self.moe_calibration)
+        meta.setdefault("moe_min_tokens", self.moe_min_tokens)
         meta.setdefault("config_version", CONFIG_VERSION)
         return {
             "quant_method": "gptq",
@@ -167,7 +180,7 @@ class QuantizeConfig:
                 kwargs[f.name] = d[f.name]
         if "checkpoint_format" not in d and "format" in d:
             kwargs["checkpoint_format"] = d["format"]
-        for key in ("damp_auto_increment", "mse", "block_size"):
+        for key in ("damp_auto_increment", "mse", "block_size", "moe_calibration", "moe_min_tokens"):
             if key in meta and key not in kwargs:
                 kwargs[key] = meta[key]
         kwargs["method"] = meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq"

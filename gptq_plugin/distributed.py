@@ -133,20 +133,21 @@ class Ranks:
                 f"within {self.timeout_s:g} s ({_first_sentence(e)}); the finished blocks are kept: rerun the same "
                 "command to resume") from None
 
-    def all_pieces(self, tree: GramTree, tokens: int, shape: tuple[int, int]) -> tuple[GramTree, int]:
-        """Every rank's pieces of one :class:`GramTree`, pushed in rank order into one new tree, and the total
-        token count: the same on every rank. ``shape``: the pieces' ``[K, K]``."""
+    def all_pieces(self, tree: GramTree, tokens, shape: tuple[int, int]) -> tuple[GramTree, object]:
+        """Every rank's pieces of one :class:`GramTree`, pushed in rank order into one new tree, and the total of
+        ``tokens`` (an int, or a tuple of ints, lists of ints and Nones, summed element by element): the same on every
+        rank. ``shape``: the pieces' ``[K, K]``."""
         if self.world == 1:
             return tree, tokens
         import torch.distributed as dist
 
         merged = GramTree()
-        total = 0
+        total = None
         for src in range(self.world):
             meta = [[(l, i) for l, i, _ in tree.stack], tokens] if src == self.rank else [None, None]
             self._call("exchanging Hessian pieces", dist.broadcast_object_list, meta, src=src)
             labels, n = meta
-            total += n
+            total = n if total is None else _plus(total, n)
             for k, (level, index) in enumerate(labels):
                 if src == self.rank:
                     t = tree.stack[k][2].to(self._comm)
@@ -241,6 +242,15 @@ class Ranks:
 
 #: one process, no torch.distributed
 SINGLE = Ranks()
+
+
+def _plus(a, b):
+    """``a + b`` for token counts: ints, None (nothing), and tuples/lists of them element by element."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, (tuple, list)):
+        return type(a)(_plus(x, y) for x, y in zip(a, b))
+    return a + b
 
 
 def _first_sentence(e: BaseException) -> str:

@@ -40,8 +40,9 @@ from .blockquant import LayerReport, QuantizeReport, quantize_block, release_fre
 from .config import QuantizeConfig
 from .errors import ConfigError, NumericalError
 from .distributed import SINGLE, Ranks
+from .moe import unquantized_weights
 from .passes import capture_block_inputs
-from .plugins import find_layout
+from .plugins import find_layout, split_experts
 from .resume import ActivationBuffer, ResumeState
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     model = source.open()
     blocks, prefix = find_layout(model).blocks(model)
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    report = QuantizeReport(compare_rtn=compare_rtn)
+    report = QuantizeReport(compare_rtn=compare_rtn, moe_calibration=cfg.moe_calibration)
+    report.unquantized = check_weights(model, blocks, prefix)
     first = 0 if resume is None else min(resume.done, n_blocks)
     for bi in range(first):
         sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)
@@ -189,6 +191,34 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         model.train(was_training)
     report.seconds = time.time() - t0
     return report
+
+
+def check_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str) -> list[str]:
+    """Split the fused experts of ``blocks`` into per-expert linear layers (the layout's ``split_experts``)
+    and check that every other weight matrix of every block will be quantized; returns the MoE router weights,
+    which stay in float (logged).
+
+    Raises:
+        ConfigError: a weight matrix of a block is not an ``nn.Linear`` the driver quantizes (e.g. fused experts of
+            an architecture this version cannot split), naming it: nothing is left unquantized silently.
+    """
+    split_experts(model, blocks)
+    routers, unhandled = [], []
+    for i, block in enumerate(blocks):
+        r, u = unquantized_weights(block)
+        routers += [f"{prefix}.{i}.{n}" for n in r]
+        unhandled += [f"{prefix}.{i}.{n}" for n in u]
+    if unhandled:
+        kinds = sorted({type(blocks[int(n[len(prefix) + 1:].split(".")[0])].get_submodule(
+            n[len(prefix) + 1:].split(".", 1)[1].rpartition(".")[0])).__name__ for n in unhandled})
+        raise ConfigError(f"{unhandled[0]} ({len(unhandled)} weight matrices in all, in {', '.join(kinds)}) would be "
+                          "left unquantized: gptq-plugin quantizes nn.Linear layers and the fused experts of "
+                          "Transformers' standard MoE blocks only; this architecture's layout is not supported yet "
+                          "(register a model layout through the gptq_plugin_model_layouts hook that splits it)")
+    if routers:
+        log.info("%d MoE router weights stay unquantized (as vLLM and llm-compressor keep them), e.g. %s",
+                 len(routers), routers[0])
+    return routers
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.Tensor, batch_size: int,

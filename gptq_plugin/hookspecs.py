@@ -60,4 +60,7 @@ def gptq_plugin_model_layouts() -> list[object]:
     """Return model layouts (objects with ``name``, ``priority``, ``matches(model) -> bool`` and
     ``blocks(model) -> (list_of_blocks, prefix)``), telling the driver where the decoder blocks of an
     architecture are. The highest-priority layout that matches wins; the built-in generic layout covers
-    Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Gemma, OPT, GPT-2 style)."""
+    Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Gemma, OPT, GPT-2 style) and the fused MoE experts of
+    Transformers 5.x. Optionally ``split_experts(model, blocks) -> int``: replace expert modules the driver cannot
+    quantize (e.g. fused 3-D parameters) by per-expert ``nn.Linear`` layers, named as the checkpoints store them,
+    and mark routers to keep in float (``gptq_plugin_role = "router"``); see :mod:`gptq_plugin.moe`."""

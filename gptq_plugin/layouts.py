@@ -30,7 +30,9 @@ class GenericCausalLMLayout:
 
     Inside a block every ``nn.Linear`` is quantized; the true-sequential order and which layers share an
     input (q/k/v, gate/up) are discovered by the driver from a forward pass, so no per-architecture table
-    is needed. Embeddings, norms and ``lm_head`` live outside the blocks and stay unquantized.
+    is needed. Embeddings, norms and ``lm_head`` live outside the blocks and stay unquantized. Fused MoE experts
+    (Transformers 5.x ``*Experts`` modules) are split into per-expert ``nn.Linear`` layers by
+    :meth:`split_experts`.
     """
 
     name = "generic-causal-lm"
@@ -46,3 +48,11 @@ class GenericCausalLMLayout:
             if isinstance(blocks, nn.ModuleList) and len(blocks):
                 return blocks, p
         raise GPTQPluginError(f"{type(model).__name__}: no decoder blocks at {', '.join(_BLOCK_PATHS)}")
+
+    def split_experts(self, model: nn.Module, blocks) -> int:
+        """Replace the fused experts of ``blocks`` by per-expert ``nn.Linear`` layers and mark the routers
+        (:func:`gptq_plugin.moe.linearize_experts`); returns how many experts modules were split. Idempotent."""
+        from .moe import linearize_experts
+
+        return linearize_experts(model, blocks)
+

@@ -2,7 +2,7 @@
 share an input, and run the batches through a block while its groups are quantized (true-sequential GPTQ in one
 pass of turn-taking threads, or group by group with one batch's activations at a time).
 
-The quantization itself is a callback, ``quantize_group(group, H)`` (:func:`gptq_plugin.blockquant.quantize_block`
+The quantization itself is a callback, ``quantize_group(group, H, routed)`` (:func:`gptq_plugin.blockquant.quantize_block`
 gives it); these functions only order the forwards and accumulate each group's Hessian
 (:class:`~gptq_plugin.solver.HessianAccumulator`).
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .moe import is_router, routed_tokens
 from .solver import HessianAccumulator
 
 
@@ -26,8 +27,12 @@ class _StopForward(Exception):
 
 
 def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules inside ``block``, by name relative to it (each module once)."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The ``nn.Linear`` modules inside ``block`` that are quantized, by name relative to it (each module once):
+    all but MoE routers (:func:`gptq_plugin.moe.is_router`)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and not is_router(m)}
+
+
+_routed = routed_tokens  # the routed token counts per expert of this thread's batch, for an expert's layer
 
 
 def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -76,7 +81,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
 
 
 def discover_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Linear layers of ``block`` in forward order, grouped by shared input tensor (q/k/v; gate/up)."""
+    """Linear layers of ``block`` in forward order, grouped by shared input tensor (q/k/v; gate/up; the gate/up
+    layers of every expert when all experts see every token): a group is placed where its first layer runs."""
     linears = linear_modules(block)
     order: list[tuple[str, torch.Tensor]] = []  # keep the input tensors alive: ids of freed tensors are reused
     handles = []
@@ -92,16 +98,16 @@ def discover_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[lis
             h.remove()
     groups: list[list[str]] = []
     seen: set[str] = set()
-    last = None
+    group_of: dict[int, int] = {}  # id of an input tensor (kept alive in ``order``) -> its group
     for name, inp in order:
         if name in seen:
             continue  # a layer called twice is quantized with its first input's group
         seen.add(name)
-        if groups and inp is last:
-            groups[-1].append(name)
+        if id(inp) in group_of:
+            groups[group_of[id(inp)]].append(name)
         else:
+            group_of[id(inp)] = len(groups)
             groups.append([name])
-        last = inp
     unused = [n for n in linears if n not in seen]
     if unused:
         groups.append(unused)  # never reached by the forward pass: no calibration tokens
@@ -127,7 +133,7 @@ def accumulate(block: nn.Module, accs: dict[str, HessianAccumulator], inputs, kw
     handles = []
     for name, acc in accs.items():
         def hook(module, args, name=name, acc=acc):
-            acc.add_batch(args[0])  # NaN/Inf here makes the Hessian non-finite: the solver names the layer
+            acc.add_batch(args[0], _routed(module))  # NaN/Inf makes the Hessian non-finite: the solver names the layer
         handles.append(linears[name].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -151,7 +157,8 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     Each batch runs in its own thread, and the threads take strict turns (batch 0, 1, ..., n-1), so exactly one
     computes at a time and the Hessian sums are deterministic. When a batch reaches the first layer of a group it
     adds its input to the group's Hessian and hands the turn on; the last batch to arrive calls
-    ``quantize_group(group, H)``, which puts the quantized weights in place, and every batch then continues its
+    ``quantize_group(group, H, routed)`` (``routed``: the routed token counts per expert of the batches summed into
+    ``H``, for the layers of an MoE's experts, else None), which puts the quantized weights in place, and every batch then continues its
     forward with them. The block's outputs are therefore already the quantized block's outputs, and each group
     saw inputs produced by the quantized groups before it, without re-running the block once per group.
     Memory: every batch's activations at the current group are alive at once (about one full-batch forward).
@@ -197,9 +204,10 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
         if (head, b) in local.seen:
             return  # a layer called twice: only its first call feeds the Hessian
         local.seen.add((head, b))
-        accs[head].add_batch(args[0])
+        accs[head].add_batch(args[0], _routed(module))
         if b == n - 1:  # every batch has contributed: quantize the group, then start the next round
-            quantize_group(by_head[head], accs[head].finalize())
+            H = accs[head].finalize(allow_empty=True)  # None: only empty batches (an expert no token was routed to)
+            quantize_group(by_head[head], H, accs[head].routed)
             done.add(head)
             pass_turn(0)
         else:
@@ -245,7 +253,8 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
         raise state["error"]
     for g in groups:
         if g[0] not in done:  # no batch of this rank reached it (nor, for a dense block, of any other rank)
-            quantize_group(g, accs[g[0]].finalize(allow_empty=True))
+            H = accs[g[0]].finalize(allow_empty=True)
+            quantize_group(g, H, accs[g[0]].routed)
     return outputs
 
 
@@ -290,7 +299,7 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
         acc = new_accumulator(linears[head].in_features)
 
         def hook(module, args, acc=acc):
-            acc.add_batch(args[0])
+            acc.add_batch(args[0], _routed(module))
             raise _StopForward
 
         handle = linears[head].register_forward_pre_hook(hook)
@@ -303,7 +312,8 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
                         pass
         finally:
             handle.remove()
-        quantize_group(g, acc.finalize(allow_empty=True))
+        H = acc.finalize(allow_empty=True)
+        quantize_group(g, H, acc.routed)
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):

@@ -181,3 +181,15 @@ def choose_kernel(spec) -> type:
             return k
         reasons.append(f"{k.name}: {reason}")
     raise KernelError(f"no kernel can run layer {spec}:\n  " + "\n  ".join(reasons))
+
+
+def split_experts(model: nn.Module, blocks=None) -> int:
+    """Split the fused MoE experts of ``model``'s decoder blocks (``blocks``, default all) with its layout's
+    ``split_experts`` (a layout without one gets the built-in :func:`gptq_plugin.moe.linearize_experts`)."""
+    from .moe import linearize_experts
+
+    layout = find_layout(model)
+    if blocks is None:
+        blocks, _ = layout.blocks(model)
+    split = getattr(layout, "split_experts", None)
+    return split(model, blocks) if split is not None else linearize_experts(model, blocks)

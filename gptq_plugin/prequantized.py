@@ -109,13 +109,17 @@ def quantized_modules(model: torch.nn.Module, files, fmt) -> tuple[dict[str, dic
             raise CheckpointError(f"{where}: tensor {prefix}.{fmt.marker} is missing (the checkpoint has {k}): the "
                                   "checkpoint is incomplete; re-download or re-create it")
     names, scale_dtypes = {}, {}
+    from .checkpoint import _model_names
+
+    model_names = _model_names(model)  # fused MoE experts split into per-expert layers; checkpoint -> model names
     for prefix in fmt.layer_prefixes(keys):
-        module = _resolve_module(model, prefix, where, fmt.marker)
+        module = _resolve_module(model, model_names.get(prefix + ".weight", prefix + ".weight")[:-len(".weight")],
+                                 where, fmt.marker)
         names[module] = {leaf: keys[f"{prefix}.{leaf}"] for leaf in (*fmt.leaves, "bias") if f"{prefix}.{leaf}" in keys}
         scale = keys.get(f"{prefix}.{fmt.scale_leaf}")
         if scale is not None and scale.dtype in _SCALE_DTYPES:
             scale_dtypes[module] = _SCALE_DTYPES[scale.dtype]
-    _check_state_covered(model, names, keys, where, fmt)
+    _check_state_covered(model, names, keys, where, fmt, {m: d for d, m in model_names.items()})
     return names, scale_dtypes
 
 
@@ -132,14 +136,17 @@ def _resolve_module(model, name: str, where, marker: str) -> str:
                           "checkpoint does not match its config.json")
 
 
-def _check_state_covered(model, names: dict, keys: dict, where, fmt) -> None:
+def _check_state_covered(model, names: dict, keys: dict, where, fmt, stored_as: dict | None = None) -> None:
     """Every tensor of ``model``'s state dict outside the quantized layers is in the checkpoint, floating where the
     model's is and of the model's shape (a tied ``lm_head`` and the model's ``_keys_to_ignore_on_load_missing``
     excepted), as :func:`gptq_plugin.checkpoint.load_quantized` requires. Transformers would otherwise initialise a
-    missing tensor randomly, cast an integer one, and only mention it in its load report."""
+    missing tensor randomly, cast an integer one, and only mention it in its load report. ``stored_as``: model key
+    -> checkpoint key where they differ (e.g. Mixtral's experts)."""
     base = getattr(model, "base_model_prefix", "") or ""
+    stored_as = stored_as or {}
 
     def stored(k: str):
+        k = stored_as.get(k, k)
         for c in (k, f"{base}.{k}" if base else k, k.removeprefix(f"{base}.") if base else k):
             if c in keys:
                 return keys[c]

@@ -19,6 +19,7 @@ from .checkpoint import save_quantized
 from .config import RECOMMENDED, QuantizeConfig
 from .distributed import Ranks
 from .errors import CalibrationError, GPTQPluginError
+from .moe import expert_of
 from .models import check_model_folder, is_quantized, load_model, load_tokenizer, needs_streaming, stored_float_dtype
 from .pipeline import quantize_model
 from .plugins import calibration_sources
@@ -36,7 +37,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                  dataset: str | None, nsamples: int, seqlen: int, batch_size: int, method: str,
                  checkpoint_format: str, overwrite: bool, low_memory: bool | None, report: Path | None,
                  forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
-                 end_run: Callable[[BaseException, ResumeState], None]) -> None:
+                 end_run: Callable[[BaseException, ResumeState], None], moe_calibration: str = "all",
+                 moe_min_tokens: int = 128) -> None:
     """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
     check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
     write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
@@ -52,7 +54,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         act_order = static_groups = False
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
-                         checkpoint_format=checkpoint_format)
+                         checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
+                         moe_min_tokens=moe_min_tokens)
     check_model_folder(model)
     inputs = [model]
     if dataset is not None and Path(dataset).exists():
@@ -139,6 +142,18 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         msg += f"\nmean relative output error: GPTQ {sum(l.rel_err for l in errs) / len(errs):.4g}"
         if all(l.rtn_rel_err is not None for l in errs):  # RTN's error is computed for --report only
             msg += f" vs RTN {sum(l.rtn_rel_err for l in errs) / len(errs):.4g}"
+    experts = rep.experts()
+    if experts:
+        toks = sorted(e["tokens"] for e in experts.values() if e["tokens"] is not None)
+        rtn = sum(e["path"].startswith("rtn:") for e in experts.values())
+        msg += (f"\nexperts: {len(experts)} experts quantized ({sum(1 for l in rep.layers if expert_of(l.name))} "
+                f"layers), " + (f"Hessians from {cfg.moe_calibration} tokens" if cfg.method == "gptq" else "RTN")
+                + (f"; routed calibration tokens per expert min {toks[0]}, median {toks[len(toks) // 2]}, max {toks[-1]}"
+                   if toks else "")
+                + (f"; {rtn} experts fell back to RTN (fewer than --moe-min-tokens {cfg.moe_min_tokens} routed tokens)"
+                   if rtn else ""))
+    if rep.unquantized:
+        msg += f"\nkept in float: {len(rep.unquantized)} MoE router weights (e.g. {rep.unquantized[0]}), as vLLM serves them"
     if report:
         msg += f"\nreport: {report}"
     typer.echo(msg)

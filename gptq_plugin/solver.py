@@ -46,10 +46,13 @@ class HessianAccumulator:
         self.tree: GramTree | None = GramTree()
         self.next_batch = first_batch
         self.n = 0
+        self.routed: list[int] | None = None
 
-    def add_batch(self, x: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, routed: list[int] | None = None) -> None:
         """Add one batch of inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token) as the next
-        leaf. Always fp32, also when called from a forward hook under autocast."""
+        leaf. Always fp32, also when called from a forward hook under autocast. ``routed``: for a layer of an MoE's
+        experts, the batch's routed token count per expert, summed into :attr:`routed` (all ranks' after
+        :meth:`finalize`)."""
         if self.tree is None:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
         x = x.reshape(-1, x.shape[-1]).float()
@@ -58,6 +61,8 @@ class HessianAccumulator:
         self.tree.push(0, self.next_batch, gram)
         self.next_batch += 1
         self.n += x.shape[0]
+        if routed is not None:
+            self.routed = list(routed) if self.routed is None else [a + b for a, b in zip(self.routed, routed)]
 
     def finalize(self, allow_empty: bool = False) -> torch.Tensor | None:
         """``H = 2/n Σ x xᵀ`` (fp32 ``[K, K]``, on the inputs' device), every rank's batches included: a collective
@@ -71,7 +76,7 @@ class HessianAccumulator:
         if self.tree is None:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
         tree, self.tree = self.tree, None
-        tree, n = self.ranks.all_pieces(tree, self.n, (self.in_features, self.in_features))
+        tree, (n, self.routed) = self.ranks.all_pieces(tree, (self.n, self.routed), (self.in_features, self.in_features))
         H = tree.total()
         if n == 0 or H is None:
             if allow_empty:

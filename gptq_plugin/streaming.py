@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from .blockquant import QuantizeReport, available_memory
-from .checkpoint import checkpoint_dtype, quantized_state_dict, write_model_files
+from .checkpoint import checkpoint_dtype, checkpoint_meta_names, quantized_state_dict, write_model_files
 from .config import QuantizeConfig
 from .distributed import Ranks, resolve_device
 from .driver import quantize_blocks
 from .errors import CheckpointError
-from .plugins import find_layout
+from .moe import checkpoint_names
+from .plugins import find_layout, split_experts
 from .resume import ResumeState
 from .safetensors_io import (atomic_output_dir, atomic_save, check_output_dir, checkpoint_files, load_tensors,
                              read_headers, shard_name, write_error, write_index)
@@ -117,17 +118,21 @@ def build_skeleton(source: str | Path, trust_remote_code: bool = False) -> nn.Mo
     return model.eval()
 
 
-def _materialize(root: nn.Module, names: list[str], src: SourceWeights, prefix: str) -> None:
-    """Load the parameters/buffers ``names`` of ``root`` (relative names; ``prefix + name`` in ``src``) in fp32."""
+def _materialize(root: nn.Module, names: list[str], src: SourceWeights, prefix: str,
+                 stored: dict[str, str] | None = None) -> None:
+    """Load the parameters/buffers ``names`` of ``root`` (relative names; ``prefix + name`` in the model, stored in
+    ``src`` under ``stored[prefix + name]``, default the same name) in fp32."""
     from accelerate.utils import set_module_tensor_to_device
 
-    tensors = src.load([prefix + n for n in names], torch.float32)
+    stored = stored or {}
+    disk = {n: stored.get(prefix + n, prefix + n) for n in names}
+    tensors = src.load(list(disk.values()), torch.float32)
     for n in names:
-        t = tensors[prefix + n]
+        t = tensors[disk[n]]
         mod_name, _, leaf = n.rpartition(".")
         cur = getattr(root.get_submodule(mod_name) if mod_name else root, leaf)
         if tuple(cur.shape) != tuple(t.shape):
-            raise CheckpointError(f"{src.folder}: tensor {prefix + n} has shape {tuple(t.shape)}, the model's config "
+            raise CheckpointError(f"{src.folder}: tensor {disk[n]} has shape {tuple(t.shape)}, the model's config "
                                   f"expects {tuple(cur.shape)}: the weights do not match config.json")
         set_module_tensor_to_device(root, n, "cpu", value=t)
 
@@ -159,9 +164,11 @@ class _ShardBlocks:
         self.src = SourceWeights(source)
         self.model = model = build_skeleton(source)
         self.blocks, prefix = find_layout(model).blocks(model)
+        split_experts(model, self.blocks)  # fused MoE experts -> per-expert layers, stored per expert
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         expected = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
-        missing = [k for k in expected if k not in self.src.where]
+        self.stored = checkpoint_names(model, expected)  # model key -> the source's (and the checkpoint's) key
+        missing = [self.stored[k] for k in expected if self.stored[k] not in self.src.where]
         if missing:
             raise CheckpointError(f"{source}: tensor {missing[0]} is missing from the source weights"
                                   f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: the weights do "
@@ -179,7 +186,7 @@ class _ShardBlocks:
         pre = [k for k, p in model.named_parameters(remove_duplicate=False)
                if k in self.outer and (id(p) not in skip or id(p) in keep)]
         pre += [k for k, _ in model.named_buffers() if k in self.outer and k not in pre]
-        _materialize(model, pre, self.src, "")
+        _materialize(model, pre, self.src, "", self.stored)
         try:
             yield
         finally:
@@ -187,7 +194,7 @@ class _ShardBlocks:
             gc.collect()
 
     def load(self, block: nn.Module, name: str) -> None:
-        _materialize(block, list(block.state_dict()), self.src, name + ".")
+        _materialize(block, list(block.state_dict()), self.src, name + ".", self.stored)
 
     def unload(self, block: nn.Module) -> None:
         block.to("meta")
@@ -195,7 +202,9 @@ class _ShardBlocks:
 
     def keep(self, block: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """The block's checkpoint tensors (its shard): :func:`~gptq_plugin.checkpoint.quantized_state_dict`."""
-        return {f"{name}.{k}": v for k, v in quantized_state_dict(block, self.cfg, self.dtype).items()}
+        state = {f"{name}.{k}": v for k, v in quantized_state_dict(block, self.cfg, self.dtype).items()}
+        names = checkpoint_names(self.model, state)
+        return {names[k]: v for k, v in state.items()}
 
     def restore(self, block: nn.Module, name: str, state: ResumeState, index: int) -> None:
         pass  # its shard is in the state already; :meth:`write` links it into the checkpoint
@@ -221,12 +230,12 @@ class _ShardBlocks:
                     os.link(f, tmp / name)  # the state keeps its copy until the checkpoint is complete
                 except OSError:
                     shutil.copyfile(f, tmp / name)
-            rest = self.src.load(self.outer, self.dtype)
+            rest = self.src.load([self.stored[k] for k in self.outer], self.dtype)
             atomic_save(rest, tmp / names[-1])
             del rest
             write_index(tmp, names)
             qcfg = self.cfg.to_dict()
-            qcfg["meta"].update(extra_meta or {}, **report.checkpoint_meta())
+            qcfg["meta"].update(checkpoint_meta_names(self.model, dict(extra_meta or {}, **report.checkpoint_meta())))
             write_model_files(tmp, self.model.config.to_dict(), qcfg, None, self.source, self.dtype)
 
 
