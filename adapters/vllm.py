@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 try:
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import (
         LinearBase,
         LinearMethodBase,
@@ -67,6 +68,8 @@ from gptq_plugin.prequantized import check_stored_values
 from gptq_plugin.safetensors_io import ST_DTYPES, TensorMeta, checkpoint_files
 from gptq_plugin.sharding import RowShard, layout_of
 from gptq_plugin.validate import check_layer_header, read_layer_headers
+
+from .vllm_moe import moe_quant_method
 
 _CT = "compressed-tensors"  # the name of the core's compressed-tensors pack-quantized format handler
 _CT_METHODS = ("compressed-tensors", "compressed_tensors")
@@ -324,6 +327,8 @@ class GPTQPluginConfig(QuantizationConfig):
             if not self._is_quantized(prefix):
                 return UnquantizedLinearMethod()
             return GPTQPluginLinearMethod(self, prefix)
+        if isinstance(layer, RoutedExperts):
+            return moe_quant_method(self, layer, prefix)
         if "Experts" in type(layer).__name__ or "MoE" in type(layer).__name__:
             raise CheckpointError(f"{prefix}: quantized mixture-of-experts layers are not served by the gptq-plugin "
                                   "vLLM adapter yet; use vLLM's built-in --quantization gptq for MoE models")

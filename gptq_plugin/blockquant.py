@@ -60,7 +60,9 @@ class QuantizeReport:
     Attributes:
         compare_rtn: whether each layer's ``rtn_rel_err`` is computed (RTN of the layer on GPTQ's grid, one more
             quantization of every layer: only for a report or plot that shows it); not part of :meth:`to_dict`.
-        unquantized: weight matrices of the blocks kept in float on purpose (MoE routers), by full name.
+        unquantized: weight tensors of the blocks kept in float on purpose (MoE routers first, then convolution
+            kernels and the like), by their names in the checkpoint.
+        routers: how many of ``unquantized`` are MoE routers; not part of :meth:`to_dict`.
         moe_calibration: how the experts' Hessians were gathered (``QuantizeConfig.moe_calibration``).
     """
 
@@ -68,6 +70,7 @@ class QuantizeReport:
     seconds: float = 0.0
     compare_rtn: bool = False
     unquantized: list[str] = field(default_factory=list)
+    routers: int = 0
     moe_calibration: str = "all"
 
     def to_dict(self) -> dict:
@@ -208,13 +211,16 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
 
 
 def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                 compare_rtn: bool, offload_dir=None, tokens: int | None = None) -> tuple[QuantResult, LayerReport]:
+                 compare_rtn: bool, offload_dir=None, tokens: int | None = None, names: dict | None = None
+                 ) -> tuple[QuantResult, LayerReport]:
     """Quantize one layer with GPTQ (RTN when no calibration token reached it, or when it is an expert's layer
     that saw fewer than ``cfg.moe_min_tokens`` routed tokens with ``moe_calibration="routed"``); returns the result
     (on the CPU) and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`. ``tokens``: the
-    routed calibration tokens of the layer's expert (None: not an expert's layer)."""
+    routed calibration tokens of the layer's expert (None: not an expert's layer). ``names``: full model names ->
+    the checkpoint's, where they differ (the report, logs and errors use the checkpoint's)."""
     t = time.time()
     full = f"{block_name}.{name}"
+    full = (names or {}).get(full, full)
     W = mod.weight.data
     few = (tokens is not None and cfg.moe_calibration == "routed" and tokens < cfg.moe_min_tokens)
     if H is None or few:
@@ -303,7 +309,7 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
 def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
                    report: QuantizeReport, low_memory: bool | None = None,
                    forward_dtype: torch.dtype | None = None, offload_dir=None, ranks: Ranks | None = None,
-                   first_batch: int = 0) -> dict[str, QuantLinear]:
+                   first_batch: int = 0, names: dict[str, str] | None = None) -> dict[str, QuantLinear]:
     """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
     replace each calibration input by the quantized block's output (the next block's input).
 
@@ -325,6 +331,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             Hessians, which are completed across ranks; each layer is solved on one rank and shared. Default: this
             process alone.
         first_batch: the global index of ``inputs[0]`` (this rank's first batch).
+        names: full module names -> the checkpoint's, where they differ (e.g. Mixtral's ``mlp`` ->
+            ``block_sparse_moe``): the report rows, logs and errors name layers as the checkpoint does.
 
     Returns:
         The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
@@ -362,9 +370,10 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
     if cfg.method == "rtn":
         for name, mod in linears.items():
             t = time.time()
+            full = (names or {}).get(f"{block_name}.{name}", f"{block_name}.{name}")
             res = rtn_quantize(mod.weight.data, cfg).to("cpu")
-            report.layers.append(LayerReport(f"{block_name}.{name}", None, None, 0.0, None, time.time() - t))
-            _check_scales(f"{block_name}.{name}", mod.weight.data, res, report.layers[-1])
+            report.layers.append(LayerReport(full, None, None, 0.0, None, time.time() - t))
+            _check_scales(full, mod.weight.data, res, report.layers[-1])
             keep(name, res)
             del res
     else:
@@ -391,7 +400,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                     def solve(name: str):
                         where = expert_of(name) if routed is not None else None
                         return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir,
-                                            None if where is None else routed[where[1]])
+                                            None if where is None else routed[where[1]], names)
 
                     mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
                     for name, owner in zip(group, owners):

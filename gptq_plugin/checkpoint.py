@@ -258,12 +258,17 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     tied = getattr(hf_config, "tie_word_embeddings", False)
     missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
     unexpected = sorted(set(state) - expected)
+    stored_as = {m: d for d, m in model_names.items()}  # the names the file uses, in the errors
     if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all): "
+        name = stored_as.get(missing[0], missing[0])
+        base = name[:-len(".weight")] if name.endswith(".weight") else None
+        if base and any(f"{base}.{leaf}" in ck.state for leaf in ("scales", "qzeros", "g_idx")):
+            name = f"{base}.qweight"  # the layer's other GPTQ tensors are there: its codes are what is missing
+        raise CheckpointError(f"{path}: tensor {name} is missing ({len(missing)} missing in all): "
                               "the checkpoint is incomplete or for another architecture")
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): the checkpoint "
-                              "does not match its config.json")
+        raise CheckpointError(f"{path}: unexpected tensor {stored_as.get(unexpected[0], unexpected[0])} "
+                              f"({len(unexpected)} in all): the checkpoint does not match its config.json")
     for k, v in list(state.items()):
         prefix, _, leaf = k.rpartition(".")
         if prefix not in prefixes and v.is_floating_point():
@@ -272,10 +277,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     for k, v in state.items():
         ref = model_sd[k]
         if tuple(v.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(ref.shape)} for "
+            raise CheckpointError(f"{path}: tensor {stored_as.get(k, k)} has shape {tuple(v.shape)}, expected {tuple(ref.shape)} for "
                                   f"bits={cfg.bits}, group_size={cfg.group_size}: the checkpoint does not match its config")
         if ref.is_floating_point() != v.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {k} has dtype {v.dtype}, expected a "
+            raise CheckpointError(f"{path}: tensor {stored_as.get(k, k)} has dtype {v.dtype}, expected a "
                                   f"{'floating-point' if ref.is_floating_point() else 'integer'} tensor: corrupt checkpoint")
     ck.check_zero_points()
     model.load_state_dict(state, strict=False, assign=True)

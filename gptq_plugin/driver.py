@@ -40,7 +40,7 @@ from .blockquant import LayerReport, QuantizeReport, quantize_block, release_fre
 from .config import QuantizeConfig
 from .errors import ConfigError, NumericalError
 from .distributed import SINGLE, Ranks
-from .moe import unquantized_weights
+from .moe import checkpoint_names, unquantized_weights
 from .passes import capture_block_inputs
 from .plugins import find_layout, split_experts
 from .resume import ActivationBuffer, ResumeState
@@ -138,7 +138,10 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     blocks, prefix = find_layout(model).blocks(model)
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     report = QuantizeReport(compare_rtn=compare_rtn, moe_calibration=cfg.moe_calibration)
-    report.unquantized = check_weights(model, blocks, prefix)
+    routers, kept = check_weights(model, blocks, prefix)
+    names = checkpoint_module_names(model, blocks, prefix)
+    report.unquantized = [names.get(n, n) for n in routers + kept]
+    report.routers = len(routers)
     first = 0 if resume is None else min(resume.done, n_blocks)
     for bi in range(first):
         sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)
@@ -170,7 +173,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
             n_reported = len(report.layers)
             with _on_device(block, inputs, kwargs_list, device) as (placed, placed_kwargs):
                 quantize_block(block, name, placed, placed_kwargs, cfg, report, low_memory, forward_dtype,
-                               offload_dir, ranks=ranks, first_batch=mine.start)
+                               offload_dir, ranks=ranks, first_batch=mine.start, names=names)
             kept = sink.keep(block, name)
             if resume is not None:
                 ranks.barrier(f"storing the activations after {name}")  # every rank's, before the manifest says so
@@ -193,32 +196,49 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     return report
 
 
-def check_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str) -> list[str]:
-    """Split the fused experts of ``blocks`` into per-expert linear layers (the layout's ``split_experts``)
-    and check that every other weight matrix of every block will be quantized; returns the MoE router weights,
-    which stay in float (logged).
+def check_weights(model: nn.Module, blocks: nn.ModuleList, prefix: str) -> tuple[list[str], list[str]]:
+    """Split the fused experts of ``blocks`` into per-expert linear layers (the layout's ``split_experts``) and
+    check that every other weight matrix of every block will be quantized or is kept in float on purpose; returns
+    the weights kept in float, by full name: ``(MoE routers, others)`` (convolution kernels and the like, warned
+    about).
 
     Raises:
-        ConfigError: a weight matrix of a block is not an ``nn.Linear`` the driver quantizes (e.g. fused experts of
-            an architecture this version cannot split), naming it: nothing is left unquantized silently.
+        ConfigError: a block holds stacked expert weights the driver cannot quantize (fused experts of an
+            architecture this version cannot split), naming them: nothing is left unquantized silently.
     """
     split_experts(model, blocks)
-    routers, unhandled = [], []
+    routers, kept, unhandled = [], [], []
     for i, block in enumerate(blocks):
-        r, u = unquantized_weights(block)
+        r, k, u = unquantized_weights(block)
         routers += [f"{prefix}.{i}.{n}" for n in r]
+        kept += [f"{prefix}.{i}.{n}" for n in k]
         unhandled += [f"{prefix}.{i}.{n}" for n in u]
+
+    def kinds(names: list[str]) -> str:
+        return ", ".join(sorted({type(model.get_submodule(n.rpartition(".")[0])).__name__ for n in names}))
+
     if unhandled:
-        kinds = sorted({type(blocks[int(n[len(prefix) + 1:].split(".")[0])].get_submodule(
-            n[len(prefix) + 1:].split(".", 1)[1].rpartition(".")[0])).__name__ for n in unhandled})
-        raise ConfigError(f"{unhandled[0]} ({len(unhandled)} weight matrices in all, in {', '.join(kinds)}) would be "
+        raise ConfigError(f"{unhandled[0]} ({len(unhandled)} weight tensors in all, in {kinds(unhandled)}) would be "
                           "left unquantized: gptq-plugin quantizes nn.Linear layers and the fused experts of "
                           "Transformers' standard MoE blocks only; this architecture's layout is not supported yet "
                           "(register a model layout through the gptq_plugin_model_layouts hook that splits it)")
     if routers:
         log.info("%d MoE router weights stay unquantized (as vLLM and llm-compressor keep them), e.g. %s",
                  len(routers), routers[0])
-    return routers
+    if kept:
+        log.warning("%d weight tensors of the decoder blocks are not linear layers and stay unquantized (%s), e.g. "
+                    "%s", len(kept), kinds(kept), kept[0])
+    return routers, kept
+
+
+def checkpoint_module_names(model: nn.Module, blocks: nn.ModuleList, prefix: str) -> dict[str, str]:
+    """Full module (and parameter) name -> the name the checkpoint stores it under, for the modules of ``blocks``
+    whose names differ (e.g. Mixtral's ``mlp`` -> ``block_sparse_moe``): reports, logs and errors use the
+    checkpoint's names."""
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in b.named_modules() if n]
+    names += [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in b.named_parameters()]
+    stored = checkpoint_names(model, [n + ".x" for n in names])
+    return {k[:-2]: v[:-2] for k, v in stored.items() if k != v}
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.Tensor, batch_size: int,

@@ -349,14 +349,16 @@ class CompressedTensorsFormat(CheckpointFormat):
 
 
 def _unquantized_linears(layers: Mapping, keys: Iterable[str]) -> list[str]:
-    """``lm_head`` plus the 2-D ``.weight`` tensors beside quantized layers (e.g. MoE routers): the linear layers
-    a compressed-tensors reader must not expect packed weights for."""
+    """``lm_head`` plus the ``.weight`` tensors beside quantized layers and those of the MoE modules holding quantized
+    experts (``X.gate``, ``X.shared_expert_gate`` beside ``X.experts.{e}.*``: the routers): the linear layers a
+    compressed-tensors reader must not expect packed weights for."""
     parents = {p.rpartition(".")[0] for p in layers}
+    moe = {p.split(".experts.")[0] for p in layers if ".experts." in p}
     out = {"lm_head"}
     for k in keys:
         if k.endswith(".weight"):
             p = k[: -len(".weight")]
-            if p not in layers and p.rpartition(".")[0] in parents:
+            if p not in layers and (p.rpartition(".")[0] in parents or p.rpartition(".")[0] in moe):
                 out.add(p)
     return sorted(out)
 

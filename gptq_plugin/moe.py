@@ -217,15 +217,21 @@ def linearize_experts(model: nn.Module, blocks: Iterable[nn.Module]) -> int:
 
 
 def _mark_routers(block: nn.Module, experts_path: str, num_experts: int | None = None) -> None:
-    """Mark the router (``num_experts`` outputs, default the experts module's length) of the MoE module holding
-    ``experts_path``, and its shared expert's gate (1 output)."""
+    """Mark the routers of the MoE module holding ``experts_path``: the modules inside it, outside the experts and
+    any shared expert, whose 2-D weight has ``num_experts`` outputs (default the experts module's length; e.g.
+    ``gate``, HunYuan's ``gate.wg``, Afmoe's ``router.gate``) or one output (a shared expert's gate)."""
     parent = experts_path.rpartition(".")[0]
     moe = block.get_submodule(parent) if parent else block
     E = num_experts or len(block.get_submodule(experts_path))
-    for name, child in moe.named_children():
-        out = getattr(child, "out_features", None) or (child.weight.shape[0] if isinstance(
-            getattr(child, "weight", None), torch.Tensor) and child.weight.dim() == 2 else None)
-        if out in (E, 1) and not isinstance(child, (ExpertLinears, ExpertMLP)):
+    skip = experts_path.rpartition(".")[2]
+    for name, child in moe.named_modules():
+        parts = name.split(".")
+        if not name or parts[0] == skip or any(p.startswith("shared_expert") and p != "shared_expert_gate"
+                                               for p in parts):
+            continue
+        w = getattr(child, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (E, 1) and not isinstance(
+                child, (ExpertLinears, ExpertMLP)):
             child.gptq_plugin_role = ROUTER
 
 
@@ -239,24 +245,31 @@ def expert_of(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def unquantized_weights(block: nn.Module) -> tuple[list[str], list[str]]:
-    """``(routers, unhandled)``: the weight matrices (parameters of 2 or more dims) of ``block`` the driver does
-    not quantize: MoE routers (kept in float on purpose), and everything else that is not the weight of an
-    ``nn.Linear`` (e.g. fused experts of a class :func:`is_fused_experts` does not know), by parameter name."""
+def unquantized_weights(block: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """``(routers, kept, unhandled)``: the parameters of 2 or more dims of ``block`` the driver does not quantize, by
+    name. ``routers``: MoE routers (kept in float on purpose, as vLLM builds them). ``unhandled``: 3-D parameters
+    outside convolutions and weights of modules named like experts: stacked expert weights this version cannot
+    split, which would silently stay 16-bit (the driver refuses them). ``kept``: the rest (convolution kernels of
+    Mamba or linear-attention layers, GPT-2's ``Conv1D``, per-expert statistics such as ``(1, E)`` score biases),
+    which GPTQ does not quantize and the serving engines keep in float too (the driver reports them)."""
     owner = {}
     for mname, mod in block.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = mod
-    routers, unhandled = [], []
+    routers, kept, unhandled = [], [], []
     for pname, p in block.named_parameters():
         if p.dim() < 2:
             continue
         mod = owner.get(pname)
         if is_router(mod):
             routers.append(pname)
-        elif not (isinstance(mod, nn.Linear) and pname.endswith("weight")):
+        elif isinstance(mod, nn.Linear) and pname.endswith("weight"):
+            continue
+        elif (p.dim() == 3 and not isinstance(mod, nn.modules.conv._ConvNd)) or "Expert" in type(mod).__name__:
             unhandled.append(pname)
-    return routers, unhandled
+        else:
+            kept.append(pname)
+    return routers, kept, unhandled
 
 
 def set_calibration(block: nn.Module, mode: str | None) -> None:

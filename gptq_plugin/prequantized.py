@@ -161,16 +161,23 @@ def _check_state_covered(model, names: dict, keys: dict, where, fmt, stored_as: 
         if prefix in names or k in tied_names or any(p.search(k) for p in ignore):
             continue
         meta = stored(k)
+        if meta is not None and getattr(model.get_submodule(prefix), "gptq_plugin_expert", False):
+            raise CheckpointError(f"{where}: expert layer {stored_as.get(k, k)} is stored unquantized: Transformers "
+                                  "would fuse it with the other experts' float weights and leave this layer randomly "
+                                  "initialised; load the checkpoint with gptq_plugin.load_quantized, or quantize every "
+                                  "expert")
         if meta is None:
-            what = f"{prefix}.{fmt.marker} (or {k})" if isinstance(model.get_submodule(prefix), torch.nn.Linear) else k
+            shown = stored_as.get(k, k)
+            what = (f"{shown[:-len('.weight')]}.{fmt.marker} (or {shown})" if isinstance(
+                model.get_submodule(prefix), torch.nn.Linear) and shown.endswith(".weight") else shown)
             raise CheckpointError(f"{where}: tensor {what} is missing: Transformers would initialise it randomly; the "
                                   "checkpoint is incomplete or for another architecture")
         dtype = meta.dtype if isinstance(meta.dtype, torch.dtype) else ST_DTYPES.get(str(meta.dtype))
         if ref.is_floating_point() and not (dtype is not None and dtype.is_floating_point):
-            raise CheckpointError(f"{where}: tensor {k} has dtype {meta.dtype}, expected a floating-point tensor: "
+            raise CheckpointError(f"{where}: tensor {stored_as.get(k, k)} has dtype {meta.dtype}, expected a floating-point tensor: "
                                   "corrupt checkpoint")
         if list(meta.shape) != list(ref.shape):
-            raise CheckpointError(f"{where}: tensor {k} has shape {list(meta.shape)}, expected {list(ref.shape)}: the "
+            raise CheckpointError(f"{where}: tensor {stored_as.get(k, k)} has shape {list(meta.shape)}, expected {list(ref.shape)}: the "
                                   "checkpoint does not match its config.json")
 
 

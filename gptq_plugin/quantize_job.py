@@ -52,6 +52,11 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         mse = RECOMMENDED["mse"] if method == "gptq" else 0.0
     if method != "gptq":  # RTN has no Hessian: input order, no act-order to record in the checkpoint
         act_order = static_groups = False
+    if method == "rtn" and (moe_calibration != "all" or moe_min_tokens != 128):
+        log.warning("--moe-calibration and --moe-min-tokens are not used: --method rtn reads no calibration data")
+    elif moe_calibration == "all" and moe_min_tokens != 128:
+        log.warning("--moe-min-tokens is not used with --moe-calibration all (every expert's Hessians come from every "
+                    "calibration token); it applies to --moe-calibration routed")
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
@@ -150,10 +155,14 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                 f"layers), " + (f"Hessians from {cfg.moe_calibration} tokens" if cfg.method == "gptq" else "RTN")
                 + (f"; routed calibration tokens per expert min {toks[0]}, median {toks[len(toks) // 2]}, max {toks[-1]}"
                    if toks else "")
-                + (f"; {rtn} experts fell back to RTN (fewer than --moe-min-tokens {cfg.moe_min_tokens} routed tokens)"
-                   if rtn else ""))
-    if rep.unquantized:
-        msg += f"\nkept in float: {len(rep.unquantized)} MoE router weights (e.g. {rep.unquantized[0]}), as vLLM serves them"
+                + (f"; {rtn} experts quantized with RTN for want of routed calibration tokens (see the report's "
+                   "experts)" if rtn else ""))
+    if rep.routers:
+        msg += (f"\nkept in float: {rep.routers} MoE router weights (e.g. {rep.unquantized[0]}), as vLLM serves "
+                "them")
+    others = rep.unquantized[rep.routers:]
+    if others:
+        msg += f"\nkept in float: {len(others)} other weight tensors of the blocks that are not linear layers (e.g. {others[0]})"
     if report:
         msg += f"\nreport: {report}"
     typer.echo(msg)

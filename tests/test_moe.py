@@ -40,28 +40,22 @@ def _quantize(arch: str, **kw):
 
 def _dequantized_fused(model: nn.Module, float_model: nn.Module) -> nn.Module:
     """``float_model`` (the untouched Transformers model, fused experts) with every quantized weight of ``model``
-    written back, dequantized: the reference the quantized model must reproduce."""
-    for i, layer in enumerate(model.model.layers):
-        ref = float_model.model.layers[i]
-        for name, m in layer.named_modules():
-            if not isinstance(m, QuantLinear):
-                continue
-            W = dequantize_weight(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.in_features)  # [out, in]
-            parts = name.split(".")
-            if "experts" in parts:
-                e, proj = int(parts[parts.index("experts") + 1]), parts[-1]
-                fused = ref.mlp.experts
+    written back, dequantized with the reference formula: the reference the quantized model must reproduce."""
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        W = dequantize_weight(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.in_features)  # [out, in]
+        parts = name.split(".")
+        with torch.no_grad():
+            if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+                i = parts.index("experts")
+                e, fused = int(parts[i + 1]), float_model.get_submodule(".".join(parts[:i + 1]))
+                which = model.get_submodule(".".join(parts[:i + 2])).names.index(parts[-1])  # gate, up, down
                 inter = fused.down_proj.shape[2]
-                with torch.no_grad():
-                    if proj in ("gate_proj", "w1"):
-                        fused.gate_up_proj[e, :inter] = W
-                    elif proj in ("up_proj", "w3"):
-                        fused.gate_up_proj[e, inter:] = W
-                    else:
-                        fused.down_proj[e] = W
+                target = (fused.gate_up_proj[e, :inter], fused.gate_up_proj[e, inter:], fused.down_proj[e])[which]
+                target.copy_(W)
             else:
-                with torch.no_grad():
-                    ref.get_submodule(name).weight.copy_(W)
+                float_model.get_submodule(name).weight.copy_(W)
     return float_model
 
 
@@ -74,7 +68,7 @@ def test_every_expert_is_quantized_and_the_model_equals_its_dequantized_referenc
     assert all(isinstance(layer.mlp.experts, ExpertLinears) for layer in model.model.layers)
     assert not any(isinstance(m, nn.Linear) and not getattr(m, "gptq_plugin_role", None)
                    for m in model.model.layers.modules())  # only the routers stay float
-    assert len(report.unquantized) == LAYERS and all(n.endswith("mlp.gate.weight") for n in report.unquantized)
+    assert report.unquantized == [f"model.layers.{l}.{MOE[arch]}.gate.weight" for l in range(LAYERS)]
     ref = _dequantized_fused(model, float_model)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -142,7 +136,7 @@ def test_an_expert_without_tokens_is_quantized_by_the_named_path(mode, caplog):
     _starve_expert(model, 5)
     cfg = QuantizeConfig(bits=4, group_size=32, moe_calibration=mode, moe_min_tokens=8)
     report = quantize_model(model, CALIB, cfg, batch_size=4, progress=False)
-    starved = report.experts()["model.layers.0.mlp.experts.5"]
+    starved = report.experts()["model.layers.0.block_sparse_moe.experts.5"]  # the checkpoint's names
     assert starved["tokens"] == 0
     layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".experts.5." in n]
     assert len(layers) == 3  # quantized, never skipped
@@ -150,7 +144,7 @@ def test_an_expert_without_tokens_is_quantized_by_the_named_path(mode, caplog):
         assert starved["path"] == "gptq (all tokens)"
     else:
         assert starved["path"].startswith("rtn: its expert saw 0 routed calibration tokens (< moe_min_tokens=8)")
-        assert "experts.5.w1" in caplog.text and "quantized with RTN" in caplog.text
+        assert "block_sparse_moe.experts.5.w1" in caplog.text and "quantized with RTN" in caplog.text
         others = [v for k, v in report.experts().items() if not k.endswith(".5")]
         assert all(v["path"] == "gptq (routed tokens)" for v in others if v["tokens"] >= 8)
 
@@ -170,7 +164,7 @@ def test_a_weight_the_driver_cannot_quantize_is_refused_by_name():
     model = tiny_moe("qwen3_moe", layers=2)
     model.model.layers[1].mlp.experts = _OddExperts(model.model.layers[1].mlp.experts)
     assert not is_fused_experts(model.model.layers[1].mlp.experts)  # its router is kept in float, as any router
-    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj \(2 weight matrices in all, "
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj \(2 weight tensors in all, "
                                           r"in _OddExperts\) would be left unquantized"):
         quantize_model(model, CALIB, QuantizeConfig(bits=4, group_size=32), batch_size=4, progress=False)
 
@@ -289,8 +283,8 @@ def test_cli_reports_experts_and_inspect_counts_kinds(moe_files, tmp_path, capsy
     assert rc == 0, err
     assert f"quantized {LAYERS * (4 + 3 * E)} layers" in stdout
     assert f"experts: {LAYERS * E} experts quantized ({LAYERS * E * 3} layers), Hessians from routed tokens" in stdout
-    assert "fell back to RTN (fewer than --moe-min-tokens 40 routed tokens)" in stdout
-    assert f"kept in float: {LAYERS} MoE router weights (e.g. model.layers.0.mlp.gate.weight)" in stdout
+    assert "experts quantized with RTN for want of routed calibration tokens" in stdout
+    assert f"kept in float: {LAYERS} MoE router weights (e.g. model.layers.0.block_sparse_moe.gate.weight)" in stdout
     rc, stdout, err = cli(capsys, "inspect", out)
     assert rc == 0, err
     assert f"attention {4 * LAYERS}, dense MLP 0, experts {3 * E * LAYERS} ({E * LAYERS} experts), other 0" in stdout
@@ -353,3 +347,97 @@ def test_a_shared_experts_gate_stays_float_and_the_shared_expert_is_quantized():
     assert isinstance(mlp.shared_expert_gate, nn.Linear) and not isinstance(mlp.shared_expert_gate, QuantLinear)
     assert report.unquantized == ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight"]
     assert len(report.experts()) == 4
+
+
+OTHER = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=4, n_routed_experts=4,
+             num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False,
+             first_k_dense_replace=0, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+             moe_num_experts=4, moe_k=2, moe_topk=2, pad_token_id=0, layer_types=["full_attention"] * 2)
+
+
+@pytest.mark.parametrize("arch,routers", [
+    ("deepseek_v3", ["mlp.gate.weight"]),
+    ("hunyuan_v1_moe", ["mlp.gate.wg.weight"]),  # the router nn.Linear one level down
+    ("afmoe", ["mlp.router.gate.weight"]),
+    ("ernie4_5_moe", ["mlp.gate.weight"]),  # and its (1, E) score bias: kept, not a linear layer
+])
+def test_other_architectures_keep_their_routers_and_equal_the_reference(arch, routers):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(arch, **dict(OTHER, **({"head_dim": 8} if arch.startswith("deepseek") else {})))
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+    model = build()
+    report = quantize_model(model, CALIB, QuantizeConfig(bits=4, group_size=16), batch_size=4, progress=False)
+    assert report.experts() and all(e["path"] == "gptq (all tokens)" for e in report.experts().values())
+    moe_layers = sorted({int(n.split(".")[2]) for n in report.experts()})
+    assert report.unquantized[:report.routers] == [f"model.layers.{l}.{r}" for l in moe_layers for r in routers]
+    for name in report.unquantized[:report.routers]:
+        assert not isinstance(model.get_submodule(name.rpartition(".")[0]), QuantLinear)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _dequantized_fused(model, build())(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mixtral_ckpt(tmp_path_factory):
+    model, _, cfg, report = _quantize("mixtral")
+    return save_quantized(model, cfg, tmp_path_factory.mktemp("mixtral") / "q", extra_meta=report.checkpoint_meta())
+
+
+def _edited(src, dst, edit):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_missing_expert_tensor_is_named_as_the_file_names_it(mixtral_ckpt, tmp_path):
+    from gptq_plugin.errors import CheckpointError
+
+    bad = _edited(mixtral_ckpt, tmp_path / "bad",
+                  lambda s: s.pop("model.layers.1.block_sparse_moe.experts.3.w2.qweight"))
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.qweight is "
+                                              r"missing"):
+        load_quantized(bad)
+
+
+def test_transformers_refuses_an_expert_stored_in_float(mixtral_ckpt, tmp_path):
+    """Transformers would fuse a float expert weight into its 3-D parameter and leave the per-expert layer random."""
+    from transformers import AutoModelForCausalLM
+
+    from gptq_plugin import GPTQPluginConfig
+    from gptq_plugin.errors import CheckpointError
+
+    p = "model.layers.1.block_sparse_moe.experts.4.w1"
+
+    def to_float(state):
+        for leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            state.pop(f"{p}.{leaf}")
+        state[f"{p}.weight"] = torch.zeros(64, 64, dtype=torch.float16)
+
+    bad = _edited(mixtral_ckpt, tmp_path / "float", to_float)
+    with pytest.raises(CheckpointError, match=rf"expert layer {p}\.weight is stored unquantized"):
+        AutoModelForCausalLM.from_pretrained(bad, quantization_config=GPTQPluginConfig())
+    load_quantized(bad)  # the core's loader takes a float expert as it is
+
+
+def test_compressed_tensors_ignores_the_routers(mixtral_ckpt, tmp_path):
+    from gptq_plugin.convert import convert_checkpoint
+
+    convert_checkpoint(mixtral_ckpt, tmp_path / "ct", "compressed-tensors")
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert [n for n in ignore if "gate" in n] == [f"model.layers.{l}.block_sparse_moe.gate" for l in range(LAYERS)]
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "ct")(ids).logits, load_quantized(mixtral_ckpt)(ids).logits)
