@@ -293,6 +293,59 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     return model.to(device)
 
 
+def structure_problems(path: Path, shapes: dict[str, tuple[list[int], str]], prefixes: list[str],
+                       cfg: QuantizeConfig, features: dict[str, tuple[int, int]] | None = None,
+                       limit: int = 5) -> list[str]:
+    """What :func:`load_quantized` would refuse about a checkpoint whose quantized layers are valid, from the tensor
+    headers alone (``shapes``: name -> (shape, dtype)): the model of its config.json (built on ``meta``) needs a
+    tensor the checkpoint lacks (e.g. a whole expert, a router), a quantized layer names no linear layer, an
+    unquantized tensor has another shape, a quantized layer's ``features`` (prefix -> (in, out), as stored) differ
+    from the model's, or a tensor is unexpected. At most ``limit`` messages, by the checkpoint's names."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+        if hasattr(hf_config, "quantization_config"):
+            delattr(hf_config, "quantization_config")
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as e:  # noqa: BLE001 - Transformers raises many types for a bad config
+        return [f"config.json cannot be read by Transformers ({type(e).__name__}: {e})"]
+    model_names = _model_names(model)
+    stored_as = {m: d for d, m in model_names.items()}
+    layer_of = {p: model_names.get(p + ".weight", p + ".weight")[:-len(".weight")] for p in prefixes}
+    try:
+        replace_with_quant_linear(model, list(layer_of.values()), cfg)
+    except CheckpointError as e:
+        return [str(e)]
+    quantized = set(layer_of.values())
+    expected = {k: list(v.shape) for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quantized}
+    owned = {f"{p}." for p in prefixes}
+    have = {model_names.get(k, k): k for k in shapes if not any(k.startswith(o) for o in owned)}
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    problems = []
+    for p, (in_f, out_f) in (features or {}).items():
+        mod = model.get_submodule(layer_of[p])
+        if (in_f, out_f) != (mod.in_features, mod.out_features):
+            problems.append(f"{p} stores {in_f} -> {out_f} features, its config.json gives {mod.in_features} -> "
+                            f"{mod.out_features}: the checkpoint does not match its config.json")
+    for k, shape in expected.items():
+        if k not in have:
+            if not (tied and k == "lm_head.weight"):
+                name = stored_as.get(k, k)
+                base = name[:-len(".weight")] if name.endswith(".weight") else None
+                if base and any(f"{base}.{leaf}" in shapes for leaf in ("scales", "qzeros", "g_idx")):
+                    name = f"{base}.qweight"  # the layer's other GPTQ tensors are there
+                problems.append(f"tensor {name} is missing: the checkpoint is incomplete or for another "
+                                "architecture (load_quantized refuses it)")
+        elif list(shapes[have[k]][0]) != shape:
+            problems.append(f"tensor {have[k]} has shape {list(shapes[have[k]][0])}, its config.json gives {shape}")
+    problems += [f"unexpected tensor {have[k]}: the checkpoint does not match its config.json" for k in sorted(have)
+                 if k not in expected]
+    return problems[:limit]
+
+
 def _model_names(model: nn.Module) -> dict[str, str]:
     """Split ``model``'s fused MoE experts into per-expert linear layers (its layout's ``split_experts``)
     and map its checkpoint keys to its state-dict keys (the inverse of :func:`gptq_plugin.moe.checkpoint_names`)."""
@@ -364,6 +417,11 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
     if check:  # the validator's verdict: every layer's leaves, shapes, dtypes, g_idx, scales, and v1/v2 zero points
         verdict = validate_checkpoint(path, reader=reader)
         check_result, problems = verdict.summary(), list(verdict.problems)
+        if not problems:  # the layers are valid: does the checkpoint hold every tensor its model needs?
+            problems = structure_problems(path, shapes, prefixes, cfg,
+                                          {l["name"]: (l["in_features"], l["out_features"]) for l in layers})
+            if problems:
+                check_result = f"FAILED: {problems[0]}"
     return {
         "path": str(path),
         "format": fmt.name,

@@ -441,3 +441,17 @@ def test_compressed_tensors_ignores_the_routers(mixtral_ckpt, tmp_path):
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "ct")(ids).logits, load_quantized(mixtral_ckpt)(ids).logits)
+
+
+def test_inspect_fails_a_checkpoint_missing_a_whole_expert(mixtral_ckpt, tmp_path):
+    """The layers that are there are valid, but the model needs expert 7: inspect says so, as load_quantized would."""
+    from gptq_plugin.errors import CheckpointError
+
+    gone = "model.layers.1.block_sparse_moe.experts.7."
+    bad = _edited(mixtral_ckpt, tmp_path / "no7", lambda s: [s.pop(k) for k in list(s) if k.startswith(gone)])
+    info = inspect_checkpoint(bad)
+    assert info["format_check"] == (f"FAILED: tensor {gone}w1.weight is missing: the checkpoint is incomplete or for "
+                                    "another architecture (load_quantized refuses it)")
+    with pytest.raises(CheckpointError, match=rf"tensor {gone}w1\.weight is missing"):
+        load_quantized(bad)
+    assert inspect_checkpoint(mixtral_ckpt)["format_check"].startswith("ok")
