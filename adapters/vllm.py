@@ -69,7 +69,7 @@ from gptq_plugin.safetensors_io import ST_DTYPES, TensorMeta, checkpoint_files
 from gptq_plugin.sharding import RowShard, layout_of
 from gptq_plugin.validate import check_layer_header, read_layer_headers
 
-from .vllm_moe import moe_quant_method
+from .vllm_moe import moe_quant_method, register_custom_op
 
 _CT = "compressed-tensors"  # the name of the core's compressed-tensors pack-quantized format handler
 _CT_METHODS = ("compressed-tensors", "compressed_tensors")
@@ -101,16 +101,8 @@ def _gemm_fake(x: torch.Tensor, layer_key: str) -> torch.Tensor:
 def _define_op() -> None:
     """Define ``torch.ops.gptq_plugin.vllm_gemm(Tensor x, str layer_key) -> Tensor`` once per process."""
     global _op_lib
-    if _op_lib is not None:
-        return
-    from torch.library import Library
-    from vllm.platforms import current_platform
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    lib = Library("gptq_plugin", "FRAGMENT")
-    direct_register_custom_op("vllm_gemm", _gemm, mutates_args=[], fake_impl=_gemm_fake, target_lib=lib,
-                              dispatch_key=current_platform.dispatch_key)
-    _op_lib = lib  # the op lives as long as this object
+    if _op_lib is None:
+        _op_lib = register_custom_op("vllm_gemm", _gemm, _gemm_fake)  # the op lives as long as this object
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -118,20 +118,26 @@ def _moe_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     return torch.empty_like(x)
 
 
-def _define_op() -> None:
-    """Define ``torch.ops.gptq_plugin.vllm_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, str layer_key)
-    -> Tensor`` once per process."""
-    global _op_lib
-    if _op_lib is not None:
-        return
+def register_custom_op(name: str, fn, fake_impl):
+    """Register ``torch.ops.gptq_plugin.<name>`` (``fn``, with ``fake_impl`` for tracing) through vLLM's helper, on
+    the platform's dispatch key, so that vLLM's ``torch.compile`` treats it as one opaque call; returns the library
+    object, which must be kept alive as long as the op is used (the dense linear method uses it too)."""
     from torch.library import Library
     from vllm.platforms import current_platform
     from vllm.utils.torch_utils import direct_register_custom_op
 
     lib = Library("gptq_plugin", "FRAGMENT")
-    direct_register_custom_op("vllm_moe", _moe, mutates_args=[], fake_impl=_moe_fake, target_lib=lib,
+    direct_register_custom_op(name, fn, mutates_args=[], fake_impl=fake_impl, target_lib=lib,
                               dispatch_key=current_platform.dispatch_key)
-    _op_lib = lib  # the op lives as long as this object
+    return lib
+
+
+def _define_op() -> None:
+    """Define ``torch.ops.gptq_plugin.vllm_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, str layer_key)
+    -> Tensor`` once per process."""
+    global _op_lib
+    if _op_lib is None:
+        _op_lib = register_custom_op("vllm_moe", _moe, _moe_fake)
 
 
 def run_experts(experts: _Experts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
