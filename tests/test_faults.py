@@ -46,7 +46,7 @@ def test_layer_without_calibration_tokens_gets_rtn_and_is_reported(caplog):
     rows = {r.name: r for r in report.layers}
     assert "RTN" in rows["model.layers.0.mlp.unused_expert"].fallback
     assert rows["model.layers.0.mlp.up_proj"].fallback is None
-    assert "model.layers.0.mlp.unused_expert received no calibration tokens" in caplog.text
+    assert "model.layers.0.mlp.unused_expert: no calibration tokens reached this layer: quantized with RTN" in caplog.text
 
 
 def test_fp16_scale_overflow_is_logged(caplog):
