@@ -146,9 +146,10 @@ def main() -> None:
     prompts = [prompt_ids(a.model, a.prompt_len, seed) for seed in range(a.reps)]
     common = ["--dtype", a.dtype, "--max-model-len", str(a.prompt_len + a.gen + 64), "--max-num-seqs",
               str(max(4, a.concurrency))] + (["--enforce-eager"] if a.enforce_eager else [])
+    bits = json.loads((a.checkpoint / "config.json").read_text())["quantization_config"]["bits"]
     configs = {
-        "a": ("(a) gptq-plugin 4-bit", a.checkpoint, ["--quantization", "gptq-plugin", *common]),
-        "b": ("(b) vLLM built-in GPTQ 4-bit", a.checkpoint, common),
+        "a": (f"(a) gptq-plugin {bits}-bit", a.checkpoint, ["--quantization", "gptq-plugin", *common]),
+        "b": (f"(b) vLLM built-in GPTQ {bits}-bit", a.checkpoint, common),
         "c": ("(c) unquantized", a.model, common),
     }
     rows = [measure(*configs[k], a.workdir, prompts, a.gen, a.concurrency, a.timeout) for k in a.only]
