@@ -69,7 +69,7 @@ from gptq_plugin.safetensors_io import ST_DTYPES, TensorMeta, checkpoint_files
 from gptq_plugin.sharding import RowShard, layout_of
 from gptq_plugin.validate import check_layer_header, read_layer_headers
 
-from .vllm_moe import moe_quant_method, register_custom_op
+from .vllm_moe import moe_quant_method, register_custom_op, split_g_idx
 
 _CT = "compressed-tensors"  # the name of the core's compressed-tensors pack-quantized format handler
 _CT_METHODS = ("compressed-tensors", "compressed_tensors")
@@ -455,12 +455,7 @@ class GPTQPluginLinearMethod(LinearMethodBase):
         if hasattr(g_param, "_gptq_plugin_loaded"):
             del g_param._gptq_plugin_loaded
         if s["split"]:
-            if shard.groups(g_idx) is None:
-                raise CheckpointError(
-                    f"{name}.{L.g_idx} is not in input order although quantization_config.desc_act is false; with "
-                    "tensor parallelism the adapter then cannot split the scales. Fix desc_act in the checkpoint's "
-                    "config (set it to true)")
-            g_idx = shard.local_g_idx(g_idx, True)
+            g_idx = split_g_idx(shard, g_idx, f"{name}.{L.g_idx}")
         stored[L.g_idx] = g_idx.to(torch.int32)
         n_groups = int(stored[L.scales].shape[L.in_dim])
         extra: dict[str, Any] = {}

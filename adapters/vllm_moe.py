@@ -132,6 +132,20 @@ def register_custom_op(name: str, fn, fake_impl):
     return lib
 
 
+def split_g_idx(shard: RowShard, g_idx: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's ``g_idx`` rows of a row-parallel layer whose scales are split with its input (whole groups in
+    input order), renumbered from the rank's first group.
+
+    Raises:
+        CheckpointError: ``g_idx`` (checkpoint tensor ``name``) is not in input order, so the scales cannot be split.
+    """
+    if shard.groups(g_idx) is None:
+        raise CheckpointError(f"{name} is not in input order although quantization_config.desc_act is false; with "
+                              "tensor parallelism the adapter then cannot split the scales. Fix desc_act in the "
+                              "checkpoint's config (set it to true)")
+    return shard.local_g_idx(g_idx, True)
+
+
 def _define_op() -> None:
     """Define ``torch.ops.gptq_plugin.vllm_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, str layer_key)
     -> Tensor`` once per process."""
@@ -345,12 +359,7 @@ class GPTQPluginMoEMethod(FusedMoEMethodBase):
             name2 = f"{self.prefix}.{e}.down"
             g_idx = layer.w2_g_idx.data[e]
             if s["split"]:
-                if shard.groups(g_idx) is None:
-                    raise CheckpointError(
-                        f"{self._ckpt_name(layer, e, 'w2', 'g_idx')} is not in input order although "
-                        "quantization_config.desc_act is false; with tensor parallelism the adapter then cannot split "
-                        "the scales. Fix desc_act in the checkpoint's config (set it to true)")
-                g_idx = shard.local_g_idx(g_idx, True).to(torch.int32)
+                g_idx = split_g_idx(shard, g_idx, self._ckpt_name(layer, e, "w2", "g_idx")).to(torch.int32)
             t = handler.to_internal({"qweight": layer.w2_qweight.data[e], "qzeros": layer.w2_qzeros.data[e],
                                      "scales": layer.w2_scales.data[e], "g_idx": g_idx}, q, name2)
             w2.append(self._view(t, name2, s["G2"]))

@@ -96,22 +96,6 @@ static inline float code_at(int bits8, const uint8_t *row, int64_t k) {
 }
 
 #ifdef GP_AVX512
-/* The 32 fp32 weights of chunk c of one row: lo = channels 32c..32c+15, hi = 32c+16..32c+31. */
-static inline __attribute__((always_inline)) void chunk_weights(int bits8, const uint8_t *row, int64_t c, __m512 s,
-                                                                __m512 nz, __m512 *lo, __m512 *hi) {
-    __m128i a, b;
-    if (bits8) {
-        a = _mm_loadu_si128((const __m128i *)(row + 32 * c));
-        b = _mm_loadu_si128((const __m128i *)(row + 32 * c + 16));
-    } else {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * c));
-        a = _mm_and_si128(v, _mm_set1_epi8(15));
-        b = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
-    }
-    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), s, nz);
-    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), s, nz);
-}
-
 /* The 32 codes of chunk c of one row as fp32: lo = channels 32c..32c+15, hi = 32c+16..32c+31. */
 static inline __attribute__((always_inline)) void chunk_codes(int bits8, const uint8_t *row, int64_t c, __m512 *lo,
                                                               __m512 *hi) {
@@ -126,6 +110,14 @@ static inline __attribute__((always_inline)) void chunk_codes(int bits8, const u
     }
     *lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a));
     *hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+
+/* The 32 fp32 weights of chunk c of one row (codes * s + nz): lo = channels 32c..32c+15, hi = 32c+16..32c+31. */
+static inline __attribute__((always_inline)) void chunk_weights(int bits8, const uint8_t *row, int64_t c, __m512 s,
+                                                                __m512 nz, __m512 *lo, __m512 *hi) {
+    chunk_codes(bits8, row, c, lo, hi);
+    *lo = _mm512_fmadd_ps(*lo, s, nz);
+    *hi = _mm512_fmadd_ps(*hi, s, nz);
 }
 #endif
 
