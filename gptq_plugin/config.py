@@ -29,11 +29,12 @@ def _version() -> str:
         return "0.1.0"
 
 
-# The recipe `gptq-plugin quantize` and the demo use unless told otherwise: act-order with static groups and an
-# MSE clipping search. The dataclass defaults below (and those of the Transformers adapter's GPTQPluginConfig,
-# which also parses checkpoints) stay the GPTQ format's defaults: what a checkpoint means when it omits a field. Evidence: docs/quality.md (demo model, 4-bit g64: WikiText-2 perplexity
-# 34.22 (34.39 since the fixed-order Hessian sum of session 7) with this recipe, 35.41 without the clipping search, 36.02 act-order alone, 40.44 neither, RTN 42.04).
-RECOMMENDED = {"desc_act": True, "static_groups": True, "mse": 2.4}
+# The recipe `gptq-plugin quantize` and the demo use unless told otherwise: group-aware reordering, an MSE clipping
+# search and a least-squares refit of the scales (desc_act and static groups off, so g_idx stays in input order). The
+# dataclass defaults below (and those of the Transformers adapter's GPTQPluginConfig, which also parses checkpoints)
+# stay the GPTQ format's defaults: what a checkpoint means when it omits a field. Chosen on the model panel, not one
+# model: docs/quality.md#the-model-panel-and-the-default-recipe (`python benchmarks/panel.py`).
+RECOMMENDED = {"act_group_aware": True, "mse": 2.4, "refit_scales": True}
 
 
 @dataclass
@@ -73,6 +74,13 @@ class QuantizeConfig:
             (:mod:`gptq_plugin.moe`).
         moe_min_tokens (`int`, *optional*, defaults to 128): with "routed", an expert that saw fewer routed
             calibration tokens is quantized with RTN (reported per expert).
+        act_group_aware (`bool`, *optional*, defaults to False): group-aware reordering (GAR, GPTQModel's
+            ``act_group_aware``; :func:`gptq_plugin.solver.group_aware_order`): quantize whole groups in order of
+            their largest Hessian diagonal and the columns of each group by decreasing diagonal. ``g_idx`` stays in
+            input order, so the checkpoint has ``desc_act`` false. Excludes ``desc_act``; needs a group size.
+        refit_scales (`bool`, *optional*, defaults to False): after the GPTQ sweep, refit every row's group
+            scales by least squares against the layer's Hessian with the codes fixed
+            (:func:`gptq_plugin.solver.refit_scales`); same format, lower output error.
 
     Raises:
         ConfigError: from :meth:`validate` when a field has an unsupported value.
@@ -93,6 +101,8 @@ class QuantizeConfig:
     method: str = "gptq"
     moe_calibration: str = "all"
     moe_min_tokens: int = 128
+    act_group_aware: bool = False
+    refit_scales: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -123,9 +133,15 @@ class QuantizeConfig:
         from .moe import check_moe_config
 
         check_moe_config(self.moe_calibration, self.moe_min_tokens)
-        for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head"):
+        for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head", "act_group_aware", "refit_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
+        if self.act_group_aware and self.desc_act:
+            raise ConfigError("act_group_aware and desc_act (act-order) exclude each other: group-aware reordering "
+                              "is an act-order that keeps groups whole; turn one of them off")
+        if self.act_group_aware and self.group_size == -1:
+            raise ConfigError("act_group_aware needs groups (group_size > 0): with group_size -1 use desc_act "
+                              "(act-order), which is the same order for one group")
         return self
 
     # --- JSON forms -------------------------------------------------------------------------------------
@@ -139,6 +155,8 @@ class QuantizeConfig:
         meta.setdefault("block_size", self.block_size)
         meta.setdefault("moe_calibration", self.moe_calibration)
         meta.setdefault("moe_min_tokens", self.moe_min_tokens)
+        meta.setdefault("act_group_aware", self.act_group_aware)
+        meta.setdefault("refit_scales", self.refit_scales)
         meta.setdefault("config_version", CONFIG_VERSION)
         return {
             "quant_method": "gptq",
@@ -180,7 +198,8 @@ class QuantizeConfig:
                 kwargs[f.name] = d[f.name]
         if "checkpoint_format" not in d and "format" in d:
             kwargs["checkpoint_format"] = d["format"]
-        for key in ("damp_auto_increment", "mse", "block_size", "moe_calibration", "moe_min_tokens"):
+        for key in ("damp_auto_increment", "mse", "block_size", "moe_calibration", "moe_min_tokens", "act_group_aware",
+                    "refit_scales"):
             if key in meta and key not in kwargs:
                 kwargs[key] = meta[key]
         kwargs["method"] = meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq"

@@ -104,7 +104,7 @@ class GPTQLayer:
             return None, (f"its groups ({'/'.join(map(str, sizes))} inputs) do not fall on GGML's {QK}-input blocks "
                           f"(use a group size that is a multiple of {QK})")
         return None, ("g_idx is not in input order (act-order with dynamic groups), so a block of 32 inputs mixes "
-                      "groups (quantize with --act-order --static-groups, the default recipe, or --no-act-order)")
+                      "groups (quantize with the default recipe, --act-order --static-groups, or --no-act-order)")
 
 
 @dataclass

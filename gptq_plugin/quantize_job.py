@@ -32,13 +32,35 @@ from .streaming import quantize_streaming
 log = logging.getLogger("gptq_plugin")
 
 
-def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: int, act_order: bool, sym: bool,
-                 static_groups: bool, true_sequential: bool, damp_percent: float, mse: float | None,
+def resolve_recipe(method: str, act_order: bool | None, act_group_aware: bool | None, static_groups: bool | None,
+                   mse: float | None, refit_scales: bool | None) -> tuple[bool, bool, bool, float, bool]:
+    """The CLI's options left unset (None) filled in from :data:`~gptq_plugin.config.RECOMMENDED`:
+    ``(desc_act, act_group_aware, static_groups, mse, refit_scales)``. An explicit ``--act-order`` turns the
+    recipe's group-aware order off and static groups on (act-order with ``g_idx`` in input order) unless given;
+    RTN (``method`` "rtn") has no Hessian: input order, min-max range unless ``mse`` is given."""
+    if method != "gptq":
+        return False, False, False, 0.0 if mse is None else mse, False
+    if act_order is None:
+        act_order = RECOMMENDED.get("desc_act", False) and not act_group_aware
+    if act_group_aware is None:
+        act_group_aware = RECOMMENDED.get("act_group_aware", False) and not act_order
+    if static_groups is None:
+        static_groups = True if act_order else RECOMMENDED.get("static_groups", False)
+    if mse is None:
+        mse = RECOMMENDED["mse"]
+    if refit_scales is None:
+        refit_scales = RECOMMENDED.get("refit_scales", False)
+    return act_order, act_group_aware, static_groups, mse, refit_scales
+
+
+def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: int, act_order: bool | None, sym: bool,
+                 static_groups: bool | None, true_sequential: bool, damp_percent: float, mse: float | None,
                  dataset: str | None, nsamples: int, seqlen: int, batch_size: int, method: str,
                  checkpoint_format: str, overwrite: bool, low_memory: bool | None, report: Path | None,
                  forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
                  end_run: Callable[[BaseException, ResumeState], None], moe_calibration: str = "all",
-                 moe_min_tokens: int = 128) -> None:
+                 moe_min_tokens: int = 128, act_group_aware: bool | None = None, refit_scales: bool | None = None
+                 ) -> None:
     """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
     check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
     write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
@@ -48,10 +70,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         GPTQPluginError: bad input (missing folder, impossible config, corrupt checkpoint), named with the fix;
             DistributedError when another rank fails.
     """
-    if mse is None:
-        mse = RECOMMENDED["mse"] if method == "gptq" else 0.0
-    if method != "gptq":  # RTN has no Hessian: input order, no act-order to record in the checkpoint
-        act_order = static_groups = False
+    act_order, act_group_aware, static_groups, mse, refit_scales = resolve_recipe(
+        method, act_order, act_group_aware, static_groups, mse, refit_scales)
     if method == "rtn" and (moe_calibration != "all" or moe_min_tokens != 128):
         log.warning("--moe-calibration and --moe-min-tokens are not used: --method rtn reads no calibration data")
     elif moe_calibration == "all" and moe_min_tokens != 128:
@@ -60,7 +80,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
-                         moe_min_tokens=moe_min_tokens)
+                         moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
+                         refit_scales=refit_scales)
     check_model_folder(model)
     inputs = [model]
     if dataset is not None and Path(dataset).exists():

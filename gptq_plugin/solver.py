@@ -178,7 +178,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
             (saving a Hessian-sized copy) and restores it, bit for bit, before returning or raising; do not read
             it from another thread meanwhile. Otherwise (or for an inference-mode tensor) the solver works on an
             fp32 copy.
-        cfg: bits, group_size, desc_act, static_groups, sym, damp_percent, mse, block_size.
+        cfg: bits, group_size, desc_act, act_group_aware, static_groups, sym, damp_percent, mse, block_size.
         name: the layer's name, for log lines.
         offload_dir: a folder where a Hessian of :data:`OFFLOAD_MIN_BYTES` or more is parked during the column
             loop, which needs only its inverse Cholesky factor (the peak is then one Hessian-sized buffer plus
@@ -218,6 +218,9 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     perm = invperm = None
     if cfg.desc_act:  # act-order: columns by decreasing Hessian diagonal
         perm = torch.argsort(H.diagonal().masked_fill(dead, 1), descending=True, stable=True)
+    elif cfg.act_group_aware:  # whole groups by importance, g_idx stays in input order
+        perm = group_aware_order(H.diagonal().masked_fill(dead, 1), cfg.group_size)
+    if perm is not None:
         invperm = torch.argsort(perm)
 
     def zeroed(order: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,8 +248,81 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
     if invperm is not None:
         codes = codes[:, invperm]
         g_idx = g_idx[invperm]
+    if cfg.refit_scales:
+        scales = refit_scales(zeroed(), H, codes, scales, zeros, g_idx, damp)
     return QuantResult(codes, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits, cfg.group_size,
                        cfg.sym, damp_percent=damp)
+
+
+def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 g_idx: torch.Tensor, damp: float) -> torch.Tensor:
+    """Least-squares scales for fixed codes: for every output row ``r``, the group scales ``s_r`` that minimise the
+    layer's output error ``(w_r - ŵ_r)ᵀ (H + λI) (w_r - ŵ_r)`` with ``ŵ_r[j] = s_r[g(j)] · (codes[r, j] -
+    zeros[g(j), r])`` (``λ``: the dampening GPTQ used, ``damp · mean(diag H)``), i.e. the ``[G, G]`` normal equations
+    ``(Cᵀ H C) s = Cᵀ H w`` of each row. It is the full-Hessian form of the importance-weighted scale fit that
+    llama.cpp's quantizers run per block with a diagonal weight (``make_qx_quants`` with an imatrix). Zero points and
+    codes stay, so the checkpoint format is unchanged. A row keeps its GPTQ scales unless the refit ones (rounded to
+    fp16, as stored) are finite, positive and lower its error.
+
+    Args:
+        W: fp32 ``[out, in]`` original weight (dead input channels zeroed), input order.
+        H: fp32 ``[in, in]`` Hessian in input order, undamped (not modified).
+        codes: int ``[out, in]``; scales, zeros: ``[G, out]``; g_idx: ``[in]`` group of each input channel.
+        damp: the ``damp_percent`` GPTQ used.
+
+    Returns:
+        fp32 ``[G, out]`` scales.
+    """
+    G, rows = scales.shape
+    g = g_idx.long()
+    C = codes.float() - zeros.float()[g].t()  # [out, in]: ŵ = C · s[g]
+    lam = damp * torch.mean(H.diagonal())
+    M = torch.empty(rows, G, G, device=W.device)
+    for h in range(G):
+        cols = (g == h).nonzero().squeeze(1)
+        Th = C[:, cols] @ H[cols, :]  # [out, in]: row r's Σ_{k in h} C[r, k] H[k, :]
+        Th[:, cols] += lam * C[:, cols]
+        M[:, :, h] = torch.zeros(rows, G, device=W.device).index_add_(1, g, C * Th)
+    b = torch.zeros(rows, G, device=W.device).index_add_(1, g, C * (W @ H + lam * W))
+    M = 0.5 * (M + M.transpose(1, 2))
+    eye = torch.eye(G, device=W.device) * (1e-6 * M.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30))[:, None, None]
+    new, info = torch.linalg.solve_ex(M + eye, b)
+    new = new.half().float()
+    old = scales.t().float()
+
+    def err(s):  # the error up to the row's constant wᵀ(H + λI)w
+        return (s[:, None, :] @ M @ s[:, :, None]).squeeze() - 2 * (b * s).sum(1)
+
+    ok = (info == 0) & torch.isfinite(new).all(1) & (new > 0).all(1) & (err(new) < err(old))
+    return torch.where(ok[:, None], new, old).t().contiguous()
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering (GAR: Gafni, Karnieli, Hanani, "Dual Precision Quantization for Efficient and
+    Accurate Deep Neural Networks Inference", CVPRW 2025; GPTQModel's ``act_group_aware``): the column order in
+    which GPTQ quantizes a layer so that important channels go first while every group keeps its input channels.
+
+    The full groups (``group_size`` consecutive input channels) are taken by decreasing largest Hessian diagonal,
+    the columns inside each group by decreasing diagonal; a partial last group comes last, its columns ordered the
+    same way. Ties keep input order. The groups stay contiguous in this order, so a checkpoint's ``g_idx`` is the
+    plain ``i // group_size`` (``desc_act`` false: every kernel and framework reads it) while the error feedback
+    still favours the channels with the largest activations, as act-order does.
+
+    Args:
+        diag: fp32 ``[in]`` Hessian diagonal (dead channels already set to a positive value).
+        group_size: a positive group size.
+
+    Returns:
+        int64 ``[in]`` permutation: position ``p`` holds the input channel quantized ``p``-th.
+    """
+    k = diag.numel()
+    full = k // group_size
+    d = diag[:full * group_size].reshape(full, group_size)
+    within = torch.argsort(d, dim=1, descending=True, stable=True)  # [full, gs] channel offsets in each group
+    groups = torch.argsort(d.amax(dim=1), descending=True, stable=True)
+    order = (within[groups] + (groups * group_size)[:, None]).reshape(-1)
+    tail = torch.argsort(diag[full * group_size:], descending=True, stable=True) + full * group_size
+    return torch.cat([order, tail])
 
 
 def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: float, name: str
@@ -295,6 +371,10 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
     scales = torch.zeros(G, rows, device=dev)
     zeros = torch.zeros(G, rows, device=dev)
     col_group = torch.zeros(columns, dtype=torch.long, device=dev)  # group of each (permuted) column
+    # the group of each column in the loop's order: its input channel's group (static grids, group-aware order,
+    # input order), or act-order's groups of consecutive permuted columns
+    in_groups = perm is not None and (static is not None or cfg.act_group_aware)
+    group_of = ((perm if in_groups else torch.arange(columns, device=dev)) // gs).tolist()
     scale = zero = None
 
     # the column loop is thousands of tiny ops: one thread avoids fork/join overhead dominating
@@ -311,11 +391,10 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
                 col = i1 + i
                 w = W1[:, i]
                 d = Hinv1[i, i]
+                g = group_of[col]
                 if static is not None:
-                    g = (perm[col].item() if perm is not None else col) // gs
                     scale, zero = static_scales[g], static_zeros[g]
-                elif col % gs == 0:
-                    g = col // gs
+                elif col % gs == 0:  # a group's first column (group-aware order keeps groups contiguous)
                     # the group's columns with every update so far: in-block ones from W1; later ones from W plus
                     # the not yet applied (lazy) updates of this block's columns before `col`
                     group_w = W1[:, i:i + gs]
@@ -324,8 +403,6 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
                         group_w = torch.cat([group_w, rest], dim=1)
                     scale, zero = find_params(group_w, cfg.bits, cfg.sym, cfg.mse)
                     scales[g], zeros[g] = scale, zero
-                else:
-                    g = col // gs
                 col_group[col] = g
                 q = quantize(w, scale, zero, maxq)
                 Q1[:, i] = q

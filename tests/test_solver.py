@@ -17,6 +17,21 @@ def correlated_inputs(n, k, seed=0):
     return (torch.randn(n, k, generator=g) @ mix) * scale
 
 
+def gar_reference_order(diag, gs):
+    """Group-aware reordering written out with Python lists: rank the full groups by their largest diagonal
+    entry (ties: lower group first), list each group's channels by decreasing diagonal (ties: lower channel
+    first), then the partial last group's channels the same way."""
+    d = diag.tolist()
+    k = len(d)
+    full = k // gs
+    ranked = sorted(range(full), key=lambda g: (-max(d[g * gs:(g + 1) * gs]), g))
+    out = []
+    for g in ranked + ([full] if full * gs < k else []):
+        members = range(g * gs, min((g + 1) * gs, k))
+        out += sorted(members, key=lambda c: (-d[c], c))
+    return torch.tensor(out)
+
+
 def obs_reference(W, H, cfg):
     """Optimal Brain Surgeon recurrences of GPTQ without Cholesky, blocking or lazy updates (float64):
     quantize columns in order; after each, spread its error over the remaining columns with the inverse
@@ -30,7 +45,12 @@ def obs_reference(W, H, cfg):
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    order = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.desc_act else torch.arange(k)
+    if cfg.desc_act:
+        order = torch.argsort(torch.diag(H), descending=True, stable=True)
+    elif cfg.act_group_aware:
+        order = gar_reference_order(torch.diag(H), gs)
+    else:
+        order = torch.arange(k)
 
     def grid(w):
         xmin = w.min(1).values.clamp(max=0)
@@ -77,6 +97,9 @@ CASES = [
     dict(bits=4, group_size=32, desc_act=True),
     dict(bits=4, group_size=32, desc_act=True, static_groups=True),
     dict(bits=3, group_size=-1, desc_act=True),
+    dict(bits=4, group_size=32, act_group_aware=True),
+    dict(bits=3, group_size=40, sym=False, act_group_aware=True),  # partial last group, asymmetric
+    dict(bits=4, group_size=24, act_group_aware=True, static_groups=True),
 ]
 
 
@@ -260,3 +283,84 @@ def test_inference_mode_hessian_is_copied_not_borrowed():
     cfg = QuantizeConfig(bits=4, group_size=16, desc_act=True)
     W = torch.randn(6, k)
     assert torch.equal(gptq_quantize(W, H, cfg).codes, gptq_quantize(W, H.clone(), cfg).codes)
+
+
+def test_group_aware_order_keeps_groups_whole_and_g_idx_in_input_order():
+    k, gs = 100, 16  # 6 full groups and a partial one of 4
+    X = correlated_inputs(1024, k, seed=5)
+    H = 2 * X.t() @ X / X.shape[0]
+    from gptq_plugin.solver import group_aware_order
+
+    order = group_aware_order(torch.diag(H), gs)
+    assert order.tolist() == gar_reference_order(torch.diag(H), gs).tolist()
+    spans = [set((order[i:i + gs] // gs).tolist()) for i in range(0, k, gs)]
+    assert all(len(s) == 1 for s in spans), "a group was split across the order"
+    assert order.tolist() != list(range(k)), "the order must differ from input order on uneven channels"
+    W = torch.randn(32, k, generator=torch.Generator().manual_seed(6)) * 0.1
+    res = gptq_quantize(W, H, QuantizeConfig(bits=4, group_size=gs, act_group_aware=True))
+    assert res.g_idx.tolist() == [i // gs for i in range(k)]
+    plain = gptq_quantize(W, H, QuantizeConfig(bits=4, group_size=gs))
+    assert not torch.equal(res.codes, plain.codes)
+
+
+@pytest.mark.parametrize("kw, fix", [(dict(desc_act=True), "exclude each other"), (dict(group_size=-1), "needs groups"),
+                                     (dict(act_group_aware="yes"), "true or false")])
+def test_group_aware_config_errors(kw, fix):
+    from gptq_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fix):
+        QuantizeConfig(act_group_aware=kw.pop("act_group_aware", True), **kw)
+
+
+def test_group_aware_is_recorded_and_read_back():
+    cfg = QuantizeConfig(act_group_aware=True)
+    d = cfg.to_dict()
+    assert d["desc_act"] is False and d["meta"]["act_group_aware"] is True
+    assert QuantizeConfig.from_dict(d).act_group_aware is True
+    assert QuantizeConfig.from_dict(QuantizeConfig().to_dict()).act_group_aware is False
+
+
+def refit_reference(W, H, res, damp):
+    """Per row, in float64 with explicit loops: the group scales minimising (w - ŵ)ᵀ(H + λI)(w - ŵ) for the fixed
+    codes, by the normal equations; a row keeps its scales unless the fp16-rounded new ones are positive and
+    lower that error."""
+    W, H = W.double(), H.double()
+    Hd = H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    g = res.g_idx.long().tolist()
+    G = res.scales.shape[0]
+    out = res.scales.double().clone()
+    for r in range(W.shape[0]):
+        C = torch.zeros(W.shape[1], G, dtype=torch.float64)
+        for j, gj in enumerate(g):
+            C[j, gj] = float(res.codes[r, j]) - float(res.zeros[gj, r])
+        A = C.t() @ Hd @ C
+        b = C.t() @ Hd @ W[r]
+        s = torch.linalg.solve(A, b).half().double()
+
+        def err(v):
+            d = W[r] - C @ v
+            return d @ Hd @ d
+
+        if bool((s > 0).all()) and err(s) < err(out[:, r]):
+            out[:, r] = s
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=3, group_size=24, sym=False, act_group_aware=True),
+                                dict(bits=4, group_size=32, desc_act=True), dict(bits=2, group_size=-1)],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_refit_scales_matches_per_row_least_squares_and_lowers_the_error(kw):
+    k, n = 96, 24
+    X = correlated_inputs(2048, k, seed=7)
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(8)) * 0.1
+    H = 2 * X.t() @ X / X.shape[0]
+    plain = gptq_quantize(W, H, QuantizeConfig(**kw))
+    refit = gptq_quantize(W, H, QuantizeConfig(refit_scales=True, **kw))
+    assert torch.equal(plain.codes, refit.codes) and torch.equal(plain.zeros, refit.zeros)
+    ref = refit_reference(W, H, plain, plain.damp_percent)
+    close = torch.isclose(refit.scales.double(), ref, rtol=2e-3, atol=0)
+    assert close.float().mean() > 0.98, f"only {close.float().mean():.3f} of the scales match the reference"
+    assert not torch.equal(refit.scales, plain.scales), "the refit changed nothing"
+    e_plain = torch.linalg.norm(X @ (W - plain.dequantize()).t())
+    e_refit = torch.linalg.norm(X @ (W - refit.dequantize()).t())
+    assert e_refit < e_plain

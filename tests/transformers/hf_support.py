@@ -10,7 +10,8 @@ from pathlib import Path
 N_BLOCKS = 1  # decoder blocks kept from the demo model (quantizing is the slow part on a 2-core machine)
 NSAMPLES, SEQLEN = 4, 128  # calibration windows
 SETTINGS = dict(bits=4, group_size=128, desc_act=True)  # group 128 leaves a partial last group (576 inputs)
-CLI_FLAGS = ["--bits", "4", "--group-size", "128", "--act-order", "--no-static-groups", "--mse", "0"]  # = SETTINGS
+CLI_FLAGS = ["--bits", "4", "--group-size", "128", "--act-order", "--no-static-groups", "--mse", "0",
+             "--no-refit-scales"]  # = SETTINGS
 LOGGER = "gptq_plugin.adapters.transformers"
 
 

@@ -105,10 +105,12 @@ def test_serve_3bit_bf16(asym_3bit, prompts, ppl_ids, server_logs):
         assert abs(ppl_server / ppl_ref - 1) < 0.02, (ppl_server, ppl_ref)
 
 
-# --- interoperability: vLLM's built-in GPTQ serves our 4-bit symmetric checkpoint ------------------------------
+# --- interoperability: vLLM's built-in GPTQ serves our 4-bit symmetric checkpoint (the default recipe) ---------
 @pytest.fixture(scope="module")
 def sym_4bit(vllm_available, demo_ckpt_factory) -> Path:
-    return demo_ckpt_factory(n_blocks=BLOCKS, bits=4, group_size=64, sym=True, desc_act=False)
+    from gptq_plugin.config import RECOMMENDED  # the default recipe keeps g_idx in input order: desc_act false
+
+    return demo_ckpt_factory(n_blocks=BLOCKS, bits=4, group_size=64, sym=True, **RECOMMENDED)
 
 
 def test_builtin_gptq_serves_our_checkpoint(sym_4bit, prompts, ppl_ids, server_logs):
