@@ -33,17 +33,23 @@ log = logging.getLogger("gptq_plugin")
 
 
 def resolve_recipe(method: str, act_order: bool | None, act_group_aware: bool | None, static_groups: bool | None,
-                   mse: float | None, refit_scales: bool | None) -> tuple[bool, bool, bool, float, bool]:
+                   mse: float | None, refit_scales: bool | None, group_size: int = 128
+                   ) -> tuple[bool, bool, bool, float, bool]:
     """The CLI's options left unset (None) filled in from :data:`~gptq_plugin.config.RECOMMENDED`:
     ``(desc_act, act_group_aware, static_groups, mse, refit_scales)``. An explicit ``--act-order`` turns the
     recipe's group-aware order off and static groups on (act-order with ``g_idx`` in input order) unless given;
-    RTN (``method`` "rtn") has no Hessian: input order, min-max range unless ``mse`` is given."""
+    with ``group_size`` -1 (one group per row) the recipe's group-aware order becomes act-order, the same order
+    for one group, unless ``--no-act-order`` was given. RTN (``method`` "rtn") has no Hessian: input order,
+    min-max range unless ``mse`` is given."""
     if method != "gptq":
         return False, False, False, 0.0 if mse is None else mse, False
+    act_order_given = act_order is not None
     if act_order is None:
         act_order = RECOMMENDED.get("desc_act", False) and not act_group_aware
     if act_group_aware is None:
         act_group_aware = RECOMMENDED.get("act_group_aware", False) and not act_order
+        if act_group_aware and group_size == -1:  # GAR needs groups; for one group its order is act-order's
+            act_group_aware, act_order = False, not act_order_given
     if static_groups is None:
         static_groups = True if act_order else RECOMMENDED.get("static_groups", False)
     if mse is None:
@@ -71,7 +77,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
             DistributedError when another rank fails.
     """
     act_order, act_group_aware, static_groups, mse, refit_scales = resolve_recipe(
-        method, act_order, act_group_aware, static_groups, mse, refit_scales)
+        method, act_order, act_group_aware, static_groups, mse, refit_scales, group_size)
     if method == "rtn" and (moe_calibration != "all" or moe_min_tokens != 128):
         log.warning("--moe-calibration and --moe-min-tokens are not used: --method rtn reads no calibration data")
     elif moe_calibration == "all" and moe_min_tokens != 128:

@@ -57,9 +57,22 @@ def test_recipe_resolution_follows_the_recommended_recipe(monkeypatch):
     assert r("gptq", True, None, False, 0.0, False) == (True, False, False, 0.0, False)
     assert r("gptq", False, False, None, None, None) == (False, False, False, 2.4, True)
     assert r("rtn", None, None, None, None, None) == (False, False, False, 0.0, False)
+    # one group per row: the recipe's group-aware order becomes act-order (the same order), unless refused
+    assert r("gptq", None, None, None, None, None, -1) == (True, False, True, 2.4, True)
+    assert r("gptq", False, None, None, None, None, -1) == (False, False, False, 2.4, True)
     monkeypatch.setattr(quantize_job, "RECOMMENDED", {"desc_act": True, "static_groups": True, "mse": 2.4})
     assert r("gptq", None, None, None, None, None) == (True, False, True, 2.4, False)
     assert r("gptq", None, True, None, None, None) == (False, True, True, 2.4, False)
+
+
+def test_default_recipe_with_one_group_per_row_quantizes(tiny_src, tmp_path, capsys):
+    """--group-size -1 without recipe flags must not trip over the default's group-aware order (it needs groups)."""
+    data = _calib_text(tmp_path / "calib.txt")
+    rc, _, err = cli(capsys, "quantize", tiny_src, tmp_path / "g1", "--group-size", "-1", "--dataset", data,
+                     "--nsamples", "4", "--seqlen", "32")
+    assert rc in (0, None), err
+    qc = json.loads((tmp_path / "g1" / "config.json").read_text())["quantization_config"]
+    assert (qc["group_size"], qc["desc_act"], qc["meta"]["act_group_aware"]) == (-1, True, False)
 
 
 def test_default_recipe_reruns_give_identical_bytes(tiny_src, tmp_path, capsys):

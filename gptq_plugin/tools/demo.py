@@ -20,11 +20,12 @@ import torch
 
 from ..calibration import load_calibration
 from ..checkpoint import inspect_checkpoint, load_quantized, save_quantized
-from ..config import RECOMMENDED, QuantizeConfig
+from ..config import QuantizeConfig
 from ..evaluate import eval_windows, perplexity
 from ..memory import format_memory
 from ..pipeline import quantize_model
 from ..process_memory import peak_rss_mb
+from ..quantize_job import resolve_recipe
 from ..report_plot import write_report_plot
 from .panel import PANEL, get_panel_model, is_ready  # noqa: F401 (is_ready: the tests' demo check)
 from .serve import VllmServer, serve_command
@@ -95,7 +96,10 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
     del fp
     calib = load_calibration(None, tok, nsamples, seqlen)
     for method in ("rtn", "gptq"):
-        recipe = RECOMMENDED if act_order and method == "gptq" else {}  # RTN: the plain min-max baseline
+        recipe = {}  # RTN, or plain GPTQ: the min-max baseline
+        if act_order and method == "gptq":
+            recipe = dict(zip(("desc_act", "act_group_aware", "static_groups", "mse", "refit_scales"),
+                              resolve_recipe("gptq", None, None, None, None, None, group_size)))
         cfg = QuantizeConfig(bits=bits, group_size=group_size, method=method, **recipe)
         label = f"{method.upper()} {bits}-bit g{group_size}" + (" default recipe" if recipe else "")
         out = workdir / label.lower().replace(" ", "-")
