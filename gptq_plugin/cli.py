@@ -75,7 +75,8 @@ def quantize(
     act_group_aware: Optional[bool] = typer.Option(
         None, "--act-group-aware/--no-act-group-aware", show_default="the recipe's (docs/quality.md)",
         help="Group-aware reordering (GAR, GPTQModel's act_group_aware): whole groups by importance, then columns "
-             "inside each group; g_idx stays in input order (desc_act false in the checkpoint). Excludes --act-order."),
+             "inside each group; g_idx stays in input order (desc_act false in the checkpoint). Excludes --act-order; "
+             "needs groups (with --group-size -1 the default recipe uses act-order, the same order for one group)."),
     refit_scales: Optional[bool] = typer.Option(
         None, "--refit-scales/--no-refit-scales", show_default="the recipe's",
         help="After each layer's GPTQ sweep, refit its group scales by least squares against the Hessian, codes "
