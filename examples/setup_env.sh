@@ -15,7 +15,7 @@ pipq() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0" numpy  # numpy too: torch warns when imported without it
 case "$what" in
   demo) extras="demo,report" ;;
-  test) extras="test,demo,triton,report" ;;
+  test) extras="test,demo,triton,report,eval" ;;
   *) echo "setup_env.sh: unknown target '$what' (demo|test)" >&2; exit 2 ;;
 esac
 cpu_torch=$(python -c "import torch; print(int(torch.__version__.endswith('+cpu')))")

@@ -37,6 +37,7 @@ from .process_memory import limit_malloc_arenas
 from .safetensors_io import is_write_failure
 from .quantize_job import run_quantize
 from .targets import check_target
+from .tasks import check_tasks, run_tasks
 from .tools.demo import get_demo_model, run_demo
 from .tools.panel import get_panel_model
 from .tools.serve import require_vllm, serve_command
@@ -194,9 +195,14 @@ def eval_cmd(
                    "next-token distributions from the original's (mean, median, 99th percentile, max; nats) and "
                    "their top-1 agreement, as llama.cpp's `perplexity --kl-divergence` does. Holds both models in "
                    "memory."),
+    tasks: Optional[str] = typer.Option(
+        None, help="Also score MODEL on lm-evaluation-harness tasks (comma list, zero-shot; needs `pip install "
+                   "'gptq-plugin[eval]'`): wikitext2_cloze is a LAMBADA-style last-word task built offline from "
+                   "WikiText-2's test text (docs/quality.md); other lm-eval task names need their data offline."),
+    task_limit: Optional[int] = typer.Option(None, help="Score the first N documents of each task (default: all)."),
 ):
     """WikiText-2 perplexity of MODEL (original or quantized); with --reference, its KL divergence and top-1
-    agreement against the original model."""
+    agreement against the original model; with --tasks, its lm-eval task accuracy."""
     _setup(threads)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise GPTQPluginError(f"--dtype {dtype}: use float32, bfloat16 or float16")
@@ -204,6 +210,11 @@ def eval_cmd(
         raise GPTQPluginError(f"--windows {windows}: use a positive integer")
     if batch_size < 1:
         raise GPTQPluginError(f"--batch-size {batch_size}: use a positive integer")
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if task_limit is not None and task_limit < 1:
+        raise GPTQPluginError(f"--task-limit {task_limit}: use a positive integer")
+    if task_list is not None:
+        check_tasks(task_list)  # before loading the models: a missing extra or an unknown task is one clear error
     tok = load_tokenizer(model) if Path(model).is_dir() else None
     m = load_model(model, dtype)
     ref = load_model(reference, dtype) if reference is not None else None
@@ -215,6 +226,9 @@ def eval_cmd(
            "quantized": is_quantized(model), "seconds": round(time.time() - t0, 2)}
     if agr:
         res.update({"reference": str(reference), **agr.to_dict()})
+    if task_list:
+        ref = None  # the reference is not scored on the tasks: free it first
+        res["tasks"] = run_tasks(m, tok, task_list, limit=task_limit, max_length=seqlen, batch_size=batch_size)
     kernels = sorted({q.kernel_name for q in m.modules() if getattr(q, "kernel_name", None)})
     if kernels:
         res["kernels"] = kernels
@@ -223,6 +237,10 @@ def eval_cmd(
         msg += (f"\nagainst {reference} (perplexity {agr.reference_perplexity:.4f}) on the same {agr.positions} "
                 f"positions: KL divergence mean {agr.kld_mean:.6f}, median {agr.kld_median:.6f}, 99th percentile "
                 f"{agr.kld_p99:.6f}, max {agr.kld_max:.6f} nats; top-1 agreement {100 * agr.top1_agreement:.2f}%")
+    for name, r in res.get("tasks", {}).items():
+        msg += f"\n{name}: " + ", ".join(
+            f"{k} {v:.4f}" + (f" ± {r[k + '_stderr']:.4f}" if isinstance(r.get(k + "_stderr"), float) else "")
+            for k, v in r.items() if isinstance(v, float) and not k.endswith("_stderr")) + f" over {r['n']} documents"
     typer.echo(json.dumps(res) if as_json else msg)
 
 
