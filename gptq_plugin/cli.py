@@ -213,6 +213,8 @@ def eval_cmd(
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
     if task_limit is not None and task_limit < 1:
         raise GPTQPluginError(f"--task-limit {task_limit}: use a positive integer")
+    if task_limit is not None and task_list is None:
+        raise GPTQPluginError("--task-limit needs --tasks, e.g. --tasks wikitext2_cloze")
     if task_list is not None:
         check_tasks(task_list)  # before loading the models: a missing extra or an unknown task is one clear error
     tok = load_tokenizer(model) if Path(model).is_dir() else None

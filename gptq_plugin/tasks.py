@@ -65,14 +65,18 @@ def cloze_documents(path: str | Path | None = None, min_words: int = MIN_WORDS) 
     return docs
 
 
-def cloze_task_config(data_file: str | Path) -> dict:
+def cloze_task_config(data_file: str | Path, cache_dir: str | Path | None = None) -> dict:
     """lm-eval's task config (the dict form of a task YAML) for ``wikitext2_cloze`` over the JSONL ``data_file``
     written from :func:`cloze_documents`: log-likelihood of the target, metrics ``acc`` (greedy) and
-    ``perplexity``, as lm-eval's ``lambada_openai``."""
+    ``perplexity``, as lm-eval's ``lambada_openai``. ``cache_dir``: where Hugging Face ``datasets`` prepares the
+    file (None: its default cache)."""
+    kwargs = {"data_files": {"test": str(data_file)}}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
     return {
         "task": CLOZE_TASK,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "dataset_kwargs": kwargs,
         "test_split": "test",
         "output_type": "loglikelihood",
         "doc_to_text": "{{context}}",
@@ -138,7 +142,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, max_
             if name == CLOZE_TASK:
                 data = Path(tmp) / f"{CLOZE_TASK}.jsonl"
                 data.write_text("".join(json.dumps(d) + "\n" for d in cloze_documents(text)), encoding="utf-8")
-                specs.append(cloze_task_config(data))
+                specs.append(cloze_task_config(data, cache_dir=Path(tmp) / "datasets"))  # nothing left behind
             else:
                 specs.append(name)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,

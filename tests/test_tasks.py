@@ -75,10 +75,15 @@ def _independent_scores(model, tok, docs):
 
 
 @needs_lm_eval
-def test_cloze_scores_of_a_quantized_checkpoint_equal_an_independent_computation(demo_ckpt_factory):
+def test_cloze_scores_of_a_quantized_checkpoint_equal_an_independent_computation(demo_ckpt_factory, monkeypatch):
+    from gptq_plugin import tasks
     from gptq_plugin.linear import QuantLinear
     from gptq_plugin.models import load_model, load_tokenizer
     from gptq_plugin.tasks import run_tasks
+
+    made = []  # the run prepares its data in its own temporary folder, removed afterwards
+    real = tasks.cloze_task_config
+    monkeypatch.setattr(tasks, "cloze_task_config", lambda *a, **k: made.append(k.get("cache_dir")) or real(*a, **k))
 
     ckpt = demo_ckpt_factory(n_blocks=2)
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
@@ -88,6 +93,7 @@ def test_cloze_scores_of_a_quantized_checkpoint_equal_an_independent_computation
     assert res["n"] == 6
     assert res["acc"] == pytest.approx(acc)
     assert res["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert len(made) == 1 and made[0] is not None and not made[0].parent.exists()
 
 
 @needs_lm_eval
@@ -107,6 +113,21 @@ def test_bad_task_names_are_one_clear_error_before_loading(tmp_path, tasks, need
     # the model folder does not even exist: the task names are checked first
     rc, _, err = run_cli("eval", tmp_path / "nope", "--tasks", tasks)
     assert_one_line_error(rc, err, needle)
+
+
+@pytest.mark.parametrize("args, needle", [(["--task-limit", "5"], "--task-limit needs --tasks"),
+                                          (["--tasks", CLOZE_TASK, "--task-limit", "0"], "--task-limit 0")])
+def test_a_task_limit_alone_or_below_1_is_refused(tmp_path, args, needle):
+    rc, _, err = run_cli("eval", tmp_path / "nope", *args)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_the_cloze_data_is_prepared_in_the_run_s_own_folder(tmp_path):
+    from gptq_plugin.tasks import cloze_task_config
+
+    cfg = cloze_task_config(tmp_path / "c.jsonl", cache_dir=tmp_path / "ds")
+    assert cfg["dataset_kwargs"] == {"data_files": {"test": str(tmp_path / "c.jsonl")}, "cache_dir": str(tmp_path / "ds")}
+    assert cfg["target_delimiter"] == "" and cfg["output_type"] == "loglikelihood"
 
 
 def test_without_lm_eval_the_error_names_the_extra(monkeypatch):
