@@ -131,6 +131,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, max_
 
     Raises:
         ConfigError: lm-eval is not installed, an empty task list, or a task lm-eval does not know.
+        GPTQPluginError: lm-eval fails to run a task (e.g. a task whose data is not available offline), or the
+            cloze text holds no document.
     """
     manager = check_tasks(tasks)
     import lm_eval
