@@ -196,8 +196,8 @@ def eval_cmd(
                    "their top-1 agreement, as llama.cpp's `perplexity --kl-divergence` does. Holds both models in "
                    "memory."),
     tasks: Optional[str] = typer.Option(
-        None, help="Also score MODEL on lm-evaluation-harness tasks (comma list, zero-shot; needs `pip install "
-                   "'gptq-plugin[eval]'`): wikitext2_cloze is a LAMBADA-style last-word task built offline from "
+        None, help="Also score MODEL on lm-evaluation-harness tasks (comma list, zero-shot; needs the extra "
+                   "'eval' of gptq-plugin, lm-eval): wikitext2_cloze is a LAMBADA-style last-word task built offline from "
                    "WikiText-2's test text (docs/quality.md); other lm-eval task names need their data offline."),
     task_limit: Optional[int] = typer.Option(None, help="Score the first N documents of each task (default: all)."),
 ):
