@@ -215,8 +215,8 @@ def eval_cmd(
         raise GPTQPluginError(f"--task-limit {task_limit}: use a positive integer")
     if task_limit is not None and task_list is None:
         raise GPTQPluginError("--task-limit needs --tasks, e.g. --tasks wikitext2_cloze")
-    if task_list is not None:
-        check_tasks(task_list)  # before loading the models: a missing extra or an unknown task is one clear error
+    manager = check_tasks(task_list) if task_list is not None else None  # before loading the models: a missing
+    # extra or an unknown task is one clear error
     tok = load_tokenizer(model) if Path(model).is_dir() else None
     m = load_model(model, dtype)
     ref = load_model(reference, dtype) if reference is not None else None
@@ -230,7 +230,8 @@ def eval_cmd(
         res.update({"reference": str(reference), **agr.to_dict()})
     if task_list:
         ref = None  # the reference is not scored on the tasks: free it first
-        res["tasks"] = run_tasks(m, tok, task_list, limit=task_limit, max_length=seqlen, batch_size=batch_size)
+        res["tasks"] = run_tasks(m, tok, task_list, limit=task_limit, max_length=seqlen, batch_size=batch_size,
+                                  manager=manager)
     kernels = sorted({q.kernel_name for q in m.modules() if getattr(q, "kernel_name", None)})
     if kernels:
         res["kernels"] = kernels

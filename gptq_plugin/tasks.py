@@ -113,7 +113,7 @@ def check_tasks(tasks: list[str]):
 
 
 def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, max_length: int = 512,
-              batch_size: int = 1, text: str | Path | None = None) -> dict:
+              batch_size: int = 1, text: str | Path | None = None, manager=None) -> dict:
     """Score ``model`` on lm-eval ``tasks`` (zero-shot) through lm-eval's ``HFLM``.
 
     Args:
@@ -124,6 +124,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, max_
         limit: score the first ``limit`` documents of each task (None: all).
         max_length: tokens of context + target the model sees (longer contexts lose their start).
         text: the cloze text (None: WikiText-2's ``wiki.test.raw``).
+        manager: the ``TaskManager`` that :func:`check_tasks` returned for these ``tasks`` (None: check them
+            here; building one indexes every lm-eval task, a few seconds).
 
     Returns:
         ``{task: {"acc": float, "acc_stderr": float, "perplexity": float, "n": int, ...}}`` with lm-eval's metric
@@ -134,7 +136,8 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, max_
         GPTQPluginError: lm-eval fails to run a task (e.g. a task whose data is not available offline), or the
             cloze text holds no document.
     """
-    manager = check_tasks(tasks)
+    if manager is None:
+        manager = check_tasks(tasks)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
