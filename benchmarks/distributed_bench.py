@@ -2,6 +2,10 @@
 wall time, peak RSS of every rank, and whether the checkpoints are byte-identical (SHA-256 of every file).
 
     python benchmarks/distributed_bench.py [--model DIR] [--ranks 2] [--threads 1] [--extra one-pass-2t,low-memory]
+        [--baseline CHECKOUT [--baseline-threads 2]]
+
+``--ranks 0`` leaves the torchrun row out (e.g. to compare one process before and after a change:
+``--ranks 0 --threads 1 --baseline /tmp/base --baseline-threads 1``).
 
 Each configuration is one ``gptq-plugin quantize`` (or ``torchrun ... -m gptq_plugin.cli quantize``) subprocess, run
 one after the other, with the default recipe; ``--threads`` torch threads per process (torchrun's default is 1 per
@@ -55,14 +59,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path.home() / ".cache/gptq-plugin/SmolLM2-135M-Instruct",
                     help="unquantized model folder (default: the demo model, `gptq-plugin demo-model` makes it)")
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2, help="ranks of the torchrun row (0: no torchrun row)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--extra", default="", help="comma-separated extra single-process rows: one-pass-2t, low-memory")
     ap.add_argument("--args", default="", help="extra quantize arguments for every row (e.g. '--nsamples 64')")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of another revision (e.g. `git worktree add /tmp/base HEAD~1`): one more row, "
-                         "its `python -m gptq_plugin.cli quantize` run from there with 2 threads (the memory and "
-                         "time before a change, side by side)")
+                         "its `python -m gptq_plugin.cli quantize` run from there with --baseline-threads threads "
+                         "(the memory and time before a change, side by side)")
+    ap.add_argument("--baseline-threads", type=int, default=2)
     a = ap.parse_args()
     if not (a.model / "config.json").is_file():
         sys.exit(f"{a.model}: no model folder there; run `gptq-plugin demo-model {a.model}` first or pass --model")
@@ -76,7 +81,7 @@ def main() -> None:
         rows.append(_run(f"1 process, {a.threads} thread(s)", ["gptq-plugin", "quantize", str(a.model), str(out),
                                                                "--threads", str(a.threads), *extra], base_env, out))
         out = tmp / f"r{a.ranks}"
-        rows.append(_run(f"torchrun {a.ranks} ranks (gloo), {a.threads} thread(s) each",
+        rows.append(None if a.ranks < 1 else _run(f"torchrun {a.ranks} ranks (gloo), {a.threads} thread(s) each",
                          [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks),
                           "--master-port", str(_free_port()), "-m", "gptq_plugin.cli", "quantize", str(a.model),
                           str(out), "--threads", str(a.threads), *extra], base_env, out))
@@ -91,10 +96,12 @@ def main() -> None:
 
         if a.baseline is not None:
             out = tmp / "baseline"
-            rows.append(_run(f"1 process, 2 threads, {a.baseline.name} (baseline checkout)",
+            bt = str(a.baseline_threads)
+            rows.append(_run(f"1 process, {bt} thread(s), {a.baseline.name} (baseline checkout)",
                              [sys.executable, "-m", "gptq_plugin.cli", "quantize", str(a.model), str(out), "--threads",
-                              "2", *extra], dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(a.baseline)), out,
+                              bt, *extra], dict(os.environ, OMP_NUM_THREADS=bt, PYTHONPATH=str(a.baseline)), out,
                              cwd=a.baseline))
+        rows = [r for r in rows if r is not None]
 
     ref = rows[0]
     print(f"\nmodel {a.model.name}, default recipe{' ' + a.args if a.args else ''}; load average before: "

@@ -14,8 +14,6 @@ the :class:`QuantizeReport`. Also here: the memory checks the drivers make (:fun
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from .moe import expert_of, set_calibration
 from .packing import unpack_qweight, unpack_qzeros
 from .passes import accumulate, call_block, discover_groups, groupwise_pass, linear_modules, sequential_pass
 from .solver import HessianAccumulator, QuantResult, gptq_quantize, rtn_quantize
+from .solver_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +155,6 @@ def available_memory() -> int | None:
         except (OSError, ValueError):
             continue
     return max(avail, 0)
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). Called after each
-    block, and after each layer in the low-memory passes: glibc serves the MB-sized temporaries of the solver and
-    the forwards from its heap once its mmap threshold has risen, the heap fragments, and its free pages are not
-    returned. Measured on a 12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per
-    block (0.92 -> 1.78 GB) without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave
-    0.82 GB but ran 25% slower."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _one_pass_fits(block: nn.Module, inputs: list[torch.Tensor]) -> bool:
@@ -309,7 +295,8 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
 def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
                    report: QuantizeReport, low_memory: bool | None = None,
                    forward_dtype: torch.dtype | None = None, offload_dir=None, ranks: Ranks | None = None,
-                   first_batch: int = 0, names: dict[str, str] | None = None) -> dict[str, QuantLinear]:
+                   first_batch: int = 0, names: dict[str, str] | None = None, park_dir=None
+                   ) -> dict[str, QuantLinear]:
     """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
     replace each calibration input by the quantized block's output (the next block's input).
 
@@ -333,6 +320,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         first_batch: the global index of ``inputs[0]`` (this rank's first batch).
         names: full module names -> the checkpoint's, where they differ (e.g. Mixtral's ``mlp`` ->
             ``block_sparse_moe``): the report rows, logs and errors name layers as the checkpoint does.
+        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
+            (:func:`gptq_plugin.passes.sequential_pass`); None keeps them in memory. The same bytes either way.
 
     Returns:
         The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
@@ -418,7 +407,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                                    new_accumulator=new_accumulator)
                 else:
                     outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype,
-                                              new_accumulator=new_accumulator)
+                                              new_accumulator=new_accumulator, park_dir=park_dir)
             else:  # every Hessian from the unquantized block, then one forward to propagate
                 accs = {g[0]: new_accumulator(linears[g[0]].in_features) for g in groups}
                 accumulate(block, accs, inputs, kwargs_list, forward_dtype)

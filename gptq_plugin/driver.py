@@ -90,8 +90,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
                     batch_size: int = 8, progress: bool = True, max_blocks: int | None = None,
                     low_memory: bool | None = None, forward_dtype: torch.dtype | None = None,
                     resume: ResumeState | None = None, activation_memory: int | None = None, offload_dir=None,
-                    compare_rtn: bool = False, desc: str | None = None, ranks: Ranks | None = None
-                    ) -> QuantizeReport:
+                    compare_rtn: bool = False, desc: str | None = None, ranks: Ranks | None = None,
+                    park_dir=None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize the decoder blocks of ``source``'s model one at a time into ``sink`` (see the module
     docstring).
 
@@ -107,6 +107,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         activation_memory: with ``resume``, bytes of calibration activations also held in memory (the rest is
             read from the state's files); None: all of them.
         offload_dir: where the solver parks large Hessians (:func:`gptq_plugin.solver.gptq_quantize`).
+        park_dir: where the one-pass driver's waiting batches park their inputs to a layer group (on the CPU;
+            :func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder when given, else in memory.
         compare_rtn: also compute each layer's RTN error for the report (``LayerReport.rtn_rel_err``; one more
             quantization of every layer).
         desc: the progress bar's label (default ``"<method> <bits>-bit"``).
@@ -134,7 +136,10 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
         raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
     t0 = time.time()
+    if park_dir is None and resume is not None:
+        park_dir = resume.folder
     model = source.open()
+    release_free_memory()  # e.g. the fp32 copies of the blocks the source holds in bf16
     blocks, prefix = find_layout(model).blocks(model)
     n_blocks = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     report = QuantizeReport(compare_rtn=compare_rtn, moe_calibration=cfg.moe_calibration)
@@ -166,6 +171,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
             with source.embeddings():
                 kwargs_list = _capture(model, blocks, prefix, calib[mine.start * batch_size:mine.stop * batch_size],
                                        batch_size, progress, inputs, store=first == 0)
+            release_free_memory()
         for bi in tqdm(range(first, n_blocks), desc=desc or f"{cfg.method} {cfg.bits}-bit", disable=not progress,
                        initial=first, total=n_blocks):
             block, name = blocks[bi], f"{prefix}.{bi}"
@@ -173,7 +179,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
             n_reported = len(report.layers)
             with _on_device(block, inputs, kwargs_list, device) as (placed, placed_kwargs):
                 quantize_block(block, name, placed, placed_kwargs, cfg, report, low_memory, forward_dtype,
-                               offload_dir, ranks=ranks, first_batch=mine.start, names=names)
+                               offload_dir, ranks=ranks, first_batch=mine.start, names=names, park_dir=park_dir)
             kept = sink.keep(block, name)
             if resume is not None:
                 ranks.barrier(f"storing the activations after {name}")  # every rank's, before the manifest says so

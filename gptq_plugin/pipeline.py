@@ -9,6 +9,8 @@ For models larger than memory, :mod:`gptq_plugin.streaming` runs the same loop f
 from __future__ import annotations
 
 import contextlib
+import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,36 +24,106 @@ from .plugins import find_layout
 from .linear import QuantLinear
 from .resume import ResumeState
 
+log = logging.getLogger("gptq_plugin")
+
 #: the tensors of a quantized layer that a resumed run restores (as :class:`QuantLinear` holds them)
 LEAVES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
 class _LoadedModel:
     """A :class:`~gptq_plugin.driver.BlockSource` and :class:`~gptq_plugin.driver.BlockSink` for a model in memory:
-    the blocks are there already, and the quantized blocks stay in it."""
+    the blocks are there already, and the quantized blocks stay in it. The blocks that wait for their turn can
+    give their memory back (``source``, ``hold_dtype``: see :func:`quantize_model`)."""
 
-    def __init__(self, model: nn.Module, cfg: QuantizeConfig, hold_dtype: torch.dtype | None = None):
-        self.model, self.cfg, self.hold_dtype = model, cfg, hold_dtype
+    def __init__(self, model: nn.Module, cfg: QuantizeConfig, hold_dtype: torch.dtype | None = None,
+                 source: str | Path | None = None):
+        self.model, self.cfg, self.hold_dtype, self.source = model, cfg, hold_dtype, source
         self.held: dict[int, torch.dtype] = {}  # id(block) -> its dtype, for blocks held in hold_dtype
+        self.held_rest: dict[int, tuple[torch.Tensor, torch.dtype]] = {}  # the other tensors held so, by id
+        self.on_disk: dict[int, tuple[nn.Module, str, list[str]]] = {}  # id(block) -> block, name, dropped params
+        self.src = None
+
+    def _exact(self, ts: list[torch.Tensor]) -> bool:
+        return all(torch.equal(t.to(self.hold_dtype).to(t.dtype), t) for t in ts)
 
     def open(self) -> nn.Module:
-        """The model; with ``hold_dtype``, each block whose floating weights all survive the round trip
-        ``dtype -> hold_dtype -> dtype`` (a bf16 source loaded in fp32) is held in ``hold_dtype`` until its turn."""
+        """The model. With ``source``, each block whose fp32 weights equal the source's tensors (same names) gives
+        them up until its turn (:meth:`load` reads them again). Else, with ``hold_dtype``, each block whose
+        floating weights all survive the round trip ``dtype -> hold_dtype -> dtype`` (a bf16 source loaded in fp32)
+        is held in ``hold_dtype`` until its turn, and so is each such weight outside the blocks (embeddings, final
+        norm, untied lm_head) except while the calibration inputs are captured (:meth:`embeddings`) and after the
+        run (:meth:`close`)."""
+        blocks, prefix = find_layout(self.model).blocks(self.model)
+        if self.source is not None:
+            from .streaming import SourceWeights
+            try:
+                self.src = SourceWeights(self.source)
+            except CheckpointError as e:
+                log.info("blocks stay in memory: %s", e)
+        inside = set()
+        for bi, block in enumerate(blocks):
+            ts = [t for t in list(block.parameters()) + list(block.buffers()) if t.is_floating_point()]
+            inside.update(id(t) for t in ts)
+            if self.src is not None and self._drop(block, f"{prefix}.{bi}"):
+                continue
+            dtypes = {t.dtype for t in ts}
+            if (self.hold_dtype is not None and len(dtypes) == 1 and self.hold_dtype not in dtypes
+                    and self._exact(ts)):
+                self.held[id(block)] = dtypes.pop()
+                block.to(self.hold_dtype)
         if self.hold_dtype is not None:
-            blocks, _ = find_layout(self.model).blocks(self.model)
-            for block in blocks:
-                ts = [t for t in list(block.parameters()) + list(block.buffers()) if t.is_floating_point()]
-                dtypes = {t.dtype for t in ts}
-                if len(dtypes) == 1 and self.hold_dtype not in dtypes and all(
-                        torch.equal(t.to(self.hold_dtype).to(t.dtype), t) for t in ts):
-                    self.held[id(block)] = dtypes.pop()
-                    block.to(self.hold_dtype)
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                if (id(t) not in inside and id(t) not in self.held_rest and t.is_floating_point()
+                        and t.device.type != "meta" and t.dtype != self.hold_dtype and self._exact([t])):
+                    self.held_rest[id(t)] = (t, t.dtype)
+            self._cast_rest(True)
         return self.model
 
-    def embeddings(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    def _drop(self, block: nn.Module, name: str) -> bool:
+        """Put the parameters of ``block`` (state-dict prefix ``name``) on ``meta`` when they are all fp32 2-D or
+        1-D tensors equal to the source's tensors of the same names (read one block at a time)."""
+        params = dict(block.named_parameters())
+        keys = {n: f"{name}.{n}" for n in params}
+        if (not params or any(p.dtype != torch.float32 or p.dim() > 2 or p.device.type != "cpu"
+                              for p in params.values()) or any(k not in self.src.where for k in keys.values())):
+            return False  # fused 3-D experts are split after open(): their names would change
+        stored = self.src.load(list(keys.values()))
+        if not all(tuple(stored[keys[n]].shape) == tuple(p.shape) and torch.equal(stored[keys[n]].to(p.dtype), p)
+                   for n, p in params.items()):
+            return False
+        del stored
+        from .streaming import _to_meta
+        _to_meta(block, list(params))
+        self.on_disk[id(block)] = (block, name, list(params))
+        return True
+
+    def _cast_rest(self, hold: bool) -> None:
+        for t, dtype in self.held_rest.values():
+            t.data = t.data.to(self.hold_dtype if hold else dtype)
+
+    def close(self) -> None:
+        """Give every block that did not have its turn (``max_blocks``, an error) and the weights outside the blocks
+        their memory and dtype back."""
+        for block, name, _ in list(self.on_disk.values()):
+            self.load(block, name)
+        for block in find_layout(self.model).blocks(self.model)[0]:
+            self.load(block, "")
+        self._cast_rest(False)
+        self.held_rest.clear()
+
+    @contextlib.contextmanager
+    def embeddings(self):
+        self._cast_rest(False)
+        try:
+            yield
+        finally:
+            self._cast_rest(True)
 
     def load(self, block: nn.Module, name: str) -> None:
+        dropped = self.on_disk.pop(id(block), None)
+        if dropped is not None:
+            from .streaming import _materialize
+            _materialize(block, dropped[2], self.src, dropped[1] + ".")
         dtype = self.held.pop(id(block), None)
         if dtype is not None:
             block.to(dtype)
@@ -85,7 +157,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
                    progress: bool = True, max_blocks: int | None = None, low_memory: bool | None = None,
                    resume: ResumeState | None = None, forward_dtype: torch.dtype | None = None,
                    compare_rtn: bool = False, device: str | torch.device | None = "auto",
-                   ranks: Ranks | None = None, hold_dtype: torch.dtype | None = None) -> QuantizeReport:
+                   ranks: Ranks | None = None, hold_dtype: torch.dtype | None = None,
+                   source: str | Path | None = None, park_dir: str | Path | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -119,6 +192,13 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         hold_dtype: hold the decoder blocks that wait for their turn in this dtype (e.g. ``torch.bfloat16`` for a
             bf16 model loaded in fp32: half its memory), each cast back when it is quantized. Only blocks whose
             weights survive the round trip exactly are held so: the result is the same bytes. None: as loaded.
+        source: the safetensors folder ``model`` was loaded from (in fp32). Each block whose weights equal its
+            tensors of the same names (checked when the run starts) gives up its memory until its turn and is read
+            from there again (before ``hold_dtype`` is tried); blocks that differ stay in memory. Every block has its
+            weights back when this returns or raises. None: the blocks stay in memory.
+        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
+            (:func:`gptq_plugin.passes.sequential_pass`: less memory, the same bytes); None: ``resume``'s folder when
+            given, else they stay in memory.
 
     Returns:
         A :class:`~gptq_plugin.blockquant.QuantizeReport` (per-layer relative output error, dampening, fallbacks).
@@ -134,7 +214,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
     if ranks is None:
         home = next((p.device for p in model.parameters()), torch.device("cpu"))
         ranks = Ranks(device=home if device is None else resolve_device(device))
-    loaded = _LoadedModel(model, cfg, hold_dtype)
-    return quantize_blocks(loaded, loaded, calib, cfg, batch_size=batch_size, progress=progress,
-                           max_blocks=max_blocks, low_memory=low_memory, forward_dtype=forward_dtype, resume=resume,
-                           compare_rtn=compare_rtn, ranks=ranks)
+    loaded = _LoadedModel(model, cfg, hold_dtype, source)
+    try:
+        return quantize_blocks(loaded, loaded, calib, cfg, batch_size=batch_size, progress=progress,
+                               max_blocks=max_blocks, low_memory=low_memory, forward_dtype=forward_dtype,
+                               resume=resume, compare_rtn=compare_rtn, ranks=ranks, park_dir=park_dir)
+    finally:
+        loaded.close()

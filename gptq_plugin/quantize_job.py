@@ -145,7 +145,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
             rep = quantize_model(m, calib, cfg, batch_size=batch_size, low_memory=low_memory, resume=state,
                                  forward_dtype=None if fdtype == torch.float32 else fdtype,
                                  compare_rtn=report is not None, ranks=ranks, progress=progress,
-                                 hold_dtype=stored if stored in (torch.bfloat16, torch.float16) else None)
+                                 hold_dtype=stored if stored in (torch.bfloat16, torch.float16) else None,
+                                 source=model)
             if ranks.is_writer:
                 save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
                                extra_meta=dict(meta, **rep.checkpoint_meta()))

@@ -232,6 +232,8 @@ class ResumeState:
                                   "command to resume it, or pass --restart to discard it and start over")
             if done:
                 log.warning("resuming from %s: %d blocks already quantized", folder, done)
+            for stale in [*folder.glob("paused-activation-*.bin"), *folder.glob("hessian-*.bin")]:
+                stale.unlink(missing_ok=True)  # parked by a run that was killed (solver_memory.offloaded)
             return cls(folder, fp, done, reports, created=False)
         existed = folder.exists()
         try:

@@ -294,26 +294,23 @@ def test_cli_reports_experts_and_inspect_counts_kinds(moe_files, tmp_path, capsy
 def test_a_killed_moe_run_resumes_to_the_same_bytes(moe_files, tmp_path, capsys, monkeypatch, caplog):
     """The first block's shard is recorded, then the run dies; the same command resumes at block 1 and writes the
     bytes of an uninterrupted run."""
-    from gptq_plugin import driver
+    from gptq_plugin.resume import ResumeState
 
     from .test_reliability_cli import cli, digests
 
     args = ["--dataset", moe_files["calib"], *MOE_ARGS]
     rc, _, err = cli(capsys, "quantize", moe_files["model"], tmp_path / "whole", *args)
     assert rc == 0, err
-    real = driver.release_free_memory
-    calls = []
+    real = ResumeState.save_block
 
-    def die_after_block_0():
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        real()
+    def die_after_block_0(self, index, *a, **k):
+        real(self, index, *a, **k)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver, "release_free_memory", die_after_block_0)
+    monkeypatch.setattr(ResumeState, "save_block", die_after_block_0)
     rc, _, err = cli(capsys, "quantize", moe_files["model"], tmp_path / "out", *args)
     assert rc != 0 and not (tmp_path / "out").exists()
-    monkeypatch.setattr(driver, "release_free_memory", real)
+    monkeypatch.setattr(ResumeState, "save_block", real)
     rc, _, err = cli(capsys, "quantize", moe_files["model"], tmp_path / "out", *args)
     assert rc == 0, err
     assert "1 blocks already quantized" in caplog.text

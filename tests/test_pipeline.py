@@ -30,6 +30,61 @@ def test_one_pass_and_low_memory_drivers_agree(forward_dtype):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_parked_one_pass_gives_the_same_tensors_and_parks_every_waiting_batch(tmp_path, monkeypatch):
+    """With ``park_dir``, every batch waiting at a layer group has its input to the group in a file there (its
+    memory freed) while the group is quantized, the tensors are those of the pass without parking, and no file
+    is left afterwards."""
+    import gptq_plugin.blockquant as bq
+    import gptq_plugin.passes as passes
+
+    monkeypatch.setattr(passes, "PARK_MIN_BYTES", 1)  # the tiny model's activations are a few KB
+    seen = []
+    real = passes.sequential_pass
+
+    def spy(block, groups, inputs, kwargs_list, quantize_group, *a, **k):
+        def quantize(group, H, routed=None):
+            seen.append(len(list(tmp_path.glob("paused-activation-*.bin"))))
+            return quantize_group(group, H, routed)
+        return real(block, groups, inputs, kwargs_list, quantize, *a, **k)
+
+    monkeypatch.setattr(bq, "sequential_pass", spy)
+    model = tiny_llama(seed=3)
+    quantize_model(model, CALIB, CFG, batch_size=2, progress=False, low_memory=False, park_dir=tmp_path)
+    parked = {k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    assert seen == [3] * 8  # 2 blocks x 4 groups, 6 sequences in 3 batches, each parked while it waits
+    assert list(tmp_path.iterdir()) == []
+    plain = _quantized(False, None)
+    assert parked.keys() == plain.keys()
+    assert all(torch.equal(parked[k], plain[k]) for k in plain)
+
+
+def test_blocks_wait_in_the_source_folder_and_come_back(tmp_path):
+    """With ``source`` (the folder the model was loaded from), blocks whose weights equal the folder's wait on
+    ``meta`` until their turn and are read back; a block changed in memory stays in memory; every block has its
+    fp32 weights back afterwards (``max_blocks`` leaves the last one unquantized), and the result is the same."""
+    model = tiny_llama(seed=3, layers=3)
+    model.save_pretrained(tmp_path / "src")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] += 1  # no longer the file's
+    originals = {k: v.clone() for k, v in model.model.layers[2].state_dict().items()}
+    reference = tiny_llama(seed=3, layers=3)
+    reference.load_state_dict(model.state_dict())
+    devices = []
+
+    def record(module, args, kwargs):
+        if not devices and next(model.model.layers[0].parameters()).device.type == "cpu":  # its turn
+            devices.extend(str(next(layer.parameters()).device) for layer in model.model.layers)
+    handle = model.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    quantize_model(model, CALIB, CFG, batch_size=2, progress=False, max_blocks=2, source=tmp_path / "src")
+    handle.remove()
+    quantize_model(reference, CALIB, CFG, batch_size=2, progress=False, max_blocks=2)
+    assert devices == ["cpu", "meta", "cpu"]  # block 0 at its turn, block 1 waits on disk, block 2 differs
+    mine, ref = model.state_dict(), reference.state_dict()
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) and mine[k].dtype == ref[k].dtype for k in ref)
+    assert all(torch.equal(model.model.layers[2].state_dict()[k], v) for k, v in originals.items())
+
+
 def test_bf16_forwards_are_applied():
     a, b = _quantized(False, None), _quantized(False, torch.bfloat16)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 activations change some Hessians, so some codes

@@ -124,3 +124,19 @@ def test_state_of_an_older_layout_is_refused_before_any_block(tmp_path):
     with pytest.raises(ConfigError, match="another gptq-plugin version.*--restart"):
         ResumeState.open(out, fp)
     assert ResumeState.open(out, fp, restart=True).done == 0 and state_dir(out).is_dir()
+
+
+def test_files_parked_by_a_killed_run_are_removed_on_resume(tmp_path):
+    """A run killed while batches waited leaves their parked activations (and offloaded Hessians) in the state
+    folder: resuming removes them, and keeps the state's own files."""
+    from gptq_plugin.resume import STATE_LAYOUT, ResumeState
+
+    out = tmp_path / "q"
+    fp = {"config": {"bits": 4}, "driver": "in-memory", "state_layout": STATE_LAYOUT}
+    folder = ResumeState.open(out, fp).folder
+    stale = [folder / "paused-activation-abc.bin", folder / "hessian-def.bin"]
+    for f in stale:
+        f.write_bytes(b"x" * 10)
+    kept = sorted(p.name for p in folder.iterdir() if p not in stale)
+    ResumeState.open(out, fp)
+    assert sorted(p.name for p in folder.iterdir()) == kept and kept
