@@ -108,7 +108,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
             read from the state's files); None: all of them.
         offload_dir: where the solver parks large Hessians (:func:`gptq_plugin.solver.gptq_quantize`).
         park_dir: where the one-pass driver's waiting batches park their inputs to a layer group (on the CPU;
-            :func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder when given, else in memory.
+            :func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder when given, else in memory;
+            False: in memory.
         compare_rtn: also compute each layer's RTN error for the report (``LayerReport.rtn_rel_err``; one more
             quantization of every layer).
         desc: the progress bar's label (default ``"<method> <bits>-bit"``).
@@ -138,6 +139,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     t0 = time.time()
     if park_dir is None and resume is not None:
         park_dir = resume.folder
+    park_dir = park_dir or None  # False: in memory, even with resume
     model = source.open()
     release_free_memory()  # e.g. the fp32 copies of the blocks the source holds in bf16
     blocks, prefix = find_layout(model).blocks(model)

@@ -158,7 +158,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
                    resume: ResumeState | None = None, forward_dtype: torch.dtype | None = None,
                    compare_rtn: bool = False, device: str | torch.device | None = "auto",
                    ranks: Ranks | None = None, hold_dtype: torch.dtype | None = None,
-                   source: str | Path | None = None, park_dir: str | Path | None = None) -> QuantizeReport:
+                   source: str | Path | None = None, park_dir: str | Path | bool | None = None
+                   ) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     Args:
@@ -198,7 +199,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             weights back when this returns or raises. None: the blocks stay in memory.
         park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
             (:func:`gptq_plugin.passes.sequential_pass`: less memory, the same bytes); None: ``resume``'s folder when
-            given, else they stay in memory.
+            given, else they stay in memory; False: they stay in memory.
 
     Returns:
         A :class:`~gptq_plugin.blockquant.QuantizeReport` (per-layer relative output error, dampening, fallbacks).

@@ -65,8 +65,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                  checkpoint_format: str, overwrite: bool, low_memory: bool | None, report: Path | None,
                  forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
                  end_run: Callable[[BaseException, ResumeState], None], moe_calibration: str = "all",
-                 moe_min_tokens: int = 128, act_group_aware: bool | None = None, refit_scales: bool | None = None
-                 ) -> None:
+                 moe_min_tokens: int = 128, act_group_aware: bool | None = None, refit_scales: bool | None = None,
+                 park_activations: bool = True) -> None:
     """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
     check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
     write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
@@ -146,7 +146,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                                  forward_dtype=None if fdtype == torch.float32 else fdtype,
                                  compare_rtn=report is not None, ranks=ranks, progress=progress,
                                  hold_dtype=stored if stored in (torch.bfloat16, torch.float16) else None,
-                                 source=model)
+                                 source=model, park_dir=None if park_activations else False)
             if ranks.is_writer:
                 save_quantized(m, cfg, out, source_dir=model, overwrite=overwrite,
                                extra_meta=dict(meta, **rep.checkpoint_meta()))

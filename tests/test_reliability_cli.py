@@ -420,3 +420,31 @@ def test_fp32_source_is_still_written_as_fp16(tiny_src, tmp_path, capsys):
     assert rc == 0, err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"].dtype == torch.float16
+
+
+def test_one_pass_parks_waiting_batches_unless_told_not_to(tiny_src, calib, tmp_path, capsys, monkeypatch):
+    """The CLI's one pass parks the waiting batches' inputs in the run's .OUT.partial folder, and
+    --no-park-activations keeps them in memory; both write the same bytes, and no parked file is left."""
+    import gptq_plugin.blockquant as bq
+    import gptq_plugin.passes as passes
+
+    monkeypatch.setattr(passes, "PARK_MIN_BYTES", 1)  # the tiny model's activations are a few KB
+    seen = []
+    real = bq.sequential_pass
+
+    def spy(*a, park_dir=None, **k):
+        seen.append(park_dir)
+        return real(*a, park_dir=park_dir, **k)
+
+    monkeypatch.setattr(bq, "sequential_pass", spy)
+    args = ["--dataset", str(calib), "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--group-size", "32",
+            "--one-pass"]
+    rc, _, err = cli(capsys, "quantize", str(tiny_src), str(tmp_path / "parked"), *args)
+    assert rc == 0, err
+    assert seen and all(p is not None and p.name == ".parked.partial" for p in seen)
+    seen.clear()
+    rc, _, err = cli(capsys, "quantize", str(tiny_src), str(tmp_path / "kept"), *args, "--no-park-activations")
+    assert rc == 0, err
+    assert seen and all(p is None for p in seen)
+    assert digests(tmp_path / "parked") == digests(tmp_path / "kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "parked"]
