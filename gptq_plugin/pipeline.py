@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,11 @@ log = logging.getLogger("gptq_plugin")
 LEAVES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 
 
+def _stamp(f: Path) -> tuple[int, int]:
+    st = os.stat(f)
+    return st.st_size, st.st_mtime_ns
+
+
 class _LoadedModel:
     """A :class:`~gptq_plugin.driver.BlockSource` and :class:`~gptq_plugin.driver.BlockSink` for a model in memory:
     the blocks are there already, and the quantized blocks stay in it. The blocks that wait for their turn can
@@ -40,7 +46,8 @@ class _LoadedModel:
         self.model, self.cfg, self.hold_dtype, self.source = model, cfg, hold_dtype, source
         self.held: dict[int, torch.dtype] = {}  # id(block) -> its dtype, for blocks held in hold_dtype
         self.held_rest: dict[int, tuple[torch.Tensor, torch.dtype]] = {}  # the other tensors held so, by id
-        self.on_disk: dict[int, tuple[nn.Module, str, list[str]]] = {}  # id(block) -> block, name, dropped params
+        # id(block) -> block, its name, its dropped parameters, (size, mtime) of the source files that hold them
+        self.on_disk: dict[int, tuple[nn.Module, str, list[str], dict[Path, tuple[int, int]]]] = {}
         self.src = None
 
     def _exact(self, ts: list[torch.Tensor]) -> bool:
@@ -94,7 +101,8 @@ class _LoadedModel:
         del stored
         from .streaming import _to_meta
         _to_meta(block, list(params))
-        self.on_disk[id(block)] = (block, name, list(params))
+        files = {self.src.where[k] for k in keys.values()}
+        self.on_disk[id(block)] = (block, name, list(params), {f: _stamp(f) for f in files})
         return True
 
     def _cast_rest(self, hold: bool) -> None:
@@ -104,7 +112,7 @@ class _LoadedModel:
     def close(self) -> None:
         """Give every block that did not have its turn (``max_blocks``, an error) and the weights outside the blocks
         their memory and dtype back."""
-        for block, name, _ in list(self.on_disk.values()):
+        for block, name, *_ in list(self.on_disk.values()):
             self.load(block, name)
         for block in find_layout(self.model).blocks(self.model)[0]:
             self.load(block, "")
@@ -123,6 +131,11 @@ class _LoadedModel:
         dropped = self.on_disk.pop(id(block), None)
         if dropped is not None:
             from .streaming import _materialize
+            changed = [f for f, stamp in dropped[3].items() if _stamp(f) != stamp]
+            if changed:
+                raise CheckpointError(f"{changed[0]}: the source model changed during the run (the blocks waiting "
+                                      f"for their turn are read from it again): leave {self.source} unchanged "
+                                      "while it is quantized, and rerun")
             _materialize(block, dropped[2], self.src, dropped[1] + ".")
         dtype = self.held.pop(id(block), None)
         if dtype is not None:
@@ -196,7 +209,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
         source: the safetensors folder ``model`` was loaded from (in fp32). Each block whose weights equal its
             tensors of the same names (checked when the run starts) gives up its memory until its turn and is read
             from there again (before ``hold_dtype`` is tried); blocks that differ stay in memory. Every block has its
-            weights back when this returns or raises. None: the blocks stay in memory.
+            weights back when this returns or raises. None: the blocks stay in memory. A source file whose size or
+            modification time changed meanwhile raises :class:`~gptq_plugin.errors.CheckpointError`.
         park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
             (:func:`gptq_plugin.passes.sequential_pass`: less memory, the same bytes); None: ``resume``'s folder when
             given, else they stay in memory; False: they stay in memory.
@@ -208,7 +222,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
     Raises:
         ConfigError: ``lm_head=True`` (not supported yet), or GPTQ without calibration data.
         NumericalError: NaN/Inf activations (names the block).
-        CheckpointError: a resume state whose recorded blocks are missing or do not fit the model.
+        CheckpointError: a resume state whose recorded blocks are missing or do not fit the model; a ``source``
+            file that changed during the run.
         ConfigError: a CUDA ``device`` that torch does not see.
         DistributedError: (with ``ranks``) another rank failed.
     """

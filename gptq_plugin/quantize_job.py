@@ -138,7 +138,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                                      forward_dtype=None if fdtype == torch.float32 else fdtype,
                                      activation_memory=None if activation_memory is None else int(activation_memory * 2**20),
                                      overwrite=overwrite, extra_meta=meta, compare_rtn=report is not None,
-                                     ranks=ranks, progress=progress)
+                                     ranks=ranks, progress=progress,
+                                     park_dir=None if park_activations else False)
         else:
             m = load_model(model)
             stored = stored_float_dtype(model)  # blocks waiting for their turn are held as stored (e.g. bf16)

@@ -107,9 +107,9 @@ def offloaded(t: torch.Tensor, folder: str | os.PathLike | None, min_bytes: int,
               ) -> Iterator[None]:
     """Free the memory of contiguous CPU ``t`` while the body runs: its bytes go to a temporary file
     ``<what>-*.bin`` in ``folder`` (``what``, e.g. ``"Hessian"``, also names ``t`` in messages) and its storage is
-    resized to 0, then restored bit for bit on exit (also on errors; the file is removed). A no-op when ``folder`` is None, or ``t`` is under ``min_bytes``, not on the CPU,
-    does not own its whole storage or its storage is not resizable; when the file cannot be written, ``t`` stays
-    in memory (logged once per ``what`` and ``folder``).
+    resized to 0, then restored bit for bit on exit (also on errors; the file is removed). A no-op when ``folder``
+    is None, or ``t`` is under ``min_bytes``, not on the CPU, does not own its whole storage or its storage is not
+    resizable; when the file cannot be written, ``t`` stays in memory (logged once per ``what`` and ``folder``).
 
     Raises:
         OSError: the parked file came back shorter than ``t`` (truncated by someone else meanwhile).

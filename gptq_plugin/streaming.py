@@ -244,7 +244,8 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
                        low_memory: bool = True, forward_dtype: torch.dtype | None = None,
                        activation_memory: int | None = None, overwrite: bool = False,
                        extra_meta: dict | None = None, compare_rtn: bool = False,
-                       device: str | torch.device | None = "auto", ranks: Ranks | None = None) -> QuantizeReport:
+                       device: str | torch.device | None = "auto", ranks: Ranks | None = None,
+                       park_dir: str | Path | bool | None = None) -> QuantizeReport:
     """GPTQ- (or RTN-) quantize the model folder ``source`` into the checkpoint ``out`` one decoder block at a
     time, never holding more than one block's weights (see the module docstring).
 
@@ -272,6 +273,8 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         device, ranks: as in :func:`~gptq_plugin.pipeline.quantize_model` (None: the CPU); with several ranks
             only rank 0 writes ``out``, and ``resume`` must be the same folder on every rank (the ranks of one
             host share it; across hosts it must be on a shared file system).
+        park_dir: with ``low_memory=False``, where the waiting batches park their inputs to a layer group
+            (:func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder; False: in memory.
 
     Returns:
         The :class:`~gptq_plugin.blockquant.QuantizeReport`.
@@ -310,7 +313,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
                                  low_memory=low_memory, forward_dtype=forward_dtype, resume=resume,
                                  activation_memory=activation_memory, offload_dir=resume.folder,
                                  compare_rtn=compare_rtn, desc=f"{cfg.method} {cfg.bits}-bit (streaming)",
-                                 ranks=ranks)
+                                 ranks=ranks, park_dir=park_dir)
         if ranks.is_writer:
             blocks.write(out, overwrite, resume, report, extra_meta)
         ranks.barrier(f"writing {out}")

@@ -85,6 +85,23 @@ def test_blocks_wait_in_the_source_folder_and_come_back(tmp_path):
     assert all(torch.equal(model.model.layers[2].state_dict()[k], v) for k, v in originals.items())
 
 
+def test_a_source_changed_during_the_run_is_one_clear_error(tmp_path):
+    """A block waiting in the source folder is not read back from a file that changed since the run started."""
+    import os
+
+    from gptq_plugin.errors import CheckpointError
+
+    model = tiny_llama(seed=3)
+    model.save_pretrained(tmp_path / "src")
+    weights = tmp_path / "src" / "model.safetensors"
+
+    def touch(module, args, kwargs):
+        os.utime(weights, ns=(0, 1))  # as a copy over it would
+    model.model.layers[0].register_forward_pre_hook(touch, with_kwargs=True)
+    with pytest.raises(CheckpointError, match="model.safetensors: the source model changed during the run"):
+        quantize_model(model, CALIB, CFG, batch_size=2, progress=False, source=tmp_path / "src")
+
+
 def test_bf16_forwards_are_applied():
     a, b = _quantized(False, None), _quantized(False, torch.bfloat16)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 activations change some Hessians, so some codes

@@ -422,7 +422,8 @@ def test_fp32_source_is_still_written_as_fp16(tiny_src, tmp_path, capsys):
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"].dtype == torch.float16
 
 
-def test_one_pass_parks_waiting_batches_unless_told_not_to(tiny_src, calib, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("driver", ["--in-memory", "--streaming"])
+def test_one_pass_parks_waiting_batches_unless_told_not_to(tiny_src, calib, tmp_path, capsys, monkeypatch, driver):
     """The CLI's one pass parks the waiting batches' inputs in the run's .OUT.partial folder, and
     --no-park-activations keeps them in memory; both write the same bytes, and no parked file is left."""
     import gptq_plugin.blockquant as bq
@@ -438,7 +439,7 @@ def test_one_pass_parks_waiting_batches_unless_told_not_to(tiny_src, calib, tmp_
 
     monkeypatch.setattr(bq, "sequential_pass", spy)
     args = ["--dataset", str(calib), "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--group-size", "32",
-            "--one-pass"]
+            "--one-pass", driver]
     rc, _, err = cli(capsys, "quantize", str(tiny_src), str(tmp_path / "parked"), *args)
     assert rc == 0, err
     assert seen and all(p is not None and p.name == ".parked.partial" for p in seen)
