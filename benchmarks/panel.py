@@ -50,6 +50,11 @@ RECIPES = {
                              "--damp-percent", "0.05"],
     "gar-mse-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--damp-percent", "0.05"],
     "gar-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--damp-percent", "0.05"],
+    "gar-mse-refit-bf16": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
+                           "--forward-dtype", "bfloat16"],
+    "gar-mse-refit-n256": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
+                           "--nsamples", "256"],
+    "gar-mse2-refit": ["--act-group-aware", "--no-static-groups", "--mse", "2.0", "--refit-scales"],
     "gar-bf16": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--forward-dtype", "bfloat16"],
     "gar-n256": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--nsamples", "256"],
     "default": [],  # whatever `gptq-plugin quantize` does without flags

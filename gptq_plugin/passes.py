@@ -172,12 +172,15 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     forward with them. The block's outputs are therefore already the quantized block's outputs, and each group
     saw inputs produced by the quantized groups before it, without re-running the block once per group.
     Memory: every batch's activations at the current group are alive at once (about one full-batch forward).
-    With ``park_dir`` (a folder), the input each waiting batch holds at the group (its widest tensor at an MLP's
-    down projection) waits in a temporary file there instead, its memory freed, and is read back bit for bit when
-    the batch resumes (:func:`gptq_plugin.solver_memory.offloaded`; inputs under :data:`PARK_MIN_BYTES` and
-    tensors that do not own their storage stay in memory), and every :data:`TRIM_EVERY`-th waiting batch gives the
-    heap's free pages back: the same outputs in less memory, at the cost of writing and reading those inputs once
-    (docs/reliability.md, "The one pass at 1.4 GB").
+    With ``park_dir`` (a folder), the input each waiting batch holds at a one-layer group (o_proj's attention
+    output; down_proj's, the widest) waits in a temporary file there instead, its memory freed, and is read back
+    bit for bit when the batch resumes (:func:`gptq_plugin.solver_memory.offloaded`; inputs under
+    :data:`PARK_MIN_BYTES` and tensors that do not own their storage stay in memory), and every
+    :data:`TRIM_EVERY`-th waiting batch gives the heap's free pages back: the same outputs in less memory, at the
+    cost of writing and reading those inputs once. An input shared by several layers (q/k/v, gate/up: a norm's
+    output, with only the residual beside it in the block's frames) stays in memory: those pauses hold less than
+    the one at o_proj, where the attention's q, k and v are alive, so parking them cost time without lowering the
+    peak (docs/reliability.md, "The one pass at 1.4 GB").
 
     An exception in the calling thread while it waits (``KeyboardInterrupt`` from Ctrl-C, or what a SIGTERM
     handler raises) stops the batches at their next layer group and waits for every batch thread to end before it
@@ -221,7 +224,7 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
             return  # a layer called twice: only its first call feeds the Hessian
         local.seen.add((head, b))
         accs[head].add_batch(args[0], _routed(module))
-        with offloaded(args[0], park_dir, PARK_MIN_BYTES, "paused activation"):
+        with offloaded(args[0], park_dir if len(by_head[head]) == 1 else None, PARK_MIN_BYTES, "paused activation"):
             if park_dir is not None and (b % TRIM_EVERY == TRIM_EVERY - 1 or b == n - 1):
                 release_free_memory()  # what the forwards freed so far: the peak is all batches paused
             if b == n - 1:  # every batch has contributed: quantize the group, then start the next round

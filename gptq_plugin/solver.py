@@ -26,6 +26,34 @@ from .solver_memory import all_finite, borrow, offloaded, one_thread, permuted
 log = logging.getLogger(__name__)
 
 
+#: :func:`gram_matrix` splits the ``K`` columns into tiles at least this wide (and at most 16 tiles)
+GRAM_TILE = 256
+
+
+def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ x`` for ``x`` of shape ``[T, K]`` (``[K, K]``, ``x``'s dtype and device), computing only the tiles on and
+    above the diagonal and mirroring the rest (the Gram matrix is symmetric), in GEMM calls on column slices. Each
+    entry is the same dot product over the same ``T`` rows; with the CPU wheel's BLAS the result equals
+    ``x.t() @ x`` bit for bit, 1.3-1.8x faster at one thread for ``K`` 576-11008 (benchmarks/gram_bench.py).
+    Tiles: :data:`GRAM_TILE` columns, or ``K/16`` rounded up to 64 when wider; ``K`` up to one tile: one GEMM."""
+    K = x.shape[1]
+    width = max(GRAM_TILE, (-(-K // 16) + 63) // 64 * 64)
+    if K <= width:
+        return x.t() @ x
+    g = x.new_empty(K, K)
+    edges = list(range(0, K, width)) + [K]
+    for i in range(len(edges) - 1):
+        rows = slice(edges[i], edges[i + 1])
+        a = x[:, rows].t()
+        for j in range(i, len(edges) - 1):
+            cols = slice(edges[j], edges[j + 1])
+            tile = a @ x[:, cols]
+            g[rows, cols] = tile
+            if j != i:
+                g[cols, rows] = tile.t()
+    return g
+
+
 class HessianAccumulator:
     """``H = 2/n Σ_b x_bᵀ x_b`` over the calibration batches ``b`` that reach one linear layer (``n``: their
     tokens). Each batch's Gram matrix ``x_bᵀ x_b`` is one leaf of a fixed binary tree over the global batch index
@@ -57,7 +85,7 @@ class HessianAccumulator:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            gram = x.t() @ x
+            gram = gram_matrix(x)
         self.tree.push(0, self.next_batch, gram)
         self.next_batch += 1
         self.n += x.shape[0]

@@ -7,7 +7,7 @@ import torch
 
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import NumericalError
-from gptq_plugin.solver import HessianAccumulator, gptq_quantize, rtn_quantize
+from gptq_plugin.solver import GRAM_TILE, HessianAccumulator, gptq_quantize, gram_matrix, rtn_quantize
 
 
 def correlated_inputs(n, k, seed=0):
@@ -137,6 +137,17 @@ def test_gptq_output_error_below_rtn(kw):
     e_rtn = torch.linalg.norm(X @ (W - rtn).t())
     # 2-bit min-max grids are so coarse that the gain is small; elsewhere GPTQ removes >10% of the error
     assert e_gptq < (0.99 if cfg.bits == 2 else 0.9) * e_rtn
+
+
+@pytest.mark.parametrize("K", [7, GRAM_TILE, GRAM_TILE + 1, 1100, 5000])  # one GEMM; 2, 5 and 16 tiles
+def test_gram_matrix_is_the_full_product(K):
+    x = torch.randn(24, K, generator=torch.Generator().manual_seed(K)) * 3 + 0.5
+    g = gram_matrix(x)
+    ref = x.double().t() @ x.double()  # independent: fp64 over the same rows
+    assert g.shape == (K, K) and g.dtype == torch.float32
+    assert torch.equal(g[:200, 400:], g[400:, :200].t())  # tiles below the diagonal: the computed ones, mirrored
+    assert torch.allclose(g.double(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(gram_matrix(x.double()), ref, rtol=1e-12, atol=1e-9)
 
 
 def test_result_layout_and_g_idx():
