@@ -320,7 +320,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         first_batch: the global index of ``inputs[0]`` (this rank's first batch).
         names: full module names -> the checkpoint's, where they differ (e.g. Mixtral's ``mlp`` ->
             ``block_sparse_moe``): the report rows, logs and errors name layers as the checkpoint does.
-        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
+        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a one-layer group
             (:func:`gptq_plugin.passes.sequential_pass`); None keeps them in memory. The same bytes either way.
 
     Returns:

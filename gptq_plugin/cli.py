@@ -112,8 +112,8 @@ def quantize(
              "paused at once) or --low-memory (one batch at a time, ~1.6x slower). Default: one pass when it fits "
              "in half the available memory. Same checkpoint either way."),
     park_activations: bool = typer.Option(
-        True, help="One pass: the batches waiting at a layer group keep their input to it in a file in "
-                   ".OUT.partial/ (demo model: 1.42 instead of 2.23 GB peak RSS, 5-8% slower). "
+        True, help="One pass: the batches waiting at a one-layer group (o_proj, down_proj) keep their input to it "
+                   "in a file in .OUT.partial/ (demo model: 1.42 instead of 2.23 GB peak RSS). "
                    "--no-park-activations keeps them in memory. Same checkpoint either way."),
     report: Optional[Path] = typer.Option(None, help="Write the per-layer report (JSON) here, and its plot (GPTQ vs RTN "
                                           "per-layer error; needs matplotlib: the report extra) next to it as .png."),

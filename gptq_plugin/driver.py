@@ -107,7 +107,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         activation_memory: with ``resume``, bytes of calibration activations also held in memory (the rest is
             read from the state's files); None: all of them.
         offload_dir: where the solver parks large Hessians (:func:`gptq_plugin.solver.gptq_quantize`).
-        park_dir: where the one-pass driver's waiting batches park their inputs to a layer group (on the CPU;
+        park_dir: where the one-pass driver's waiting batches park their inputs to a one-layer group (on the CPU;
             :func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder when given, else in memory;
             False: in memory.
         compare_rtn: also compute each layer's RTN error for the report (``LayerReport.rtn_rel_err``; one more

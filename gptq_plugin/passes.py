@@ -178,9 +178,9 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     :data:`PARK_MIN_BYTES` and tensors that do not own their storage stay in memory), and every
     :data:`TRIM_EVERY`-th waiting batch gives the heap's free pages back: the same outputs in less memory, at the
     cost of writing and reading those inputs once. An input shared by several layers (q/k/v, gate/up: a norm's
-    output, with only the residual beside it in the block's frames) stays in memory: those pauses hold less than
-    the one at o_proj, where the attention's q, k and v are alive, so parking them cost time without lowering the
-    peak (docs/reliability.md, "The one pass at 1.4 GB").
+    output, with only the residual beside it in the block's frames) stays in memory: on the demo model, the passes'
+    peak with them in memory, at the o_proj pause where the attention's q, k and v are alive, stays under the
+    model load's (docs/reliability.md, "The one pass at 1.4 GB").
 
     An exception in the calling thread while it waits (``KeyboardInterrupt`` from Ctrl-C, or what a SIGTERM
     handler raises) stops the batches at their next layer group and waits for every batch thread to end before it
