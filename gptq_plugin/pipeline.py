@@ -211,7 +211,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, cfg: QuantizeCo
             from there again (before ``hold_dtype`` is tried); blocks that differ stay in memory. Every block has its
             weights back when this returns or raises. None: the blocks stay in memory. A source file whose size or
             modification time changed meanwhile raises :class:`~gptq_plugin.errors.CheckpointError`.
-        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a layer group
+        park_dir: a folder where the one-pass driver's waiting batches park their inputs to a one-layer group
             (:func:`gptq_plugin.passes.sequential_pass`: less memory, the same bytes); None: ``resume``'s folder when
             given, else they stay in memory; False: they stay in memory.
 

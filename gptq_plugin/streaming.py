@@ -273,7 +273,7 @@ def quantize_streaming(source: str | Path, out: str | Path, calib: torch.Tensor 
         device, ranks: as in :func:`~gptq_plugin.pipeline.quantize_model` (None: the CPU); with several ranks
             only rank 0 writes ``out``, and ``resume`` must be the same folder on every rank (the ranks of one
             host share it; across hosts it must be on a shared file system).
-        park_dir: with ``low_memory=False``, where the waiting batches park their inputs to a layer group
+        park_dir: with ``low_memory=False``, where the waiting batches park their inputs to a one-layer group
             (:func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder; False: in memory.
 
     Returns:
