@@ -4,7 +4,9 @@
 ``gptq_plugin.adapters.transformers``, which registers the plugin with Transformers. Importing this package
 registers it only when Transformers is already imported (it has no entry-point discovery), and never fails.
 That adapter imports the core's modules, never this package's names, so these two function-level imports close no
-import circle (``tests/test_import_graph.py``).
+import circle (``tests/test_import_graph.py``). ``QuantLinear`` is imported on first access too: importing the package
+does not import torch, so the command line can set torch's allocator options before torch starts
+(:func:`gptq_plugin.process_memory.use_huge_pages`).
 """
 
 import logging as _logging
@@ -12,7 +14,6 @@ import sys as _sys
 
 from .config import QuantizeConfig
 from .errors import CalibrationError, CheckpointError, ConfigError, GPTQPluginError, KernelError, NumericalError
-from .linear import QuantLinear
 
 __all__ = [
     "QuantizeConfig",
@@ -28,6 +29,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "QuantLinear":
+        from .linear import QuantLinear
+        return QuantLinear
     if name == "GPTQPluginConfig":
         try:
             from .adapters.transformers import GPTQPluginConfig
@@ -39,7 +43,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | {"GPTQPluginConfig"})
+    return sorted(set(globals()) | {"GPTQPluginConfig", "QuantLinear"})
 
 
 def _register_with_imported_frameworks() -> None:

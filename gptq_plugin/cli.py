@@ -18,9 +18,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import click
-import torch
-import typer
+from .process_memory import limit_malloc_arenas, use_huge_pages
+
+use_huge_pages()  # before torch starts: torch reads the setting at its first allocation
+
+import click  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
 
 from .checkpoint import inspect_checkpoint
 from .config import QuantizeConfig
@@ -33,7 +37,6 @@ from .memory import format_memory
 from .models import is_quantized, load_model, load_tokenizer
 from .plugins import calibration_sources, checkpoint_formats, discovery, kernels, model_layouts
 from .reader import read_quantization_config
-from .process_memory import limit_malloc_arenas
 from .safetensors_io import is_write_failure
 from .quantize_job import run_quantize
 from .targets import check_target
