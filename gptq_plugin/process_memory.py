@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
@@ -35,14 +36,24 @@ def limit_malloc_arenas(n: int = 2, mmap_threshold: int | None = 8 << 20) -> Non
     paused batches come from the heaps, which fragment and keep their high-water mark: with the threshold fixed
     at 8 MB they are mapped and unmapped instead: on the first 4 blocks of the demo model 2.42 GB peak against
     3.83 GB, about 5% slower (docs/reliability.md). (The drivers also return the heap's free pages after each block:
-    :func:`gptq_plugin.blockquant.release_free_memory`.)"""
+    :func:`gptq_plugin.solver_memory.release_free_memory`.)"""
+    lib = libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, n)
+        lib.mallopt(_M_ARENA_MAX, n)
         if mmap_threshold is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
-    except (OSError, AttributeError):
+            lib.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
+    except AttributeError:  # no C library loaded, or not glibc
         pass
+
+
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (``find_library`` runs ``ldconfig``: ~1 ms a call); None where it cannot be
+    loaded. glibc's ``mallopt`` and ``malloc_trim`` are looked up on it."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def use_huge_pages() -> bool:

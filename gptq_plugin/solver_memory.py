@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import tempfile
 from typing import Iterator
 
 import torch
+
+from .process_memory import libc
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +162,6 @@ def release_free_memory() -> None:
     returned. Measured on a 12-block synthetic model (hidden 1024, streaming GPTQ): peak RSS grew ~80 MB per
     block (0.92 -> 1.78 GB) without it and stayed at ~0.9 GB with it; a fixed 1 MB ``M_MMAP_THRESHOLD`` gave
     0.82 GB but ran 25% slower."""
-    trim = _malloc_trim()
+    trim = getattr(libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``: ~1 ms a call); None elsewhere."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
