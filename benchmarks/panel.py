@@ -50,6 +50,8 @@ RECIPES = {
                              "--damp-percent", "0.05"],
     "gar-mse-refit-damp10": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
                              "--damp-percent", "0.1"],
+    "gar-mse-refit-dampauto": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
+                               "--damp-percent", "auto"],
     "gar-mse-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--damp-percent", "0.05"],
     "gar-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--damp-percent", "0.05"],
     "gar-mse-refit-bf16": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",

@@ -197,13 +197,14 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
 
 
 def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
-                 compare_rtn: bool, offload_dir=None, tokens: int | None = None, names: dict | None = None
-                 ) -> tuple[QuantResult, LayerReport]:
+                 compare_rtn: bool, offload_dir=None, tokens: int | None = None, names: dict | None = None,
+                 halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[QuantResult, LayerReport]:
     """Quantize one layer with GPTQ (RTN when no calibration token reached it, or when it is an expert's layer
     that saw fewer than ``cfg.moe_min_tokens`` routed tokens with ``moe_calibration="routed"``); returns the result
     (on the CPU) and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`. ``tokens``: the
     routed calibration tokens of the layer's expert (None: not an expert's layer). ``names``: full model names ->
-    the checkpoint's, where they differ (the report, logs and errors use the checkpoint's)."""
+    the checkpoint's, where they differ (the report, logs and errors use the checkpoint's). ``halves``: the held-out
+    Hessians for ``cfg.damp_auto`` (:func:`gptq_plugin.solver.choose_damp`)."""
     t = time.time()
     full = f"{block_name}.{name}"
     full = (names or {}).get(full, full)
@@ -217,7 +218,7 @@ def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quantiz
         res.fallback = f"{why}: RTN"
         row = LayerReport(full, None, None, 0.0, res.fallback, time.time() - t, tokens=tokens)
     else:
-        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir)
+        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir, halves=halves)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
         errs = _rel_errs(W, H, res, cfg, grid, rtn=compare_rtn)
@@ -378,9 +379,10 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             stand_in = bool(low_memory) or not cfg.true_sequential
 
             def new_accumulator(k: int) -> HessianAccumulator:
-                return HessianAccumulator(k, first_batch=first_batch, ranks=ranks)
+                return HessianAccumulator(k, first_batch=first_batch, ranks=ranks, heldout=cfg.damp_auto)
 
-            def quantize_group(group: list[str], H: torch.Tensor | None, routed: list[int] | None = None) -> None:
+            def quantize_group(group: list[str], H: torch.Tensor | None, routed: list[int] | None = None,
+                               halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
                 # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32.
                 # One Hessian, computed once, for the layers sharing an input; each layer solved on its owner rank.
                 with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -389,7 +391,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                     def solve(name: str):
                         where = expert_of(name) if routed is not None else None
                         return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir,
-                                            None if where is None else routed[where[1]], names)
+                                            None if where is None else routed[where[1]], names, halves)
 
                     mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
                     for name, owner in zip(group, owners):
@@ -413,7 +415,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                 accumulate(block, accs, inputs, kwargs_list, forward_dtype)
                 for g in groups:
                     H = accs[g[0]].finalize(allow_empty=True)
-                    quantize_group(g, H, accs[g[0]].routed)
+                    quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].halves)
                 with torch.no_grad():
                     for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
                         emit(i, call_block(block, x, kw, forward_dtype))

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 
 from .checkpoint import inspect_checkpoint
-from .config import QuantizeConfig
+from .config import DAMP_CANDIDATES, QuantizeConfig
 from .convert import convert_checkpoint
 from .distributed import close_ranks, init_ranks, resolve_device
 from .errors import CheckpointError, ConfigError, GPTQPluginError, OutputError
@@ -58,6 +58,21 @@ _USAGE_ERRORS = tuple({click.ClickException,
 class Method(str, Enum):
     gptq = "gptq"
     rtn = "rtn"
+
+
+def _parse_damp(value: str) -> tuple[float, bool]:
+    """``--damp-percent``: a number in (0, 1) -> ``(value, False)``; ``auto`` -> ``(0.01, True)`` (0.01 stays the
+    dampening of a layer whose calibration batches cannot be split in two). Raises :class:`ConfigError`."""
+    if value.strip().lower() == "auto":
+        return 0.01, True
+    try:
+        damp = float(value)
+    except ValueError:
+        damp = None
+    if damp is None or not 0 < damp < 1:
+        raise ConfigError(f"damp_percent={value!r} is invalid: use a value in (0, 1), e.g. 0.01, or 'auto' (per "
+                          "layer, on held-out calibration data)")
+    return damp, False
 
 
 def _setup(threads: int | None, verbose: bool = False) -> None:
@@ -91,7 +106,11 @@ def quantize(
         help="Group grids from the unquantized weights (with act-order: g_idx stays in input order, the fast "
              "kernels' case)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
-    damp_percent: float = typer.Option(0.01, help="Hessian dampening as a fraction of its mean diagonal."),
+    damp_percent: str = typer.Option(
+        "0.01", metavar="FLOAT|auto",
+        help="Hessian dampening as a fraction of its mean diagonal; 'auto' chooses it per layer from "
+             f"{', '.join(map(str, DAMP_CANDIDATES))} by the output error on held-out calibration batches (one more "
+             "GPTQ solve per candidate)."),
     mse: Optional[float] = typer.Option(None, show_default="2.4 for gptq, 0 for rtn",
                                         help="Clipping search norm (2.4 as in the GPTQ reference code); 0 = min-max "
                                              "range (the classic RTN baseline)."),
@@ -152,14 +171,15 @@ def quantize(
     Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
+    damp, damp_auto = _parse_damp(damp_percent)
     dev = resolve_device(device)
     ranks = init_ranks(dev)
     try:
         run_quantize(ranks, model, out, bits, group_size, act_order, sym, static_groups, true_sequential,
-                     damp_percent, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
+                     damp, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
                      overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run,
                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
-                     refit_scales=refit_scales, park_activations=park_activations)
+                     refit_scales=refit_scales, park_activations=park_activations, damp_auto=damp_auto)
     finally:
         close_ranks(ranks)
 

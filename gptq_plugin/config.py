@@ -36,6 +36,19 @@ def _version() -> str:
 # model: docs/quality.md#the-model-panel-and-the-default-recipe (`python benchmarks/panel.py`).
 RECOMMENDED = {"act_group_aware": True, "mse": 2.4, "refit_scales": True}
 
+#: The dampenings ``damp_auto`` chooses from, per layer (:func:`gptq_plugin.solver.choose_damp`).
+DAMP_CANDIDATES = (0.005, 0.01, 0.03, 0.1)
+
+
+def check_damp_auto(cfg: "QuantizeConfig", windows: int, batch_size: int) -> None:
+    """``damp_auto`` splits the calibration batches in two (even and odd): with one batch there is nothing to hold
+    out. Raises :class:`ConfigError` naming the fix."""
+    if cfg.damp_auto and cfg.method == "gptq" and -(-windows // batch_size) < 2:
+        raise ConfigError(
+            f"damp_auto (--damp-percent auto) chooses each layer's dampening on held-out calibration batches and "
+            f"needs at least 2; {windows} windows in batches of {batch_size} make 1: use more calibration windows "
+            "(--nsamples) or a smaller --batch-size, or give a number to --damp-percent")
+
 
 @dataclass
 class QuantizeConfig:
@@ -81,6 +94,12 @@ class QuantizeConfig:
         refit_scales (`bool`, *optional*, defaults to False): after the GPTQ sweep, refit every row's group
             scales by least squares against the layer's Hessian with the codes fixed
             (:func:`gptq_plugin.solver.refit_scales`); same format, lower output error.
+        damp_auto (`bool`, *optional*, defaults to False): choose each layer's dampening from
+            :data:`DAMP_CANDIDATES` by its output error on held-out calibration data
+            (:func:`gptq_plugin.solver.choose_damp`: solved on the even batches' Hessian, scored on the odd
+            ones'); ``damp_percent`` is then used only where a half has no tokens. Stored in ``meta``; the
+            checkpoint's ``damp_percent`` stays a number, as other readers expect. Costs one GPTQ solve per
+            candidate per layer.
 
     Raises:
         ConfigError: from :meth:`validate` when a field has an unsupported value.
@@ -103,6 +122,7 @@ class QuantizeConfig:
     moe_min_tokens: int = 128
     act_group_aware: bool = False
     refit_scales: bool = False
+    damp_auto: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,7 +153,8 @@ class QuantizeConfig:
         from .moe import check_moe_config
 
         check_moe_config(self.moe_calibration, self.moe_min_tokens)
-        for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head", "act_group_aware", "refit_scales"):
+        for name in ("desc_act", "sym", "static_groups", "true_sequential", "lm_head", "act_group_aware", "refit_scales",
+                     "damp_auto"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use true or false")
         if self.act_group_aware and self.desc_act:
@@ -157,6 +178,8 @@ class QuantizeConfig:
         meta.setdefault("moe_min_tokens", self.moe_min_tokens)
         meta.setdefault("act_group_aware", self.act_group_aware)
         meta.setdefault("refit_scales", self.refit_scales)
+        if self.damp_auto:  # only when on: checkpoints without it keep their bytes
+            meta.setdefault("damp_auto", True)
         meta.setdefault("config_version", CONFIG_VERSION)
         return {
             "quant_method": "gptq",
@@ -199,7 +222,7 @@ class QuantizeConfig:
         if "checkpoint_format" not in d and "format" in d:
             kwargs["checkpoint_format"] = d["format"]
         for key in ("damp_auto_increment", "mse", "block_size", "moe_calibration", "moe_min_tokens", "act_group_aware",
-                    "refit_scales"):
+                    "refit_scales", "damp_auto"):
             if key in meta and key not in kwargs:
                 kwargs[key] = meta[key]
         kwargs["method"] = meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq"

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blockquant import LayerReport, QuantizeReport, quantize_block, release_free_memory
-from .config import QuantizeConfig
+from .config import QuantizeConfig, check_damp_auto
 from .errors import ConfigError, NumericalError
 from .distributed import SINGLE, Ranks
 from .moe import checkpoint_names, unquantized_weights
@@ -125,7 +125,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         fallbacks, notes), the restored blocks' rows included.
 
     Raises:
-        ConfigError: ``lm_head=True`` (not supported yet), or GPTQ without calibration data.
+        ConfigError: ``lm_head=True`` (not supported yet), GPTQ without calibration data, or ``damp_auto`` with
+            a single calibration batch.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
         DistributedError: another rank failed or did not answer within the timeout.
@@ -136,6 +137,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
     if cfg.method == "gptq" and (calib is None or calib.numel() == 0):
         raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
+    if cfg.method == "gptq":
+        check_damp_auto(cfg, calib.shape[0], batch_size)
     t0 = time.time()
     if park_dir is None and resume is not None:
         park_dir = resume.folder

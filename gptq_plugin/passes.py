@@ -2,8 +2,8 @@
 share an input, and run the batches through a block while its groups are quantized (true-sequential GPTQ in one
 pass of turn-taking threads, or group by group with one batch's activations at a time).
 
-The quantization itself is a callback, ``quantize_group(group, H, routed)`` (:func:`gptq_plugin.blockquant.quantize_block`
-gives it); these functions only order the forwards and accumulate each group's Hessian
+The quantization itself is a callback, ``quantize_group(group, H, routed, halves=...)``
+(:func:`gptq_plugin.blockquant.quantize_block` gives it; ``halves``: the accumulator's held-out Hessians, or None); these functions only order the forwards and accumulate each group's Hessian
 (:class:`~gptq_plugin.solver.HessianAccumulator`).
 """
 
@@ -229,7 +229,7 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
                 release_free_memory()  # what the forwards freed so far: the peak is all batches paused
             if b == n - 1:  # every batch has contributed: quantize the group, then start the next round
                 H = accs[head].finalize(allow_empty=True)  # None: only empty batches (an expert no token was routed to)
-                quantize_group(by_head[head], H, accs[head].routed)
+                quantize_group(by_head[head], H, accs[head].routed, halves=accs[head].halves)
                 done.add(head)
                 pass_turn(0)
             else:
@@ -276,7 +276,7 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     for g in groups:
         if g[0] not in done:  # no batch of this rank reached it (nor, for a dense block, of any other rank)
             H = accs[g[0]].finalize(allow_empty=True)
-            quantize_group(g, H, accs[g[0]].routed)
+            quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].halves)
     return outputs
 
 
@@ -335,7 +335,7 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
         finally:
             handle.remove()
         H = acc.finalize(allow_empty=True)
-        quantize_group(g, H, acc.routed)
+        quantize_group(g, H, acc.routed, halves=acc.halves)
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):

@@ -16,7 +16,7 @@ import typer
 
 from .calibration import load_calibration
 from .checkpoint import save_quantized
-from .config import RECOMMENDED, QuantizeConfig
+from .config import RECOMMENDED, QuantizeConfig, check_damp_auto
 from .distributed import Ranks
 from .errors import CalibrationError, GPTQPluginError
 from .moe import expert_of
@@ -66,7 +66,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                  forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
                  end_run: Callable[[BaseException, ResumeState], None], moe_calibration: str = "all",
                  moe_min_tokens: int = 128, act_group_aware: bool | None = None, refit_scales: bool | None = None,
-                 park_activations: bool = True) -> None:
+                 park_activations: bool = True, damp_auto: bool = False) -> None:
     """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
     check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
     write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
@@ -87,7 +87,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
                          moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
-                         refit_scales=refit_scales)
+                         refit_scales=refit_scales, damp_auto=damp_auto)
     check_model_folder(model)
     inputs = [model]
     if dataset is not None and Path(dataset).exists():
@@ -110,6 +110,9 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         calib = load_calibration(dataset, tok, nsamples, seqlen)
         if calib.shape[0] < nsamples:
             log.warning("calibration text holds only %d windows of %d tokens (asked for %d)", calib.shape[0], seqlen, nsamples)
+        check_damp_auto(cfg, calib.shape[0], batch_size)
+    elif cfg.damp_auto:
+        log.warning("--damp-percent auto is not used: --method rtn has no Hessian")
     if forward_dtype == "auto":
         forward_dtype = "bfloat16" if ranks.device.type == "cuda" else "float32"
     if forward_dtype not in ("float32", "bfloat16", "float16"):

@@ -10,6 +10,7 @@ borrowed in place, permuted without a copy and parked on disk during the column 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -67,14 +68,21 @@ class HessianAccumulator:
         first_batch: the global index of the first batch added here (a rank's first batch,
             :meth:`~gptq_plugin.distributed.Ranks.batches`); later ones follow in order.
         ranks: the ranks that complete the sum in :meth:`finalize` (default: this process alone).
+        heldout: also keep the Hessians of the even and of the odd batches apart (:attr:`halves` after
+            :meth:`finalize`, for :func:`choose_damp`): two trees over the global batch index ``b // 2`` instead of
+            one, so ``H`` is their sum (other last bits than without) and the same on any number of ranks. One more
+            ``[K, K]`` matrix is held from :meth:`finalize` on.
     """
 
-    def __init__(self, in_features: int, first_batch: int = 0, ranks: Ranks | None = None):
+    def __init__(self, in_features: int, first_batch: int = 0, ranks: Ranks | None = None, heldout: bool = False):
         self.in_features, self.ranks = in_features, ranks or SINGLE
-        self.tree: GramTree | None = GramTree()
+        self.tree: GramTree | None = GramTree()  # every batch; with ``heldout``, the even batches
+        self.odd: GramTree | None = GramTree() if heldout else None
         self.next_batch = first_batch
         self.n = 0
+        self.n_half = [0, 0]
         self.routed: list[int] | None = None
+        self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_batch(self, x: torch.Tensor, routed: list[int] | None = None) -> None:
         """Add one batch of inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token) as the next
@@ -86,7 +94,12 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             gram = gram_matrix(x)
-        self.tree.push(0, self.next_batch, gram)
+        b = self.next_batch
+        if self.odd is None:
+            self.tree.push(0, b, gram)
+        else:
+            (self.odd if b % 2 else self.tree).push(0, b // 2, gram)
+            self.n_half[b % 2] += x.shape[0]
         self.next_batch += 1
         self.n += x.shape[0]
         if routed is not None:
@@ -104,13 +117,33 @@ class HessianAccumulator:
         if self.tree is None:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
         tree, self.tree = self.tree, None
-        tree, (n, self.routed) = self.ranks.all_pieces(tree, (self.n, self.routed), (self.in_features, self.in_features))
+        shape = (self.in_features, self.in_features)
+        if self.odd is not None:
+            return self._finalize_halves(tree, shape, allow_empty)
+        tree, (n, self.routed) = self.ranks.all_pieces(tree, (self.n, self.routed), shape)
         H = tree.total()
         if n == 0 or H is None:
             if allow_empty:
                 return None
             raise NumericalError("no calibration tokens reached this layer: its Hessian is undefined")
         return H.mul_(2.0 / n)
+
+    def _finalize_halves(self, even: GramTree, shape: tuple[int, int], allow_empty: bool) -> torch.Tensor | None:
+        """:meth:`finalize` with ``heldout``: ``H`` is the even batches' sum plus the odd ones', and :attr:`halves`
+        each half's own ``2/n_k Σ x xᵀ`` (None when a half saw no token)."""
+        odd, self.odd = self.odd, None
+        even, (n_even, self.routed) = self.ranks.all_pieces(even, (self.n_half[0], self.routed), shape)
+        odd, n_odd = self.ranks.all_pieces(odd, self.n_half[1], shape)
+        He, Ho = even.total(), odd.total()
+        if n_even + n_odd == 0 or (He is None and Ho is None):
+            if allow_empty:
+                return None
+            raise NumericalError("no calibration tokens reached this layer: its Hessian is undefined")
+        if He is None or Ho is None or n_even == 0 or n_odd == 0:
+            return (Ho if He is None else He if Ho is None else He + Ho).mul_(2.0 / (n_even + n_odd))
+        H = (He + Ho).mul_(2.0 / (n_even + n_odd))
+        self.halves = (He.mul_(2.0 / n_even), Ho.mul_(2.0 / n_odd))
+        return H
 
 
 @dataclass
@@ -195,7 +228,8 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
-                  offload_dir: str | os.PathLike | None = None) -> QuantResult:
+                  offload_dir: str | os.PathLike | None = None,
+                  halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantResult:
     """Quantize one weight matrix with GPTQ, in fp32 throughout (also when called under autocast: the driver calls
     it from a forward hook).
 
@@ -211,17 +245,60 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
         offload_dir: a folder where a Hessian of :data:`OFFLOAD_MIN_BYTES` or more is parked during the column
             loop, which needs only its inverse Cholesky factor (the peak is then one Hessian-sized buffer plus
             the weight, not two). None keeps it in memory.
+        halves: with ``cfg.damp_auto``, the Hessians of two disjoint halves of the calibration batches
+            (:attr:`HessianAccumulator.halves`): the dampening is chosen by :func:`choose_damp` before ``H`` is
+            solved with it. Without them (or without ``damp_auto``) ``cfg.damp_percent`` is used.
 
     Returns:
         :class:`QuantResult`. When ``H`` stays non positive definite for every dampening below 1, the layer
-        falls back to RTN and ``fallback`` says so (logged as a warning).
+        falls back to RTN and ``fallback`` says so (logged as a warning). ``damp_percent`` is the dampening used.
 
     Raises:
         NumericalError: ``W`` or ``H`` contains NaN or Inf.
         ValueError: ``H`` is not ``[in, in]``.
     """
     with torch.autocast(device_type=W.device.type, enabled=False):
+        if cfg.damp_auto and halves is not None:
+            damp, _ = choose_damp(W, halves[0], halves[1], cfg, name)
+            cfg = dataclasses.replace(cfg, damp_percent=damp, damp_auto=False)
         return _gptq_quantize(W, H, cfg, name, offload_dir)
+
+
+def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg: QuantizeConfig,
+                name: str = "layer") -> tuple[float, list[float]]:
+    """The dampening of :data:`~gptq_plugin.config.DAMP_CANDIDATES` whose GPTQ result, solved on one half of the
+    calibration data, has the lowest output error on the other half: for each candidate ``d``, ``ΔW = W - Ŵ_d``
+    with ``Ŵ_d`` quantized by :func:`gptq_quantize` (``cfg``'s recipe, dampening ``d``) from ``H_fit``, scored by
+    ``tr(ΔW H_held ΔWᵀ)``. Scored on the data it was solved on, the smallest dampening nearly always wins; on held-out
+    data the dampening is chosen as a regulariser's strength is (a validation split, as for ridge regression's ``λ``).
+    Ties go to the smaller dampening. A candidate whose solve fell back to RTN scores ``inf``.
+
+    Cost: one GPTQ solve per candidate on top of the final one.
+
+    Args:
+        W: ``[out, in]`` weight (any float dtype; not modified).
+        H_fit, H_held: fp32 ``[in, in]`` Hessians of two disjoint halves of the calibration batches (``H_fit`` is
+            borrowed as :func:`gptq_quantize` borrows ``H`` and given back bit for bit; ``H_held`` is read).
+
+    Returns:
+        ``(damp, scores)``: the chosen dampening and each candidate's held-out error (same order as the
+        candidates).
+    """
+    from .config import DAMP_CANDIDATES
+
+    W32 = W.detach().float()
+    scores = []
+    for d in DAMP_CANDIDATES:
+        res = _gptq_quantize(W, H_fit, dataclasses.replace(cfg, damp_percent=d, damp_auto=False), name, None)
+        if res.fallback is not None:
+            scores.append(float("inf"))
+            continue
+        D = W32 - res.dequantize().to(W32.device)
+        scores.append(float(torch.sum((D @ H_held) * D)))
+        del D, res
+    best = min(range(len(scores)), key=lambda i: (scores[i], i))
+    log.debug("%s: held-out error by damp_percent %s: %s", name, DAMP_CANDIDATES, scores)
+    return DAMP_CANDIDATES[best], scores
 
 
 #: Hessians at least this large (bytes) are written to ``offload_dir`` during the column loop (a 7B ``down_proj``'s

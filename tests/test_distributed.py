@@ -3,7 +3,8 @@
 * the fixed-order Hessian sum (:class:`~gptq_plugin.distributed.GramTree`) against an independent computation,
   whatever contiguous ranges of batches separate trees sum;
 * how batches and layers are split over ranks (:meth:`Ranks.batches`, :meth:`Ranks.owners`);
-* 1 process vs 2 and 3 gloo ranks under ``torchrun``: byte-identical checkpoints (one pass, low memory, streaming);
+* 1 process vs 2 and 3 gloo ranks under ``torchrun``: byte-identical checkpoints (one pass, low memory, streaming,
+  ``--damp-percent auto``);
 * a rank SIGKILLed mid-run: one clear error, a non-zero exit, no output; the same command resumes to the same bytes;
 * clear errors: more ranks than batches, ranks started with different configurations, a collective that times
   out, ``--device cuda`` without CUDA, an unknown device;
@@ -52,8 +53,10 @@ TIMEOUT_S = 180  # any subprocess of this file; a collective gives up after GPTQ
 # 13 windows in batches of 2: 7 batches, the last one of a single window; 2 ranks take [0, 3) [3, 7), 3 ranks
 # [0, 2) [2, 4) [4, 7): ranges that cut the Hessian tree's subtrees
 SMALL = ["--nsamples", "13", "--seqlen", "32", "--batch-size", "2", "--group-size", "32", "--threads", "1"]
-MODES = {"one-pass": ["--one-pass"], "low-memory": ["--low-memory"], "streaming": ["--streaming"]}
-_MODES_OF = {2: ["one-pass", "streaming"], 3: ["one-pass", "streaming", "low-memory"]}  # per torchrun launch
+MODES = {"one-pass": ["--one-pass"], "low-memory": ["--low-memory"], "streaming": ["--streaming"],
+         # held-out Hessians of the even and odd batches: two trees, cut by the ranks' ranges too
+         "damp-auto": ["--one-pass", "--damp-percent", "auto"]}
+_MODES_OF = {2: ["one-pass", "streaming", "damp-auto"], 3: ["one-pass", "streaming", "low-memory"]}  # per launch
 
 
 @pytest.fixture(autouse=True)

@@ -43,9 +43,9 @@ def test_parked_one_pass_gives_the_same_tensors_and_parks_the_waiting_batches_of
     real = passes.sequential_pass
 
     def spy(block, groups, inputs, kwargs_list, quantize_group, *a, **k):
-        def quantize(group, H, routed=None):
+        def quantize(group, H, routed=None, halves=None):
             seen.append(len(list(tmp_path.glob("paused-activation-*.bin"))))
-            return quantize_group(group, H, routed)
+            return quantize_group(group, H, routed, halves=halves)
         return real(block, groups, inputs, kwargs_list, quantize, *a, **k)
 
     monkeypatch.setattr(bq, "sequential_pass", spy)
@@ -137,12 +137,12 @@ def test_low_memory_pass_drops_the_fp32_weights_of_quantized_layers(monkeypatch)
     held = {}
     real = blockquant._solve_layer
 
-    def spy(name, mod, H, cfg, block_name, compare_rtn, offload_dir=None, tokens=None, names=None):
+    def spy(name, mod, H, cfg, block_name, compare_rtn, offload_dir=None, tokens=None, names=None, halves=None):
         if block_name.endswith(".0"):
             block = model.model.layers[0]
             held[name] = sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)
                                 and m.weight is not None)
-        return real(name, mod, H, cfg, block_name, compare_rtn, offload_dir, tokens, names)
+        return real(name, mod, H, cfg, block_name, compare_rtn, offload_dir, tokens, names, halves)
 
     monkeypatch.setattr(blockquant, "_solve_layer", spy)
     model = tiny_llama(seed=3)

@@ -52,6 +52,13 @@ def test_to_dict_is_the_standard_gptq_config_and_round_trips():
     assert "nsamples=7" in repr(cfg) and "3 texts" in repr(cfg)
 
 
+def test_damp_auto_round_trips_through_meta():
+    d = GPTQPluginConfig(damp_auto=True).to_dict()
+    assert d["meta"]["damp_auto"] is True and d["damp_percent"] == 0.01  # other readers see a number
+    assert GPTQPluginConfig.from_dict(d).damp_auto is True
+    assert GPTQPluginConfig().damp_auto is False
+
+
 def test_defaults_when_quantizing():
     cfg = GPTQPluginConfig()
     assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.nsamples, cfg.seqlen, cfg.batch_size) == (
