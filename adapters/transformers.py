@@ -97,7 +97,7 @@ class GPTQPluginConfig(QuantizationConfigMixin):
         static_groups, true_sequential, damp_percent, damp_auto_increment, mse, block_size, method, lm_head,
             moe_calibration, moe_min_tokens, act_group_aware, refit_scales, damp_auto: as in
             :class:`gptq_plugin.QuantizeConfig` (defaults `False`, `True`, 0.01, 0.0025, 0.0, 128, "gptq", `False`,
-            "all", 128, `False`, `False`, `False`).
+            "all", 128, `False`, `False`, `False`). ``damp_percent="auto"`` means ``damp_auto=True``.
         checkpoint_format (`str`, *optional*, defaults to "gptq"): zero-point convention written by
             ``save_pretrained``: "gptq" (v1) or "gptq_v2".
         dataset (`str`, `os.PathLike` or `list[str]`, *optional*): calibration text: a registered source
@@ -126,6 +126,8 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                  refit_scales: bool | None = None, damp_auto: bool | None = None, dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
                  nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
                  device: str | None = None, meta: dict | None = None):
+        if isinstance(damp_percent, str) and damp_percent.strip().lower() == "auto":  # the CLI's spelling
+            damp_percent, damp_auto = None, True if damp_auto is None else damp_auto
         given = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
                      true_sequential=true_sequential, damp_percent=damp_percent,
                      damp_auto_increment=damp_auto_increment, mse=mse, block_size=block_size,

@@ -224,6 +224,10 @@ def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quantiz
         errs = _rel_errs(W, H, res, cfg, grid, rtn=compare_rtn)
         row = LayerReport(full, *errs, res.damp_percent, res.fallback, time.time() - t, tokens=tokens)
     _check_scales(full, W, res, row)
+    if cfg.damp_auto and res.fallback is None and halves is None:  # e.g. an expert routed tokens of one half only
+        why = (f"damp_auto: its calibration tokens do not cover both halves of the batches, so damp_percent "
+               f"{res.damp_percent:g} was used")
+        row.note = f"{row.note}; {why}" if row.note else why
     return res.to("cpu"), row
 
 
@@ -415,7 +419,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                 accumulate(block, accs, inputs, kwargs_list, forward_dtype)
                 for g in groups:
                     H = accs[g[0]].finalize(allow_empty=True)
-                    quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].halves)
+                    quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].take_halves())
                 with torch.no_grad():
                     for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
                         emit(i, call_block(block, x, kw, forward_dtype))

@@ -179,7 +179,9 @@ class QuantizeConfig:
         meta.setdefault("act_group_aware", self.act_group_aware)
         meta.setdefault("refit_scales", self.refit_scales)
         if self.damp_auto:  # only when on: checkpoints without it keep their bytes
-            meta.setdefault("damp_auto", True)
+            meta["damp_auto"] = True
+        else:
+            meta.pop("damp_auto", None)
         meta.setdefault("config_version", CONFIG_VERSION)
         return {
             "quant_method": "gptq",

@@ -229,7 +229,7 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
                 release_free_memory()  # what the forwards freed so far: the peak is all batches paused
             if b == n - 1:  # every batch has contributed: quantize the group, then start the next round
                 H = accs[head].finalize(allow_empty=True)  # None: only empty batches (an expert no token was routed to)
-                quantize_group(by_head[head], H, accs[head].routed, halves=accs[head].halves)
+                quantize_group(by_head[head], H, accs[head].routed, halves=accs[head].take_halves())
                 done.add(head)
                 pass_turn(0)
             else:
@@ -276,7 +276,7 @@ def sequential_pass(block: nn.Module, groups: list[list[str]], inputs: list[torc
     for g in groups:
         if g[0] not in done:  # no batch of this rank reached it (nor, for a dense block, of any other rank)
             H = accs[g[0]].finalize(allow_empty=True)
-            quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].halves)
+            quantize_group(g, H, accs[g[0]].routed, halves=accs[g[0]].take_halves())
     return outputs
 
 
@@ -335,7 +335,7 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
         finally:
             handle.remove()
         H = acc.finalize(allow_empty=True)
-        quantize_group(g, H, acc.routed, halves=acc.halves)
+        quantize_group(g, H, acc.routed, halves=acc.take_halves())
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):

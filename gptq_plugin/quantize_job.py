@@ -113,6 +113,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
         check_damp_auto(cfg, calib.shape[0], batch_size)
     elif cfg.damp_auto:
         log.warning("--damp-percent auto is not used: --method rtn has no Hessian")
+        cfg.damp_auto = False  # nor recorded in the checkpoint
     if forward_dtype == "auto":
         forward_dtype = "bfloat16" if ranks.device.type == "cuda" else "float32"
     if forward_dtype not in ("float32", "bfloat16", "float16"):

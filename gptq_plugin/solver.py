@@ -61,7 +61,8 @@ class HessianAccumulator:
     (:class:`~gptq_plugin.distributed.GramTree`), so the sum has the same bits whether one process adds every batch
     or several ranks add their own batches and complete the tree in :meth:`finalize`.
 
-    Memory: up to ``log2(batches) + 1`` fp32 ``[K, K]`` matrices while batches are added (5 for 16 batches).
+    Memory: up to ``log2(batches) + 1`` fp32 ``[K, K]`` matrices while batches are added (5 for 16 batches); with
+    ``heldout``, up to ``2 log2(batches/2) + 2`` (8 for 16 batches).
 
     Args:
         in_features: width ``K`` of the layer input; ``H`` is fp32 ``[K, K]``, on the inputs' device.
@@ -70,8 +71,9 @@ class HessianAccumulator:
         ranks: the ranks that complete the sum in :meth:`finalize` (default: this process alone).
         heldout: also keep the Hessians of the even and of the odd batches apart (:attr:`halves` after
             :meth:`finalize`, for :func:`choose_damp`): two trees over the global batch index ``b // 2`` instead of
-            one, so ``H`` is their sum (other last bits than without) and the same on any number of ranks. One more
-            ``[K, K]`` matrix is held from :meth:`finalize` on.
+            one, so ``H`` is their sum (other last bits than without) and the same on any number of ranks.
+            :meth:`finalize` then returns ``H`` and keeps the two halves until :meth:`take_halves`: three ``[K, K]``
+            matrices instead of one.
     """
 
     def __init__(self, in_features: int, first_batch: int = 0, ranks: Ranks | None = None, heldout: bool = False):
@@ -144,6 +146,12 @@ class HessianAccumulator:
         H = (He + Ho).mul_(2.0 / (n_even + n_odd))
         self.halves = (He.mul_(2.0 / n_even), Ho.mul_(2.0 / n_odd))
         return H
+
+    def take_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The even and the odd batches' Hessians from :meth:`finalize` with ``heldout`` (None without, or when a
+        half saw no token), handed over: the accumulator no longer holds them."""
+        halves, self.halves = self.halves, None
+        return halves
 
 
 @dataclass
@@ -259,19 +267,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
     """
     with torch.autocast(device_type=W.device.type, enabled=False):
         if cfg.damp_auto and halves is not None:
-            damp, _ = choose_damp(W, halves[0], halves[1], cfg, name)
+            with offloaded(H, offload_dir, OFFLOAD_MIN_BYTES):  # the full Hessian waits on disk meanwhile
+                damp, _ = choose_damp(W, halves[0], halves[1], cfg, name, offload_dir)
             cfg = dataclasses.replace(cfg, damp_percent=damp, damp_auto=False)
         return _gptq_quantize(W, H, cfg, name, offload_dir)
 
 
 def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg: QuantizeConfig,
-                name: str = "layer") -> tuple[float, list[float]]:
+                name: str = "layer", offload_dir: str | os.PathLike | None = None) -> tuple[float, list[float]]:
     """The dampening of :data:`~gptq_plugin.config.DAMP_CANDIDATES` whose GPTQ result, solved on one half of the
     calibration data, has the lowest output error on the other half: for each candidate ``d``, ``ΔW = W - Ŵ_d``
     with ``Ŵ_d`` quantized by :func:`gptq_quantize` (``cfg``'s recipe, dampening ``d``) from ``H_fit``, scored by
     ``tr(ΔW H_held ΔWᵀ)``. Scored on the data it was solved on, the smallest dampening nearly always wins; on held-out
     data the dampening is chosen as a regulariser's strength is (a validation split, as for ridge regression's ``λ``).
-    Ties go to the smaller dampening. A candidate whose solve fell back to RTN scores ``inf``.
+    Ties go to the smaller dampening. A candidate whose solve fell back to RTN scores ``inf``; one whose Hessian
+    needed more dampening (``damp_auto_increment``) stands for the dampening it used. The candidates' log lines
+    name the layer with "(damp_auto candidate d)".
 
     Cost: one GPTQ solve per candidate on top of the final one.
 
@@ -279,6 +290,7 @@ def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg:
         W: ``[out, in]`` weight (any float dtype; not modified).
         H_fit, H_held: fp32 ``[in, in]`` Hessians of two disjoint halves of the calibration batches (``H_fit`` is
             borrowed as :func:`gptq_quantize` borrows ``H`` and given back bit for bit; ``H_held`` is read).
+        offload_dir: as in :func:`gptq_quantize`, for each candidate's solve.
 
     Returns:
         ``(damp, scores)``: the chosen dampening and each candidate's held-out error (same order as the
@@ -287,9 +299,11 @@ def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg:
     from .config import DAMP_CANDIDATES
 
     W32 = W.detach().float()
-    scores = []
+    scores, used = [], []
     for d in DAMP_CANDIDATES:
-        res = _gptq_quantize(W, H_fit, dataclasses.replace(cfg, damp_percent=d, damp_auto=False), name, None)
+        res = _gptq_quantize(W, H_fit, dataclasses.replace(cfg, damp_percent=d, damp_auto=False),
+                             f"{name} (damp_auto candidate {d:g})", offload_dir)
+        used.append(res.damp_percent)
         if res.fallback is not None:
             scores.append(float("inf"))
             continue
@@ -298,7 +312,7 @@ def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg:
         del D, res
     best = min(range(len(scores)), key=lambda i: (scores[i], i))
     log.debug("%s: held-out error by damp_percent %s: %s", name, DAMP_CANDIDATES, scores)
-    return DAMP_CANDIDATES[best], scores
+    return used[best], scores
 
 
 #: Hessians at least this large (bytes) are written to ``offload_dir`` during the column loop (a 7B ``down_proj``'s

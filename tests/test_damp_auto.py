@@ -10,6 +10,7 @@ The 2-rank run writing the same bytes as one process is in ``tests/test_distribu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -122,12 +123,67 @@ def test_python_api_refuses_a_single_batch():
     assert {row.damp_percent for row in report.layers} <= set(DAMP_CANDIDATES)
 
 
+def test_halves_are_handed_over_once():
+    acc = HessianAccumulator(8, heldout=True)
+    for _ in range(2):
+        acc.add_batch(torch.randn(3, 8))
+    acc.finalize()
+    assert acc.take_halves() is not None and acc.take_halves() is None and acc.halves is None
+
+
+def test_candidate_solves_are_labelled_parked_and_stand_for_the_damping_they_used(monkeypatch, tmp_path, caplog):
+    """A fitting half that is not positive definite at the smallest candidates: their solves raise the dampening
+    (logged as the layer's candidates, not as the layer), and the full Hessian and the fitting half wait on disk
+    while the candidates' column loops run, as the plain solve's Hessian does."""
+    from gptq_plugin import solver
+
+    W, H_fit, H_held = _layer(4)
+    H_fit -= 0.006 * torch.mean(H_fit.diagonal()) * torch.eye(H_fit.shape[0]) + torch.diag(
+        torch.linalg.eigvalsh(H_fit)[0].expand(H_fit.shape[0]))  # smallest eigenvalue -0.006 mean(diag)
+    H = H_held.clone()
+    parked = []
+    real = solver.offloaded
+
+    def spy(t, folder, min_bytes, what="Hessian"):
+        parked.append((t.data_ptr(), folder is not None))
+        return real(t, folder, min_bytes, what)
+
+    monkeypatch.setattr(solver, "offloaded", spy)
+    monkeypatch.setattr(solver, "OFFLOAD_MIN_BYTES", 0)
+    ptrs = (H.data_ptr(), H_fit.data_ptr())
+    cfg = QuantizeConfig(damp_auto=True, damp_auto_increment=0.0025, **RECIPE)
+    with caplog.at_level("WARNING", logger="gptq_plugin.solver"):
+        res = gptq_quantize(W, H, cfg, name="L", offload_dir=tmp_path, halves=(H_fit, H_held))
+    assert set(ptrs) <= {p for p, on in parked if on}
+    assert "L (damp_auto candidate 0.005): Hessian not positive definite at damp_percent=0.005" in caplog.text
+    assert not any(r.getMessage().startswith("L:") for r in caplog.records)
+    damp, scores = choose_damp(W, H_fit, H_held, cfg)
+    assert res.damp_percent == damp and damp not in (0.005,) and min(scores) < float("inf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_layer_without_halves_is_noted_in_the_report():
+    from gptq_plugin.blockquant import _solve_layer
+
+    W, H_fit, H_held = _layer(0)
+    mod = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    mod.weight.data.copy_(W)
+    cfg = QuantizeConfig(damp_auto=True, **RECIPE)
+    _, row = _solve_layer("mlp.experts.3.down_proj", mod, H_held.clone(), cfg, "model.layers.0", False)
+    assert row.damp_percent == 0.01 and "do not cover both halves" in row.note
+    _, row = _solve_layer("mlp.experts.3.down_proj", mod, H_held.clone(), cfg, "model.layers.0", False,
+                          halves=(H_fit, H_held))
+    assert row.damp_percent in DAMP_CANDIDATES and row.note is None
+
+
 def test_config_records_damp_auto_only_when_on():
     assert "damp_auto" not in QuantizeConfig().to_dict()["meta"]  # other checkpoints keep their bytes
     d = QuantizeConfig(damp_auto=True).to_dict()
     assert d["meta"]["damp_auto"] is True and d["damp_percent"] == 0.01
     assert QuantizeConfig.from_dict(d).damp_auto is True
     assert QuantizeConfig.from_dict(QuantizeConfig().to_dict()).damp_auto is False
+    off = dataclasses.replace(QuantizeConfig.from_dict(d), damp_auto=False)  # meta carries it: off wins
+    assert "damp_auto" not in off.to_dict()["meta"] and QuantizeConfig.from_dict(off.to_dict()).damp_auto is False
     from gptq_plugin.errors import ConfigError
 
     with pytest.raises(ConfigError, match="damp_auto"):
@@ -154,6 +210,14 @@ def test_cli_damp_auto_reports_each_layers_choice_and_reruns_identically(files, 
     rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "fixed", *args[:-2], "--damp-percent", "0.01")
     assert rc in (0, None), err
     assert digests(tmp_path / "fixed")["model.safetensors"] != digests(tmp_path / "a")["model.safetensors"]
+
+
+def test_cli_rtn_does_not_record_damp_auto(files, tmp_path, capsys, caplog):
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "rtn", "--method", "rtn", "--group-size", "16",
+                     "--damp-percent", "auto")
+    assert rc in (0, None) and "--damp-percent auto is not used" in caplog.text, err
+    qc = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
+    assert "damp_auto" not in qc["meta"]
 
 
 @pytest.mark.parametrize("opts, needle", [

@@ -57,6 +57,8 @@ def test_damp_auto_round_trips_through_meta():
     assert d["meta"]["damp_auto"] is True and d["damp_percent"] == 0.01  # other readers see a number
     assert GPTQPluginConfig.from_dict(d).damp_auto is True
     assert GPTQPluginConfig().damp_auto is False
+    spelled = GPTQPluginConfig(damp_percent="auto")  # the CLI's spelling
+    assert spelled.damp_auto is True and spelled.damp_percent == 0.01
 
 
 def test_defaults_when_quantizing():
