@@ -50,6 +50,9 @@ RECIPES = {
                              "--damp-percent", "0.05"],
     "gar-mse-refit-damp10": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
                              "--damp-percent", "0.1"],
+    # the default with another batch size: the same math, the Hessian summed in another order (a rerun's spread)
+    "gar-mse-refit-bs4": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
+                          "--batch-size", "4"],
     "gar-mse-refit-dampauto": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
                                "--damp-percent", "auto"],
     "gar-mse-damp05": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--damp-percent", "0.05"],
