@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import QuantizeConfig
+from .config import DAMP_CANDIDATES, QuantizeConfig
 from .distributed import SINGLE, GramTree, Ranks
 from .errors import NumericalError
 from .grid import dequantize, find_params, quantize
@@ -296,8 +296,6 @@ def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg:
         ``(damp, scores)``: the chosen dampening and each candidate's held-out error (same order as the
         candidates).
     """
-    from .config import DAMP_CANDIDATES
-
     W32 = W.detach().float()
     scores, used = [], []
     for d in DAMP_CANDIDATES:
