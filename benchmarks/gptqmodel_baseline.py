@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--damp-percent", type=float, default=0.01)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward (GPTQModel's default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch intra-op threads (torch.set_num_threads, OMP/MKL_NUM_THREADS)")
     p.add_argument("--cpu-workers", type=int, default=None,
@@ -367,7 +368,7 @@ def main(args) -> dict:
             f"group {qcfg.group_size}, desc_act {qcfg.desc_act}, act_group_aware {qcfg.act_group_aware}, "
             f"damp {qcfg.damp_percent}")
         c1 = cpu_s()
-        model.quantize(calibration, batch_size=1)
+        model.quantize(calibration, batch_size=args.batch_size)
         t2 = time.perf_counter()
         c2 = cpu_s()
         load_avg_end = os.getloadavg()

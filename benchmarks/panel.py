@@ -66,7 +66,13 @@ RECIPES = {
     "gar-n256": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--nsamples", "256"],
     "default": [],  # whatever `gptq-plugin quantize` does without flags
     "gptqmodel": None,
+    # GPTQModel's default with 2 windows per forward (its Hessian summed in another order), where GPTQModel batches:
+    # GPTQModel 7.7 sets support_batch_quantize = False for Gemma 3 and runs 1 window per forward there regardless
+    "gptqmodel-bs2": None,
 }
+
+#: extra flags of benchmarks/gptqmodel_baseline.py per GPTQModel recipe
+GPTQMODEL_FLAGS = {"gptqmodel": [], "gptqmodel-bs2": ["--batch-size", "2"]}
 
 
 def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
@@ -92,14 +98,14 @@ def calibration_file(tmp: Path) -> Path:
 
 
 def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env: dict) -> dict:
-    if recipe == "gptqmodel":
+    if recipe in GPTQMODEL_FLAGS:
         py = ROOT / a.gptqmodel_venv / "bin" / "python"
         if not py.exists():
             raise SystemExit(f"{py} not found: run `bash benchmarks/setup_gptqmodel_venv.sh` first")
         p, rss = timed([str(py), str(ROOT / "benchmarks" / "gptqmodel_baseline.py"), str(model),
                         str(calibration_file(a.out)), str(out), "--bits", str(bits), "--group-size", str(group),
                         "--no-act-order", "--act-group-aware", "--damp-percent", "0.05", "--threads", str(a.threads),
-                        "--nsamples", str(a.nsamples), "--no-eval"], env)
+                        "--nsamples", str(a.nsamples), "--no-eval", *GPTQMODEL_FLAGS[recipe]], env)
         rec = json.loads([line for line in p.stdout.strip().splitlines() if line.startswith("{")][-1])
         return {"tool": f"GPTQModel {rec.get('version')}", "quantize_s": rec["quant_wall_s"], "peak_rss_mb": round(rss)}
     p, rss = timed([sys.executable, "-m", "gptq_plugin.cli", "quantize", str(model), str(out), "--bits", str(bits),
@@ -147,7 +153,8 @@ def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict) -> dic
             row.update(evaluate(ckpt, model, a, env))
             if a.keep:
                 os.replace(ckpt, a.out / key)
-    row["flags"] = "GPTQModel default" if recipe == "gptqmodel" else " ".join(RECIPES.get(recipe) or []) or "-"
+    row["flags"] = (" ".join(["GPTQModel default", *GPTQMODEL_FLAGS[recipe]]) if recipe in GPTQMODEL_FLAGS
+                    else " ".join(RECIPES.get(recipe) or []) or "-")
     done.write_text(json.dumps(row))
     with open(a.out / "panel.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
