@@ -60,7 +60,7 @@ except ImportError as e:  # pragma: no cover - exercised only without Transforme
         f"gptq_plugin.adapters.transformers needs Transformers >= 4.51: pip install 'gptq-plugin[transformers]' ({e})"
     ) from e
 
-from gptq_plugin.config import QuantizeConfig
+from gptq_plugin.config import QuantizeConfig, parse_damp_percent
 from gptq_plugin.errors import CheckpointError, ConfigError
 from gptq_plugin.linear import QuantLinear
 from gptq_plugin.plugins import detect_format, get_format
@@ -123,17 +123,20 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                  mse: float | None = None, block_size: int | None = None, checkpoint_format: str | None = None,
                  method: str | None = None, lm_head: bool | None = None, moe_calibration: str | None = None,
                  moe_min_tokens: int | None = None, act_group_aware: bool | None = None,
-                 refit_scales: bool | None = None, damp_auto: bool | None = None, dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
+                 refit_scales: bool | None = None, damp_auto: bool | None = None,
+                 dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
                  nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
                  device: str | None = None, meta: dict | None = None):
-        if isinstance(damp_percent, str) and damp_percent.strip().lower() == "auto":  # the CLI's spelling
-            damp_percent, damp_auto = None, True if damp_auto is None else damp_auto
+        if isinstance(damp_percent, str):  # the CLI's spellings: "auto" or a number
+            damp_percent, auto = parse_damp_percent(damp_percent)
+            damp_auto = auto if damp_auto is None else damp_auto
         given = dict(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, static_groups=static_groups,
                      true_sequential=true_sequential, damp_percent=damp_percent,
                      damp_auto_increment=damp_auto_increment, mse=mse, block_size=block_size,
                      checkpoint_format=checkpoint_format, method=method, lm_head=lm_head,
                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens,
-                     act_group_aware=act_group_aware, refit_scales=refit_scales, damp_auto=damp_auto, dataset=dataset,
+                     act_group_aware=act_group_aware, refit_scales=refit_scales, damp_auto=damp_auto,
+                     dataset=dataset,
                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device)
         self.quant_method = METHOD_NAME
         self._explicit = frozenset(k for k, v in given.items() if v is not None)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 
 from .checkpoint import inspect_checkpoint
-from .config import DAMP_CANDIDATES, QuantizeConfig
+from .config import DAMP_CANDIDATES, QuantizeConfig, parse_damp_percent
 from .convert import convert_checkpoint
 from .distributed import close_ranks, init_ranks, resolve_device
 from .errors import CheckpointError, ConfigError, GPTQPluginError, OutputError
@@ -58,21 +58,6 @@ _USAGE_ERRORS = tuple({click.ClickException,
 class Method(str, Enum):
     gptq = "gptq"
     rtn = "rtn"
-
-
-def _parse_damp(value: str) -> tuple[float, bool]:
-    """``--damp-percent``: a number in (0, 1) -> ``(value, False)``; ``auto`` -> ``(0.01, True)`` (0.01 stays the
-    dampening of a layer whose calibration batches cannot be split in two). Raises :class:`ConfigError`."""
-    if value.strip().lower() == "auto":
-        return 0.01, True
-    try:
-        damp = float(value)
-    except ValueError:
-        damp = None
-    if damp is None or not 0 < damp < 1:
-        raise ConfigError(f"damp_percent={value!r} is invalid: use a value in (0, 1), e.g. 0.01, or 'auto' (per "
-                          "layer, on held-out calibration data)")
-    return damp, False
 
 
 def _setup(threads: int | None, verbose: bool = False) -> None:
@@ -171,7 +156,8 @@ def quantize(
     Progress is recorded block by block next to OUT (.OUT.partial/): after an interruption (even kill -9), the
     same command resumes at the first unfinished block and writes the same bytes as an uninterrupted run."""
     _setup(threads, verbose)
-    damp, damp_auto = _parse_damp(damp_percent)
+    damp, damp_auto = parse_damp_percent(damp_percent)
+    damp = QuantizeConfig.damp_percent if damp is None else damp  # with auto: where a layer has no held-out half
     dev = resolve_device(device)
     ranks = init_ranks(dev)
     try:

@@ -40,6 +40,25 @@ RECOMMENDED = {"act_group_aware": True, "mse": 2.4, "refit_scales": True}
 DAMP_CANDIDATES = (0.005, 0.01, 0.03, 0.1)
 
 
+def parse_damp_percent(value: Any) -> tuple[float | None, bool]:
+    """``damp_percent`` as a user spells it: ``"auto"`` (any case) -> ``(None, True)`` (``damp_auto``; the
+    dampening is chosen per layer); a number in (0, 1), or a string of one -> ``(value, False)``.
+
+    Raises:
+        ConfigError: anything else, naming both spellings.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None, True
+    try:
+        damp = float(value)
+    except (TypeError, ValueError):
+        damp = None
+    if isinstance(value, bool) or damp is None or not 0 < damp < 1:
+        raise ConfigError(f"damp_percent={value!r} is invalid: use a value in (0, 1), e.g. 0.01, or 'auto' (per "
+                          "layer, on held-out calibration data)")
+    return damp, False
+
+
 def check_damp_auto(cfg: "QuantizeConfig", windows: int, batch_size: int) -> None:
     """``damp_auto`` splits the calibration batches in two (even and odd): with one batch there is nothing to hold
     out. Raises :class:`ConfigError` naming the fix."""

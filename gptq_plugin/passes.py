@@ -3,7 +3,8 @@ share an input, and run the batches through a block while its groups are quantiz
 pass of turn-taking threads, or group by group with one batch's activations at a time).
 
 The quantization itself is a callback, ``quantize_group(group, H, routed, halves=...)``
-(:func:`gptq_plugin.blockquant.quantize_block` gives it; ``halves``: the accumulator's held-out Hessians, or None); these functions only order the forwards and accumulate each group's Hessian
+(:func:`gptq_plugin.blockquant.quantize_block` gives it; ``halves``: the accumulator's held-out Hessians, or None);
+these functions only order the forwards and accumulate each group's Hessian
 (:class:`~gptq_plugin.solver.HessianAccumulator`).
 """
 

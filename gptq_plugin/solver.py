@@ -254,7 +254,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
             loop, which needs only its inverse Cholesky factor (the peak is then one Hessian-sized buffer plus
             the weight, not two). None keeps it in memory.
         halves: with ``cfg.damp_auto``, the Hessians of two disjoint halves of the calibration batches
-            (:attr:`HessianAccumulator.halves`): the dampening is chosen by :func:`choose_damp` before ``H`` is
+            (:meth:`HessianAccumulator.take_halves`): the dampening is chosen by :func:`choose_damp` before ``H`` is
             solved with it. Without them (or without ``damp_auto``) ``cfg.damp_percent`` is used.
 
     Returns:
@@ -278,8 +278,9 @@ def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg:
     """The dampening of :data:`~gptq_plugin.config.DAMP_CANDIDATES` whose GPTQ result, solved on one half of the
     calibration data, has the lowest output error on the other half: for each candidate ``d``, ``ΔW = W - Ŵ_d``
     with ``Ŵ_d`` quantized by :func:`gptq_quantize` (``cfg``'s recipe, dampening ``d``) from ``H_fit``, scored by
-    ``tr(ΔW H_held ΔWᵀ)``. Scored on the data it was solved on, the smallest dampening nearly always wins; on held-out
-    data the dampening is chosen as a regulariser's strength is (a validation split, as for ridge regression's ``λ``).
+    ``tr(ΔW H_held ΔWᵀ)``. Scored on the data it was solved on, the smallest dampening nearly always wins; on
+    held-out data the dampening is chosen as a regulariser's strength is (a validation split, as for ridge
+    regression's ``λ``).
     Ties go to the smaller dampening. A candidate whose solve fell back to RTN scores ``inf``; one whose Hessian
     needed more dampening (``damp_auto_increment``) stands for the dampening it used. The candidates' log lines
     name the layer with "(damp_auto candidate d)".

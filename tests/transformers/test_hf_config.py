@@ -59,6 +59,9 @@ def test_damp_auto_round_trips_through_meta():
     assert GPTQPluginConfig().damp_auto is False
     spelled = GPTQPluginConfig(damp_percent="auto")  # the CLI's spelling
     assert spelled.damp_auto is True and spelled.damp_percent == 0.01
+    assert GPTQPluginConfig(damp_percent="0.05").damp_percent == 0.05
+    with pytest.raises(ConfigError, match="damp_percent='often' is invalid: .* or 'auto'"):
+        GPTQPluginConfig(damp_percent="often")
 
 
 def test_defaults_when_quantizing():
