@@ -17,6 +17,14 @@ one table share the machine the same way. Each finished row is written to OUT/ro
 (delete the file to measure again); the table is printed from every row of OUT/rows at the end, and appended as
 JSON lines to OUT/panel.jsonl. Every quantized row records the SHA-256 of its tensor files: run the same command
 into two OUT folders to check that reruns are byte-identical.
+
+One quantization is one draw: a recipe's perplexity moves by a few percent when only its calibration sample (or even
+the order of its fp32 sums) changes, so a 2% difference between two single rows decides nothing (docs/quality.md,
+"How much one run decides"). ``--draws N`` quantizes every recipe N times: draw 0 on the shipped WikiText-2 valid
+text as it is, draw d >= 1 on the same text with its 60 articles shuffled by ``random.Random(d)`` (OUT/calib-dD.txt),
+so the first 128 windows are another calibration sample. Every recipe of a draw, GPTQModel's included, gets the same
+file, so the draws are paired; a second table gives each recipe's mean, spread and its mean ratio to GPTQModel's
+default of the same draw.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,20 +107,37 @@ def calibration_file(tmp: Path) -> Path:
     return out
 
 
-def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env: dict) -> dict:
+def draw_calibration_file(out: Path, draw: int) -> Path:
+    """Draw ``draw``'s calibration text: WikiText-2 valid with its articles (`` = Title = `` lines) shuffled by
+    ``random.Random(draw)``; every character of the text is kept, only the articles' order changes."""
+    path = out / f"calib-d{draw}.txt"
+    if not path.exists():
+        text = calibration_file(out).read_text(encoding="utf-8")
+        parts = re.split(r"(?m)^(?= = [^=].* = \n)", text)
+        head, articles = parts[0], parts[1:]
+        random.Random(draw).shuffle(articles)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(head + "".join(articles), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env: dict, draw: int = 0) -> dict:
     if recipe in GPTQMODEL_FLAGS:
         py = ROOT / a.gptqmodel_venv / "bin" / "python"
         if not py.exists():
             raise SystemExit(f"{py} not found: run `bash benchmarks/setup_gptqmodel_venv.sh` first")
-        p, rss = timed([str(py), str(ROOT / "benchmarks" / "gptqmodel_baseline.py"), str(model),
-                        str(calibration_file(a.out)), str(out), "--bits", str(bits), "--group-size", str(group),
+        calib = draw_calibration_file(a.out, draw) if draw else calibration_file(a.out)
+        p, rss = timed([str(py), str(ROOT / "benchmarks" / "gptqmodel_baseline.py"), str(model), str(calib),
+                        str(out), "--bits", str(bits), "--group-size", str(group),
                         "--no-act-order", "--act-group-aware", "--damp-percent", "0.05", "--threads", str(a.threads),
                         "--nsamples", str(a.nsamples), "--no-eval", *GPTQMODEL_FLAGS[recipe]], env)
         rec = json.loads([line for line in p.stdout.strip().splitlines() if line.startswith("{")][-1])
         return {"tool": f"GPTQModel {rec.get('version')}", "quantize_s": rec["quant_wall_s"], "peak_rss_mb": round(rss)}
     p, rss = timed([sys.executable, "-m", "gptq_plugin.cli", "quantize", str(model), str(out), "--bits", str(bits),
                     "--group-size", str(group), "--overwrite", "--threads", str(a.threads), "--nsamples",
-                    str(a.nsamples), *RECIPES[recipe]], env)
+                    str(a.nsamples), *RECIPES[recipe],
+                    *(["--dataset", str(draw_calibration_file(a.out, draw))] if draw else [])], env)
     m = re.search(r"in ([\d.]+) s, peak RSS", p.stdout + p.stderr)
     return {"tool": "gptq-plugin", "quantize_s": float(m.group(1)) if m else None, "peak_rss_mb": round(rss)}
 
@@ -136,19 +163,22 @@ def checkpoint_sha256(ckpt: Path) -> str:
     return h.hexdigest()
 
 
-def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict) -> dict:
+def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict, draw: int = 0) -> dict:
     key = f"{name}-{'orig' if recipe == 'original' else f'w{bits}g{a.group_size}-{recipe}'}"
+    key += f"-d{draw}" if draw else ""
     done = a.out / "rows" / f"{key}.json"
     if done.exists():
         return json.loads(done.read_text())
     row = {"model": name, "bits": bits, "group_size": a.group_size, "recipe": recipe,
            "load_avg_1m_start": round(os.getloadavg()[0], 2), "threads": a.threads}
+    if draw:
+        row["draw"] = draw
     if recipe == "original":
         row.update(tool="-", quantize_s=None, peak_rss_mb=None, **evaluate(model, model, a, env))
     else:
         with tempfile.TemporaryDirectory(dir=a.out, prefix=f".{key}-") as tmp:
             ckpt = Path(tmp) / "ckpt"
-            row.update(quantize(model, ckpt, bits, a.group_size, recipe, a, env))
+            row.update(quantize(model, ckpt, bits, a.group_size, recipe, a, env, draw))
             row["sha256"] = checkpoint_sha256(ckpt)
             row.update(evaluate(ckpt, model, a, env))
             if a.keep:
@@ -167,15 +197,43 @@ def table(rows: list[dict], windows: int) -> str:
     for name in dict.fromkeys(r["model"] for r in rows):
         orig = next((r for r in rows if r["model"] == name and r["recipe"] == "original"), None)
         lines += ["", f"### {name}" + (f" (original: perplexity {orig['perplexity']:.2f})" if orig else ""), "",
-                  f"| bits | recipe | tool | perplexity ({windows}x512) | KLD mean | top-1 agree | quantize s | peak RSS MB |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|"]
+                  f"| bits | recipe | draw | tool | perplexity ({windows}x512) | KLD mean | top-1 agree | quantize s "
+                  "| peak RSS MB |",
+                  "|---:|---|---:|---|---:|---:|---:|---:|---:|"]
         for r in sorted((r for r in rows if r["model"] == name and r["recipe"] != "original"),
                         key=lambda r: (-r["bits"], r["perplexity"])):
             kld = f"{r['kld_mean']:.4f}" if r.get("kld_mean") is not None else "-"
             top1 = f"{100 * r['top1_agreement']:.1f}%" if r.get("top1_agreement") is not None else "-"
             qs = f"{r['quantize_s']:.0f}" if r.get("quantize_s") else "-"
-            lines.append(f"| {r['bits']} | {r['recipe']} | {r['tool']} | {r['perplexity']:.2f} | {kld} | {top1} | "
-                         f"{qs} | {r['peak_rss_mb'] or '-'} |")
+            lines.append(f"| {r['bits']} | {r['recipe']} | {r.get('draw', 0)} | {r['tool']} | {r['perplexity']:.2f} | "
+                         f"{kld} | {top1} | {qs} | {r['peak_rss_mb'] or '-'} |")
+    return "\n".join(lines)
+
+
+def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
+    """Per model, bit width and recipe with more than one draw: the draws' perplexities, their mean and spread
+    (sample standard deviation), mean KLD, and the mean over draws of perplexity / ``baseline``'s perplexity of the
+    same draw (paired: the same calibration file), over the draws both have. Empty when no recipe has two draws."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r["recipe"] != "original":
+            groups.setdefault((r["model"], r["bits"], r["recipe"]), {})[r.get("draw", 0)] = r
+    keys = [k for k, v in groups.items() if len(v) > 1]
+    if not keys:
+        return ""
+    lines = ["", "### Draws (mean over calibration samples)", "",
+             f"| model | bits | recipe | draws | perplexity per draw | mean | std | KLD mean | ratio to {baseline} |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|"]
+    for model, bits, recipe in sorted(keys, key=lambda k: (k[0], -k[1], k[2])):
+        d = groups[(model, bits, recipe)]
+        ppl = [d[i]["perplexity"] for i in sorted(d)]
+        klds = [d[i]["kld_mean"] for i in sorted(d) if d[i].get("kld_mean") is not None]
+        base = groups.get((model, bits, baseline), {})
+        paired = [d[i]["perplexity"] / base[i]["perplexity"] for i in sorted(d) if i in base]
+        ratio = f"{statistics.mean(paired):.3f} ({len(paired)} paired)" if paired and recipe != baseline else "-"
+        kld = f"{statistics.mean(klds):.4f}" if klds else "-"
+        lines.append(f"| {model} | {bits} | {recipe} | {len(ppl)} | {' / '.join(f'{x:.2f}' for x in ppl)} | "
+                     f"{statistics.mean(ppl):.2f} | {statistics.stdev(ppl):.2f} | {kld} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -192,7 +250,11 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--gptqmodel-venv", default=".venv-gptqmodel")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in OUT")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="calibration samples per recipe (draw 0: the shipped text; d >= 1: its articles shuffled)")
     a = ap.parse_args(argv)
+    if a.draws < 1:
+        raise SystemExit(f"--draws {a.draws}: give 1 or more")
     unknown = [r for r in a.recipes.split(",") if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe {unknown[0]!r}: use {', '.join(RECIPES)}")
@@ -205,10 +267,15 @@ def main(argv=None) -> None:
     for name in a.models.split(","):
         model = get_panel_model(name)
         jobs.append((name, model, 0, "original"))
-        jobs += [(name, model, int(b), r) for b in a.bits.split(",") for r in a.recipes.split(",")]
+        jobs += [(name, model, int(b), r, d) for d in range(a.draws) for b in a.bits.split(",")
+                 for r in a.recipes.split(",")]
+    calibration_file(a.out)  # written once here, not by two jobs at a time
+    for d in range(1, a.draws):
+        draw_calibration_file(a.out, d)
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(run_row, name, model, bits, recipe, a, env) for name, model, bits, recipe in jobs]
+        futures = [pool.submit(run_row, name, model, bits, recipe, a, env, *draw)
+                   for name, model, bits, recipe, *draw in jobs]
         rows = []
         for f in futures:
             try:
@@ -218,7 +285,9 @@ def main(argv=None) -> None:
     rows = [json.loads(p.read_text()) for p in sorted((a.out / "rows").glob("*.json"))]
     print(f"\n{len(jobs)} rows in {time.time() - t0:.0f} s; group size {a.group_size}, {a.nsamples} x 512 calibration "
           f"windows, {a.threads} thread(s) per job, {a.jobs} job(s) at a time")
-    print(table([r for r in rows if r["model"] in a.models.split(",")], a.windows))
+    rows = [r for r in rows if r["model"] in a.models.split(",")]
+    print(table(rows, a.windows))
+    print(draws_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""benchmarks/panel.py --draws: the calibration sample of each draw and the table of means (no models are run)."""
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "panel.py"
+
+
+@pytest.fixture(scope="module")
+def panel():
+    spec = importlib.util.spec_from_file_location("panel_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def articles(text: str) -> tuple[str, list[str]]:
+    """Independent split, line by line: a line ``= Title =`` with one '=' on each side starts an article."""
+    head, arts = [], []
+    for line in text.splitlines(keepends=True):
+        if re.fullmatch(r" = [^=].* = \n", line):
+            arts.append([line])
+        elif arts:
+            arts[-1].append(line)
+        else:
+            head.append(line)
+    return "".join(head), ["".join(a) for a in arts]
+
+
+def test_a_draw_reorders_the_articles_and_keeps_every_one(panel, tmp_path):
+    head0, arts0 = articles(panel.calibration_file(tmp_path).read_text(encoding="utf-8"))
+    assert len(arts0) == 60  # WikiText-2 valid's articles
+    draws = {}
+    for d in (1, 2):
+        head, arts = articles(panel.draw_calibration_file(tmp_path, d).read_text(encoding="utf-8"))
+        assert head == head0
+        assert sorted(arts) == sorted(arts0)
+        assert arts != arts0
+        draws[d] = arts
+    assert draws[1] != draws[2]
+    # the first calibration windows come from other articles than draw 0's first one
+    assert draws[1][0] != arts0[0] or draws[2][0] != arts0[0]
+
+
+def test_a_draw_file_is_the_same_on_a_rerun(panel, tmp_path):
+    files = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        files.append(panel.draw_calibration_file(tmp_path / sub, 1))
+    assert files[0].read_bytes() == files[1].read_bytes()
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+def row(recipe, ppl, draw, kld=None):
+    r = {"model": "m", "bits": 4, "recipe": recipe, "perplexity": ppl, "kld_mean": kld}
+    if draw:
+        r["draw"] = draw  # draw 0's rows carry no key, as rows written before --draws
+    return r
+
+
+def cells(table: str, recipe: str) -> list[str]:
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"| m | 4 | {recipe} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_the_draws_table_gives_means_spreads_and_paired_ratios(panel):
+    base = [10.0, 12.0, 11.0]
+    ours = [9.0, 12.6]  # draws 0 and 1 only: the ratio pairs those two
+    rows = [row("gptqmodel", p, d, 0.2) for d, p in enumerate(base)]
+    rows += [row("default", p, d, k) for d, (p, k) in enumerate(zip(ours, (0.1, 0.3)))]
+    rows += [row("rtn", 20.0, 0), row("original", 5.0, 0)]
+    t = panel.draws_table(rows)
+    c = cells(t, "default")
+    assert c[3] == "2" and c[4] == "9.00 / 12.60"
+    assert float(c[5]) == pytest.approx((9.0 + 12.6) / 2, abs=0.005)
+    assert float(c[6]) == pytest.approx(math.sqrt(((9.0 - 10.8) ** 2 + (12.6 - 10.8) ** 2) / 1), abs=0.005)
+    assert float(c[7]) == pytest.approx(0.2, abs=5e-5)
+    assert c[8] == f"{(9.0 / 10.0 + 12.6 / 12.0) / 2:.3f} (2 paired)"
+    g = cells(t, "gptqmodel")
+    assert g[3] == "3" and float(g[5]) == pytest.approx(11.0, abs=0.005) and g[8] == "-"
+    assert "| rtn |" not in t and "original" not in t  # one draw: no mean to give
+
+
+def test_no_draws_table_without_a_second_draw(panel):
+    assert panel.draws_table([row("default", 9.0, 0), row("gptqmodel", 10.0, 0)]) == ""
