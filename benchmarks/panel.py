@@ -94,6 +94,22 @@ def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float
     return p, int(m.group(1)) / 1024 if m else float("nan")
 
 
+def machine() -> str:
+    """The CPU and torch build that computed a row: GPTQ's bytes, ours and GPTQModel's, depend on the CPU (its BLAS
+    kernels sum fp32 in another order), so rows from two machines are two draws, not reruns (docs/quality.md)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def calibration_file(tmp: Path) -> Path:
     """The shipped WikiText-2 valid text, decompressed for GPTQModel's baseline script (it reads plain text)."""
     import gzip
@@ -170,7 +186,7 @@ def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict, draw: 
     if done.exists():
         return json.loads(done.read_text())
     row = {"model": name, "bits": bits, "group_size": a.group_size, "recipe": recipe,
-           "load_avg_1m_start": round(os.getloadavg()[0], 2), "threads": a.threads}
+           "load_avg_1m_start": round(os.getloadavg()[0], 2), "threads": a.threads, "machine": machine()}
     if draw:
         row["draw"] = draw
     if recipe == "original":

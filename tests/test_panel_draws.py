@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import os
 import re
 from pathlib import Path
 
@@ -87,3 +88,10 @@ def test_the_draws_table_gives_means_spreads_and_paired_ratios(panel):
 
 def test_no_draws_table_without_a_second_draw(panel):
     assert panel.draws_table([row("default", 9.0, 0), row("gptqmodel", 10.0, 0)]) == ""
+
+
+def test_a_row_names_the_machine_that_computed_it(panel):
+    import torch
+
+    m = panel.machine()
+    assert f"torch {torch.__version__} " in m and f"{os.cpu_count()} cores" in m
