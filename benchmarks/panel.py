@@ -95,8 +95,9 @@ def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float
 
 
 def machine() -> str:
-    """The CPU and torch build that computed a row: GPTQ's bytes, ours and GPTQModel's, depend on the CPU (its BLAS
-    kernels sum fp32 in another order), so rows from two machines are two draws, not reruns (docs/quality.md)."""
+    """The CPU and torch build that computed a row: our quantizer's bytes depend on the CPU (its BLAS kernels sum
+    fp32 in another order) and GPTQModel's moved between machines too, so rows from two machines are two draws, not
+    reruns (docs/quality.md, "Deterministic")."""
     import platform
 
     import torch
