@@ -24,7 +24,8 @@ the order of its fp32 sums) changes, so a 2% difference between two single rows 
 text as it is, draw d >= 1 on the same text with its 60 articles shuffled by ``random.Random(d)`` (OUT/calib-dD.txt),
 so the first 128 windows are another calibration sample. Every recipe of a draw, GPTQModel's included, gets the same
 file, so the draws are paired; a second table gives each recipe's mean, spread and its mean ratio to GPTQModel's
-default of the same draw.
+default of the same draw, and a third ranks the recipes by their worst model (the largest of those ratios), the
+rule issue #20 chooses the default by.
 """
 
 from __future__ import annotations
@@ -254,6 +255,37 @@ def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     return "\n".join(lines)
 
 
+def worst_case_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
+    """Choosing a recipe by its worst case (issue #20: a default that wins on models it was not tuned on): per bit
+    width, each recipe's mean paired ratio to ``baseline`` per model (as :func:`draws_table`: over the draws both
+    have, each draw's perplexity / ``baseline``'s of the same draw; the number of draws in parentheses, "-" where
+    the recipe has no row paired with ``baseline`` on that model) and the worst (largest) of them. Recipes paired on
+    every model that ``baseline`` ran on come first, best worst case first; the others' worst case covers only the
+    models they ran on ("of k/N"). Empty when no recipe has two paired draws on any model (one draw decides nothing)."""
+    ratios: dict[tuple, list[float]] = {}
+    base = {(r["model"], r["bits"], r.get("draw", 0)): r["perplexity"] for r in rows if r["recipe"] == baseline}
+    for r in rows:
+        key = (r["model"], r["bits"], r.get("draw", 0))
+        if r["recipe"] not in ("original", baseline) and key in base:
+            ratios.setdefault((r["bits"], r["recipe"], r["model"]), []).append(r["perplexity"] / base[key])
+    if not any(len(v) > 1 for v in ratios.values()):
+        return ""
+    lines = []
+    for bits in sorted({b for b, _, _ in ratios}, reverse=True):
+        models = sorted({m for (m, b, _) in base if b == bits})
+        ranked = []
+        for rec in dict.fromkeys(r for b, r, _ in ratios if b == bits):
+            per = {m: statistics.mean(ratios[(bits, rec, m)]) for m in models if (bits, rec, m) in ratios}
+            ranked.append((len(models) - len(per), max(per.values()), rec, per))
+        lines += ["", f"### Worst case over the models ({bits}-bit; mean paired ratio to {baseline})", "",
+                  "| recipe | " + " | ".join(models) + " | worst |", "|---|" + "---:|" * (len(models) + 1)]
+        for missing, worst, rec, per in sorted(ranked):
+            cells = [f"{per[m]:.3f} ({len(ratios[(bits, rec, m)])})" if m in per else "-" for m in models]
+            of = f" (of {len(per)}/{len(models)})" if missing else ""
+            lines.append(f"| {rec} | " + " | ".join(cells) + f" | {worst:.3f}{of} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -305,6 +337,7 @@ def main(argv=None) -> None:
     rows = [r for r in rows if r["model"] in a.models.split(",")]
     print(table(rows, a.windows))
     print(draws_table(rows))
+    print(worst_case_table(rows))
 
 
 if __name__ == "__main__":

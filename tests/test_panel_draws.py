@@ -95,3 +95,29 @@ def test_a_row_names_the_machine_that_computed_it(panel):
 
     m = panel.machine()
     assert f"torch {torch.__version__} " in m and f"{os.cpu_count()} cores" in m
+
+
+def test_the_worst_case_table_ranks_recipes_by_their_worst_model(panel):
+    def r(model, recipe, ppl, draw):
+        return {"model": model, "bits": 4, "recipe": recipe, "perplexity": ppl, **({"draw": draw} if draw else {})}
+
+    base = {"a": [10.0, 20.0], "b": [30.0, 40.0]}
+    rows = [r(m, "gptqmodel", p, d) for m, ps in base.items() for d, p in enumerate(ps)]
+    # x: 0.9 on a, 1.05 on b (worst 1.05); y: 1.0 on a, 0.95 on b (worst 1.0, so it ranks first)
+    rows += [r("a", "x", 9.0, 0), r("a", "x", 18.0, 1), r("b", "x", 30.0, 0), r("b", "x", 44.0, 1)]
+    rows += [r("a", "y", 10.0, 0), r("a", "y", 20.0, 1), r("b", "y", 28.5, 0), r("b", "y", 38.0, 1)]
+    rows += [r("a", "z", 5.0, 0), r("a", "z", 10.0, 1)]  # never ran on b: after the complete ones
+    rows += [r("a", "original", 1.0, 0), r("b", "x", 1.0, 2)]  # draw 2 has no baseline: not paired
+    t = panel.worst_case_table(rows)
+    body = [ln for ln in t.splitlines() if ln.startswith("| ") and not ln.startswith("| recipe")]
+    assert [ln.split("|")[1].strip() for ln in body] == ["y", "x", "z"]
+    assert [c.strip() for c in body[0].strip("|").split("|")] == ["y", "1.000 (2)", "0.950 (2)", "1.000"]
+    x = [c.strip() for c in body[1].strip("|").split("|")]
+    assert x[1:3] == ["0.900 (2)", f"{(1.0 + 1.1) / 2:.3f} (2)"] and x[3] == f"{(1.0 + 1.1) / 2:.3f}"
+    assert [c.strip() for c in body[2].strip("|").split("|")] == ["z", "0.500 (2)", "-", "0.500 (of 1/2)"]
+    assert "original" not in t and "gptqmodel |" not in t
+
+
+def test_no_worst_case_table_from_single_draws(panel):
+    rows = [{"model": "a", "bits": 4, "recipe": rec, "perplexity": p} for rec, p in (("gptqmodel", 10.0), ("x", 9.0))]
+    assert panel.worst_case_table(rows) == ""
