@@ -228,6 +228,18 @@ def table(rows: list[dict], windows: int) -> str:
     return "\n".join(lines)
 
 
+def paired_ratios(rows: list[dict], baseline: str = "gptqmodel") -> dict[tuple, list[float]]:
+    """``(model, bits, recipe) -> [perplexity / baseline's perplexity of the same draw, by draw]`` for every recipe
+    other than ``baseline`` and "original", over the draws both have (paired: the same calibration file)."""
+    base = {(r["model"], r["bits"], r.get("draw", 0)): r["perplexity"] for r in rows if r["recipe"] == baseline}
+    out: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        key = (r["model"], r["bits"], r.get("draw", 0))
+        if r["recipe"] not in ("original", baseline) and key in base:
+            out.setdefault((r["model"], r["bits"], r["recipe"]), {})[key[2]] = r["perplexity"] / base[key]
+    return {k: [v[d] for d in sorted(v)] for k, v in out.items()}
+
+
 def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     """Per model, bit width and recipe with more than one draw: the draws' perplexities, their mean and spread
     (sample standard deviation), mean KLD, and the mean over draws of perplexity / ``baseline``'s perplexity of the
@@ -239,6 +251,7 @@ def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     keys = [k for k, v in groups.items() if len(v) > 1]
     if not keys:
         return ""
+    ratios = paired_ratios(rows, baseline)
     lines = ["", "### Draws (mean over calibration samples)", "",
              f"| model | bits | recipe | draws | perplexity per draw | mean | std | KLD mean | ratio to {baseline} |",
              "|---|---:|---|---:|---|---:|---:|---:|---:|"]
@@ -246,9 +259,8 @@ def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
         d = groups[(model, bits, recipe)]
         ppl = [d[i]["perplexity"] for i in sorted(d)]
         klds = [d[i]["kld_mean"] for i in sorted(d) if d[i].get("kld_mean") is not None]
-        base = groups.get((model, bits, baseline), {})
-        paired = [d[i]["perplexity"] / base[i]["perplexity"] for i in sorted(d) if i in base]
-        ratio = f"{statistics.mean(paired):.3f} ({len(paired)} paired)" if paired and recipe != baseline else "-"
+        paired = ratios.get((model, bits, recipe))
+        ratio = f"{statistics.mean(paired):.3f} ({len(paired)} paired)" if paired else "-"
         kld = f"{statistics.mean(klds):.4f}" if klds else "-"
         lines.append(f"| {model} | {bits} | {recipe} | {len(ppl)} | {' / '.join(f'{x:.2f}' for x in ppl)} | "
                      f"{statistics.mean(ppl):.2f} | {statistics.stdev(ppl):.2f} | {kld} | {ratio} |")
@@ -262,17 +274,13 @@ def worst_case_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     the recipe has no row paired with ``baseline`` on that model) and the worst (largest) of them. Recipes paired on
     every model that ``baseline`` ran on come first, best worst case first; the others' worst case covers only the
     models they ran on ("of k/N"). Empty when no recipe has two paired draws on any model (one draw decides nothing)."""
-    ratios: dict[tuple, list[float]] = {}
-    base = {(r["model"], r["bits"], r.get("draw", 0)): r["perplexity"] for r in rows if r["recipe"] == baseline}
-    for r in rows:
-        key = (r["model"], r["bits"], r.get("draw", 0))
-        if r["recipe"] not in ("original", baseline) and key in base:
-            ratios.setdefault((r["bits"], r["recipe"], r["model"]), []).append(r["perplexity"] / base[key])
+    ratios = {(bits, rec, m): v for (m, bits, rec), v in paired_ratios(rows, baseline).items()}
+    base = {(r["model"], r["bits"]) for r in rows if r["recipe"] == baseline}
     if not any(len(v) > 1 for v in ratios.values()):
         return ""
     lines = []
     for bits in sorted({b for b, _, _ in ratios}, reverse=True):
-        models = sorted({m for (m, b, _) in base if b == bits})
+        models = sorted({m for (m, b) in base if b == bits})
         ranked = []
         for rec in dict.fromkeys(r for b, r, _ in ratios if b == bits):
             per = {m: statistics.mean(ratios[(bits, rec, m)]) for m in models if (bits, rec, m) in ratios}
