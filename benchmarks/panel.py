@@ -25,7 +25,8 @@ text as it is, draw d >= 1 on the same text with its 60 articles shuffled by ``r
 so the first 128 windows are another calibration sample. Every recipe of a draw, GPTQModel's included, gets the same
 file, so the draws are paired; a second table gives each recipe's mean, spread and its mean ratio to GPTQModel's
 default of the same draw, and a third ranks the recipes by their worst model (the largest of those ratios), the
-rule issue #20 chooses the default by.
+rule issue #20 chooses the default by. A recipe is paired with GPTQModel's default on as many calibration windows
+(each row records its ``nsamples``): ``*-n256`` recipes with ``gptqmodel-n256``, the others with ``gptqmodel``.
 """
 
 from __future__ import annotations
@@ -80,10 +81,14 @@ RECIPES = {
     # GPTQModel's default with 2 windows per forward (its Hessian summed in another order), where GPTQModel batches:
     # GPTQModel 7.7 sets support_batch_quantize = False for Gemma 3 and runs 1 window per forward there regardless
     "gptqmodel-bs2": None,
+    # GPTQModel's default on 256 calibration windows: the pair of gar-mse-refit-n256 (the same 256 windows)
+    "gptqmodel-n256": None,
 }
 
 #: extra flags of benchmarks/gptqmodel_baseline.py per GPTQModel recipe
-GPTQMODEL_FLAGS = {"gptqmodel": [], "gptqmodel-bs2": ["--batch-size", "2"]}
+GPTQMODEL_FLAGS = {"gptqmodel": [], "gptqmodel-bs2": ["--batch-size", "2"], "gptqmodel-n256": ["--nsamples", "256"]}
+#: GPTQModel's default recipe, one per calibration size: the baselines every other recipe is paired with
+GPTQMODEL_DEFAULTS = ("gptqmodel", "gptqmodel-n256")
 
 
 def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
@@ -203,6 +208,9 @@ def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict, draw: 
                 os.replace(ckpt, a.out / key)
     row["flags"] = (" ".join(["GPTQModel default", *GPTQMODEL_FLAGS[recipe]]) if recipe in GPTQMODEL_FLAGS
                     else " ".join(RECIPES.get(recipe) or []) or "-")
+    if recipe != "original":  # the last --nsamples wins, as in both tools' argument parsers
+        argv = ["--nsamples", str(a.nsamples), *(GPTQMODEL_FLAGS.get(recipe) or RECIPES.get(recipe) or [])]
+        row["nsamples"] = int([v for k, v in zip(argv, argv[1:]) if k == "--nsamples"][-1])
     done.write_text(json.dumps(row))
     with open(a.out / "panel.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -228,22 +236,35 @@ def table(rows: list[dict], windows: int) -> str:
     return "\n".join(lines)
 
 
-def paired_ratios(rows: list[dict], baseline: str = "gptqmodel") -> dict[tuple, list[float]]:
-    """``(model, bits, recipe) -> [perplexity / baseline's perplexity of the same draw, by draw]`` for every recipe
-    other than ``baseline`` and "original", over the draws both have (paired: the same calibration file)."""
-    base = {(r["model"], r["bits"], r.get("draw", 0)): r["perplexity"] for r in rows if r["recipe"] == baseline}
+def calibration_windows(row: dict) -> int:
+    """The calibration windows a row was quantized on: its ``"nsamples"``, else the last ``--nsamples N`` of its flags,
+    else 128 (rows written before rows recorded it, all with panel.py's default ``--nsamples``)."""
+    if row.get("nsamples"):
+        return int(row["nsamples"])
+    found = re.findall(r"--nsamples (\d+)", row.get("flags") or "")
+    return int(found[-1]) if found else 128
+
+
+def paired_ratios(rows: list[dict], baselines: tuple[str, ...] = GPTQMODEL_DEFAULTS) -> dict[tuple, list[float]]:
+    """``(model, bits, recipe) -> [perplexity / the baseline's perplexity, by draw]`` for every recipe other than the
+    ``baselines`` and "original", over the draws both have. Paired: the baseline row of the same model, bits, draw
+    (the same calibration file) and number of calibration windows (:func:`calibration_windows`), so a 256-window
+    recipe is divided by GPTQModel on the same 256 windows, not by its 128-window run."""
+    base = {(r["model"], r["bits"], r.get("draw", 0), calibration_windows(r)): r["perplexity"]
+            for r in rows if r["recipe"] in baselines}
     out: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        key = (r["model"], r["bits"], r.get("draw", 0))
-        if r["recipe"] not in ("original", baseline) and key in base:
+        key = (r["model"], r["bits"], r.get("draw", 0), calibration_windows(r))
+        if r["recipe"] != "original" and r["recipe"] not in baselines and key in base:
             out.setdefault((r["model"], r["bits"], r["recipe"]), {})[key[2]] = r["perplexity"] / base[key]
     return {k: [v[d] for d in sorted(v)] for k, v in out.items()}
 
 
-def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
+def draws_table(rows: list[dict], baselines: tuple[str, ...] = GPTQMODEL_DEFAULTS) -> str:
     """Per model, bit width and recipe with more than one draw: the draws' perplexities, their mean and spread
-    (sample standard deviation), mean KLD, and the mean over draws of perplexity / ``baseline``'s perplexity of the
-    same draw (paired: the same calibration file), over the draws both have. Empty when no recipe has two draws."""
+    (sample standard deviation), mean KLD, and the mean over draws of perplexity / the baseline's perplexity of the
+    same draw on as many calibration windows (:func:`paired_ratios`), over the draws both have. Empty when no recipe
+    has two draws."""
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if r["recipe"] != "original":
@@ -251,9 +272,9 @@ def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     keys = [k for k, v in groups.items() if len(v) > 1]
     if not keys:
         return ""
-    ratios = paired_ratios(rows, baseline)
+    ratios = paired_ratios(rows, baselines)
     lines = ["", "### Draws (mean over calibration samples)", "",
-             f"| model | bits | recipe | draws | perplexity per draw | mean | std | KLD mean | ratio to {baseline} |",
+             "| model | bits | recipe | draws | perplexity per draw | mean | std | KLD mean | ratio to GPTQModel |",
              "|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for model, bits, recipe in sorted(keys, key=lambda k: (k[0], -k[1], k[2])):
         d = groups[(model, bits, recipe)]
@@ -267,15 +288,16 @@ def draws_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
     return "\n".join(lines)
 
 
-def worst_case_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
+def worst_case_table(rows: list[dict], baselines: tuple[str, ...] = GPTQMODEL_DEFAULTS) -> str:
     """Choosing a recipe by its worst case (issue #20: a default that wins on models it was not tuned on): per bit
-    width, each recipe's mean paired ratio to ``baseline`` per model (as :func:`draws_table`: over the draws both
-    have, each draw's perplexity / ``baseline``'s of the same draw; the number of draws in parentheses, "-" where
-    the recipe has no row paired with ``baseline`` on that model) and the worst (largest) of them. Recipes paired on
-    every model that ``baseline`` ran on come first, best worst case first; the others' worst case covers only the
-    models they ran on ("of k/N"). Empty when no recipe has two paired draws on any model (one draw decides nothing)."""
-    ratios = {(bits, rec, m): v for (m, bits, rec), v in paired_ratios(rows, baseline).items()}
-    base = {(r["model"], r["bits"]) for r in rows if r["recipe"] == baseline}
+    width, each recipe's mean paired ratio to the baseline per model (as :func:`draws_table`: over the draws both
+    have, each draw's perplexity / the baseline's of the same draw and calibration windows; the number of draws in
+    parentheses, "-" where the recipe has no row paired with a baseline on that model) and the worst (largest) of
+    them. Recipes paired on every model that a baseline ran on come first, best worst case first; the others' worst
+    case covers only the models they ran on ("of k/N"). Empty when no recipe has two paired draws on any model (one
+    draw decides nothing)."""
+    ratios = {(bits, rec, m): v for (m, bits, rec), v in paired_ratios(rows, baselines).items()}
+    base = {(r["model"], r["bits"]) for r in rows if r["recipe"] in baselines}
     if not any(len(v) > 1 for v in ratios.values()):
         return ""
     lines = []
@@ -285,7 +307,8 @@ def worst_case_table(rows: list[dict], baseline: str = "gptqmodel") -> str:
         for rec in dict.fromkeys(r for b, r, _ in ratios if b == bits):
             per = {m: statistics.mean(ratios[(bits, rec, m)]) for m in models if (bits, rec, m) in ratios}
             ranked.append((len(models) - len(per), max(per.values()), rec, per))
-        lines += ["", f"### Worst case over the models ({bits}-bit; mean paired ratio to {baseline})", "",
+        lines += ["", f"### Worst case over the models ({bits}-bit; mean paired ratio to GPTQModel's default on the "
+                  "same windows)", "",
                   "| recipe | " + " | ".join(models) + " | worst |", "|---|" + "---:|" * (len(models) + 1)]
         for missing, worst, rec, per in sorted(ranked):
             cells = [f"{per[m]:.3f} ({len(ratios[(bits, rec, m)])})" if m in per else "-" for m in models]

@@ -121,3 +121,46 @@ def test_the_worst_case_table_ranks_recipes_by_their_worst_model(panel):
 def test_no_worst_case_table_from_single_draws(panel):
     rows = [{"model": "a", "bits": 4, "recipe": rec, "perplexity": p} for rec, p in (("gptqmodel", 10.0), ("x", 9.0))]
     assert panel.worst_case_table(rows) == ""
+
+
+def test_a_recipe_is_paired_with_gptqmodel_on_as_many_calibration_windows(panel):
+    def r(recipe, ppl, draw, flags=None, **extra):
+        return {"model": "m", "bits": 4, "recipe": recipe, "perplexity": ppl, "flags": flags,
+                **({"draw": draw} if draw else {}), **extra}
+
+    rows = [r("gptqmodel", 10.0, 0, "GPTQModel default"), r("gptqmodel", 20.0, 1, "GPTQModel default")]
+    # GPTQModel on 256 windows: older rows name it in their flags only, newer ones also carry "nsamples"
+    rows += [r("gptqmodel-n256", 8.0, 0, "GPTQModel default --nsamples 256"),
+             r("gptqmodel-n256", 16.0, 1, "GPTQModel default --nsamples 256", nsamples=256)]
+    rows += [r("default", 9.0, 0, "-"), r("default", 19.0, 1, "-", nsamples=128)]
+    rows += [r("default-n256", 7.6, 0, "--nsamples 256"), r("default-n256", 16.8, 1, "--mse 2.4 --nsamples 256")]
+    rows += [r("gar-n512", 5.0, 0, "--nsamples 512"), r("gar-n512", 5.0, 1, "--nsamples 512")]  # no such baseline
+    ratios = panel.paired_ratios(rows)
+    assert ratios[("m", 4, "default")] == pytest.approx([0.9, 0.95])
+    assert ratios[("m", 4, "default-n256")] == pytest.approx([7.6 / 8.0, 16.8 / 16.0])  # not / 10.0 and / 20.0
+    assert ("m", 4, "gar-n512") not in ratios and ("m", 4, "gptqmodel-n256") not in ratios
+    t = panel.draws_table(rows)
+    assert cells(t, "default-n256")[8] == f"{(7.6 / 8.0 + 16.8 / 16.0) / 2:.3f} (2 paired)"
+    assert cells(t, "gar-n512")[8] == "-" and cells(t, "gptqmodel-n256")[8] == "-"
+    w = panel.worst_case_table(rows)
+    assert "| gptqmodel-n256 |" not in w and "| gar-n512 |" not in w
+    assert "| default-n256 | " + f"{(7.6 / 8.0 + 16.8 / 16.0) / 2:.3f} (2) |" in w
+
+
+def test_a_row_records_the_calibration_windows_its_tool_was_given(panel):
+    assert panel.calibration_windows({"flags": "--act-group-aware --nsamples 64 --nsamples 256"}) == 256
+    assert panel.calibration_windows({"flags": "GPTQModel default"}) == 128
+    assert panel.calibration_windows({"flags": "-", "nsamples": 32}) == 32
+
+
+def test_a_new_row_carries_the_windows_of_its_own_flags_over_the_run_s(panel, tmp_path, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(panel, "quantize", lambda *a, **k: {"tool": "t", "quantize_s": 1.0, "peak_rss_mb": 1})
+    monkeypatch.setattr(panel, "evaluate", lambda *a, **k: {"perplexity": 9.0})
+    monkeypatch.setattr(panel, "checkpoint_sha256", lambda ckpt: "0")
+    a = argparse.Namespace(out=tmp_path, group_size=128, threads=1, nsamples=64, keep=False)
+    (tmp_path / "rows").mkdir()
+    got = {rec: panel.run_row("m", tmp_path, 4, rec, a, {})["nsamples"]
+           for rec in ("default", "gptqmodel", "gptqmodel-n256", "gar-mse-refit-n256")}
+    assert got == {"default": 64, "gptqmodel": 64, "gptqmodel-n256": 256, "gar-mse-refit-n256": 256}
