@@ -60,6 +60,10 @@ def parse_args(argv=None):
                         "desc_act is off; this script turns it off by default so that --no-act-order is plain "
                         "GPTQ. Incompatible with --act-order.")
     p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--gptaq", type=float, default=None, metavar="ALPHA",
+                   help="GPTQModel's GPTAQ (asymmetric calibration, arXiv:2504.02692; GPTAQConfig(alpha=ALPHA), its "
+                        "default alpha is 0.25). Off by default, as in GPTQModel. GPTQModel 7.7's GPTAQ quantizer "
+                        "applies desc_act but not act_group_aware, so with --act-group-aware it is refused here")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward (GPTQModel's default 1)")
@@ -347,6 +351,14 @@ def main(args) -> dict:
         # --- quantize
         if out_dir.exists() and any(out_dir.iterdir()):
             raise SystemExit(f"{out_dir} exists and is not empty")
+        if args.gptaq is not None and args.act_group_aware:
+            raise SystemExit("--gptaq with --act-group-aware: GPTQModel 7.7's GPTAQ quantizer ignores "
+                             "act_group_aware; pass --no-act-group-aware (or --act-order)")
+        gptaq_kw = {}
+        if args.gptaq is not None:
+            from gptqmodel.quantization.config import GPTAQConfig
+
+            gptaq_kw["gptaq"] = GPTAQConfig(alpha=args.gptaq)
         qcfg = GPTQConfig(
             bits=args.bits,
             group_size=args.group_size,
@@ -354,6 +366,7 @@ def main(args) -> dict:
             act_group_aware=args.act_group_aware,
             sym=True,
             damp_percent=args.damp_percent,
+            **gptaq_kw,
         )
         load_kwargs = {}
         if args.dtype != "auto":
@@ -391,6 +404,7 @@ def main(args) -> dict:
             "act_group_aware": bool(qcfg.act_group_aware),
             "sym": True,
             "damp_percent": qcfg.damp_percent,
+            "gptaq_alpha": args.gptaq,
             "nsamples": len(calibration),
             "seqlen": args.seqlen,
             "threads": args.threads,

@@ -83,10 +83,16 @@ RECIPES = {
     "gptqmodel-bs2": None,
     # GPTQModel's default on 256 calibration windows: the pair of gar-mse-refit-n256 (the same 256 windows)
     "gptqmodel-n256": None,
+    # GPTQModel's GPTAQ (alpha 0.25), which its 7.7 applies without group-aware reordering, and the plain GPTQ
+    # (no reordering, its damping 0.05) it should be compared with: what GPTAQ alone gives on a panel model
+    "gptqmodel-gptaq": None,
+    "gptqmodel-plain": None,
 }
 
 #: extra flags of benchmarks/gptqmodel_baseline.py per GPTQModel recipe
-GPTQMODEL_FLAGS = {"gptqmodel": [], "gptqmodel-bs2": ["--batch-size", "2"], "gptqmodel-n256": ["--nsamples", "256"]}
+GPTQMODEL_FLAGS = {"gptqmodel": [], "gptqmodel-bs2": ["--batch-size", "2"], "gptqmodel-n256": ["--nsamples", "256"],
+                   "gptqmodel-gptaq": ["--no-act-group-aware", "--gptaq", "0.25"],
+                   "gptqmodel-plain": ["--no-act-group-aware"]}
 #: GPTQModel's default recipe, one per calibration size: the baselines every other recipe is paired with
 GPTQMODEL_DEFAULTS = ("gptqmodel", "gptqmodel-n256")
 
