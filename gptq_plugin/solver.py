@@ -237,7 +237,8 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantizeConfig,
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str = "layer",
                   offload_dir: str | os.PathLike | None = None,
-                  halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantResult:
+                  halves: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  dxxt: torch.Tensor | None = None, gptaq_alpha: float = 0.25) -> QuantResult:
     """Quantize one weight matrix with GPTQ, in fp32 throughout (also when called under autocast: the driver calls
     it from a forward hook).
 
@@ -256,6 +257,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
         halves: with ``cfg.damp_auto``, the Hessians of two disjoint halves of the calibration batches
             (:meth:`HessianAccumulator.take_halves`): the dampening is chosen by :func:`choose_damp` before ``H`` is
             solved with it. Without them (or without ``damp_auto``) ``cfg.damp_percent`` is used.
+        dxxt: GPTAQ's asymmetric calibration term (Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for
+            Asymmetric Calibration", ICML 2025, arXiv 2504.02692; GPTQModel's ``gptaq``): fp32 ``[in, in]``
+            ``2/n Σ (x_fp - x) xᵀ``, scaled as ``H``, where ``x`` is a token's input to this layer in the model
+            whose earlier layers are already quantized (the inputs ``H`` was summed from) and ``x_fp`` the same
+            token's input in the original model. With it the column loop targets the original model's output
+            ``W x_fp`` instead of ``W x``: each column's update gains ``w · P[i, i:]`` with ``P = gptaq_alpha ·
+            triu(dxxt · Uᵀ, 1) · U`` (``U``: the upper Cholesky factor of the inverse Hessian), as the reference
+            code does (GPTQv2, ``gptq.py``; GPTQModel 7.7 ``quantization/gptaq.py``), and ``cfg.refit_scales`` fits
+            the same target. Not modified. None: plain GPTQ.
+        gptaq_alpha: the weight of ``dxxt``'s term (the reference code's ``alpha``, 0.25 by default).
 
     Returns:
         :class:`QuantResult`. When ``H`` stays non positive definite for every dampening below 1, the layer
@@ -263,14 +274,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: s
 
     Raises:
         NumericalError: ``W`` or ``H`` contains NaN or Inf.
-        ValueError: ``H`` is not ``[in, in]``.
+        ValueError: ``H`` (or ``dxxt``) is not ``[in, in]``.
     """
     with torch.autocast(device_type=W.device.type, enabled=False):
         if cfg.damp_auto and halves is not None:
             with offloaded(H, offload_dir, OFFLOAD_MIN_BYTES):  # the full Hessian waits on disk meanwhile
                 damp, _ = choose_damp(W, halves[0], halves[1], cfg, name, offload_dir)
             cfg = dataclasses.replace(cfg, damp_percent=damp, damp_auto=False)
-        return _gptq_quantize(W, H, cfg, name, offload_dir)
+        return _gptq_quantize(W, H, cfg, name, offload_dir, dxxt, gptaq_alpha)
 
 
 def choose_damp(W: torch.Tensor, H_fit: torch.Tensor, H_held: torch.Tensor, cfg: QuantizeConfig,
@@ -320,7 +331,8 @@ OFFLOAD_MIN_BYTES = 1 << 27
 
 
 def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: str,
-                   offload_dir: str | os.PathLike | None) -> QuantResult:
+                   offload_dir: str | os.PathLike | None, dxxt: torch.Tensor | None = None,
+                   gptaq_alpha: float = 0.25) -> QuantResult:
     """:func:`gptq_quantize` (its arguments, result and errors), the paper's steps in order."""
     W = W.detach()
     columns = W.shape[1]
@@ -331,6 +343,10 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         raise NumericalError(f"{name}: the weight contains NaN or Inf; fix the source model")
     if not all_finite(H):
         raise NumericalError(f"{name}: the Hessian contains NaN or Inf (calibration activations overflowed)")
+    if dxxt is not None and tuple(dxxt.shape) != (columns, columns):
+        raise ValueError(f"{name}: GPTAQ's dxxt has shape {tuple(dxxt.shape)}, expected [{columns}, {columns}]")
+    if dxxt is not None and not all_finite(dxxt):
+        raise NumericalError(f"{name}: GPTAQ's dxxt contains NaN or Inf (calibration activations overflowed)")
 
     dead = H.diagonal() == 0  # input channels that never saw a non-zero activation
     perm = invperm = None
@@ -348,14 +364,24 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         return Wz
 
     static = _group_params(zeroed(), cfg) if cfg.static_groups else None  # ([G, out], [G, out]), input order
+    A = None  # gptaq_alpha · dxxt, dead channels' rows and columns zeroed, input order
+    if dxxt is not None:
+        A = dxxt.float() * gptaq_alpha
+        A[dead, :] = 0
+        A[:, dead] = 0
     with permuted(H, perm):  # H[perm][:, perm] in place; its diagonal dampened
         H.diagonal()[dead if perm is None else dead[perm]] = 1
         Hinv, damp = _damped_inverse_cholesky(H, cfg.damp_percent, cfg.damp_auto_increment, name)
         solved = Hinv is not None
         if solved:
             with offloaded(H, offload_dir, OFFLOAD_MIN_BYTES):  # the loop needs only Hinv
-                codes, scales, zeros, col_group = _column_loop(zeroed(perm), Hinv, cfg, perm, static)
-                del Hinv  # before H comes back
+                P = None
+                if A is not None:  # GPTAQ's P = α · triu(dXXT Uᵀ, 1) U, in the loop's column order
+                    Ap = A if perm is None else A[perm][:, perm]
+                    P = torch.triu(Ap @ Hinv.t(), diagonal=1) @ Hinv
+                    del Ap
+                codes, scales, zeros, col_group = _column_loop(zeroed(perm), Hinv, cfg, perm, static, P)
+                del Hinv, P  # before H comes back
     if not solved:
         reason = f"Hessian not positive definite for any damp_percent < 1 (last tried {damp:g}): fell back to RTN"
         log.warning("%s: %s", name, reason)
@@ -367,13 +393,13 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantizeConfig, name: 
         codes = codes[:, invperm]
         g_idx = g_idx[invperm]
     if cfg.refit_scales:
-        scales = refit_scales(zeroed(), H, codes, scales, zeros, g_idx, damp)
+        scales = refit_scales(zeroed(), H, codes, scales, zeros, g_idx, damp, A)
     return QuantResult(codes, scales.half(), zeros.to(torch.int32), g_idx.contiguous(), cfg.bits, cfg.group_size,
                        cfg.sym, damp_percent=damp)
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: torch.Tensor, damp: float) -> torch.Tensor:
+                 g_idx: torch.Tensor, damp: float, asym: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares scales for fixed codes: for every output row ``r``, the group scales ``s_r`` that minimise the
     layer's output error ``(w_r - ŵ_r)ᵀ (H + λI) (w_r - ŵ_r)`` with ``ŵ_r[j] = s_r[g(j)] · (codes[r, j] -
     zeros[g(j), r])`` (``λ``: the dampening GPTQ used, ``damp · mean(diag H)``), i.e. the ``[G, G]`` normal equations
@@ -387,6 +413,9 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         H: fp32 ``[in, in]`` Hessian in input order, undamped (not modified).
         codes: int ``[out, in]``; scales, zeros: ``[G, out]``; g_idx: ``[in]`` group of each input channel.
         damp: the ``damp_percent`` GPTQ used.
+        asym: GPTAQ's ``gptaq_alpha · dxxt`` (:func:`gptq_quantize`), input order, or None. With it the fit
+            targets the original model's output: the error is ``Σ ‖ŵ_r x - w_r x_fp‖²`` and the right-hand side
+            ``Cᵀ (H + asym)ᵀ w`` (``Σ x x_fpᵀ = H + dxxtᵀ``).
 
     Returns:
         fp32 ``[G, out]`` scales.
@@ -401,7 +430,8 @@ def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: 
         Th = C[:, cols] @ H[cols, :]  # [out, in]: row r's Σ_{k in h} C[r, k] H[k, :]
         Th[:, cols] += lam * C[:, cols]
         M[:, :, h] = torch.zeros(rows, G, device=W.device).index_add_(1, g, C * Th)
-    b = torch.zeros(rows, G, device=W.device).index_add_(1, g, C * (W @ H + lam * W))
+    target = W @ H + lam * W if asym is None else W @ (H + asym) + lam * W
+    b = torch.zeros(rows, G, device=W.device).index_add_(1, g, C * target)
     M = 0.5 * (M + M.transpose(1, 2))
     eye = torch.eye(G, device=W.device) * (1e-6 * M.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30))[:, None, None]
     new, info = torch.linalg.solve_ex(M + eye, b)
@@ -471,12 +501,14 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, increment: fl
 
 
 def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm: torch.Tensor | None,
-                 static: tuple[torch.Tensor, torch.Tensor] | None
+                 static: tuple[torch.Tensor, torch.Tensor] | None, P: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's column loop (Algorithm 1) on ``W`` ``[out, in]`` (columns in ``perm`` order, updated in place) with the
     upper Cholesky factor ``Hinv`` of the inverse Hessian in the same order. Returns ``(codes int32 [out, in]
     permuted order, scales [G, out], zeros [G, out], group of each permuted column)``; ``static`` grids, when
-    given, are used for every group (input order)."""
+    given, are used for every group (input order). ``P`` (same order): GPTAQ's term, added to every column's update
+    as the reference code does (the column's weight before rounding inside a block, the rounded block in the lazy
+    update)."""
     rows, columns = W.shape
     maxq = 2**cfg.bits - 1
     gs = columns if cfg.group_size == -1 else cfg.group_size
@@ -518,6 +550,8 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
                     group_w = W1[:, i:i + gs]
                     if col + gs > i2:
                         rest = W[:, i2:col + gs] - Err1[:, :i] @ Hinv[i1:col, i2:col + gs]
+                        if P is not None:
+                            rest += W1[:, :i] @ P[i1:col, i2:col + gs]
                         group_w = torch.cat([group_w, rest], dim=1)
                     scale, zero = find_params(group_w, cfg.bits, cfg.sym, cfg.mse)
                     scales[g], zeros[g] = scale, zero
@@ -525,11 +559,16 @@ def _column_loop(W: torch.Tensor, Hinv: torch.Tensor, cfg: QuantizeConfig, perm:
                 q = quantize(w, scale, zero, maxq)
                 Q1[:, i] = q
                 err = (w - dequantize(q, scale, zero)) / d
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                if P is None:
+                    W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                else:
+                    W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0) - w.unsqueeze(1) @ P[col, i1 + i:i2][None]
                 Err1[:, i] = err
 
             Q[:, i1:i2] = Q1
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the remaining columns
+            if P is not None:
+                W[:, i2:].addmm_(W1, P[i1:i2, i2:])
     if static is not None:
         scales, zeros = static
     return Q, scales, zeros, col_group

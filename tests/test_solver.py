@@ -1,5 +1,6 @@
 """The GPTQ solver against an independent, straightforward implementation of the paper's recurrences."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -32,6 +33,21 @@ def gar_reference_order(diag, gs):
     return torch.tensor(out)
 
 
+def minmax_grid(w, cfg):
+    """The min-max grid of the rows of ``w`` ``[out, cols]`` (float64): scale (rounded to fp16) and zero point."""
+    maxq = 2**cfg.bits - 1
+    xmin = w.min(1).values.clamp(max=0)
+    xmax = w.max(1).values.clamp(min=0)
+    if cfg.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin[both0], xmax[both0] = -1, 1
+    s = ((xmax - xmin) / maxq).half().double()
+    z = torch.full_like(s, (maxq + 1) / 2) if cfg.sym else torch.round(-xmin / s).clamp(0, maxq)
+    return s, z
+
+
 def obs_reference(W, H, cfg):
     """Optimal Brain Surgeon recurrences of GPTQ without Cholesky, blocking or lazy updates (float64):
     quantize columns in order; after each, spread its error over the remaining columns with the inverse
@@ -53,16 +69,7 @@ def obs_reference(W, H, cfg):
         order = torch.arange(k)
 
     def grid(w):
-        xmin = w.min(1).values.clamp(max=0)
-        xmax = w.max(1).values.clamp(min=0)
-        if cfg.sym:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = torch.where(xmin < 0, -xmax, xmin)
-        both0 = (xmin == 0) & (xmax == 0)
-        xmin[both0], xmax[both0] = -1, 1
-        s = ((xmax - xmin) / maxq).half().double()
-        z = torch.full_like(s, (maxq + 1) / 2) if cfg.sym else torch.round(-xmin / s).clamp(0, maxq)
-        return s, z
+        return minmax_grid(w, cfg)
 
     static = [grid(W[:, g * gs:(g + 1) * gs]) for g in range((k + gs - 1) // gs)] if cfg.static_groups else None
     Hd = H + torch.eye(k, dtype=H.dtype) * cfg.damp_percent * torch.mean(torch.diag(H))
@@ -375,3 +382,116 @@ def test_refit_scales_matches_per_row_least_squares_and_lowers_the_error(kw):
     e_plain = torch.linalg.norm(X @ (W - plain.dequantize()).t())
     e_refit = torch.linalg.norm(X @ (W - refit.dequantize()).t())
     assert e_refit < e_plain
+
+
+def gptaq_reference(W, H, dxxt, cfg, alpha):
+    """GPTAQ's column loop as its reference code writes it (GPTQv2 ``gptq.py``, GPTQModel 7.7
+    ``quantization/gptaq.py``), in float64 with an explicit inverse: ``P = α triu(dXXT Uᵀ, 1) U``; inside a block
+    each column's update is ``-err ⊗ U[i, i:] + w ⊗ P[i, i:]`` (``w`` before rounding), the lazy update of the later
+    columns ``-Err ⊗ U + W1 ⊗ P`` (``W1``: the block after rounding). Group grids are taken at a group's first
+    column from the weights as updated so far, the block's pending lazy update included for the columns after the
+    block (the reference code reads those without it; the two agree when every group starts a block)."""
+    W = W.double().clone()
+    k = W.shape[1]
+    maxq = 2**cfg.bits - 1
+    gs = k if cfg.group_size == -1 else cfg.group_size
+    B = cfg.block_size
+    if cfg.desc_act:
+        order = torch.argsort(torch.diag(H), descending=True, stable=True)
+    elif cfg.act_group_aware:
+        order = gar_reference_order(torch.diag(H), gs)
+    else:
+        order = torch.arange(k)
+    static = ([minmax_grid(W[:, g * gs:(g + 1) * gs], cfg) for g in range((k + gs - 1) // gs)]
+              if cfg.static_groups else None)
+    W, Hp, D = W[:, order], H.double()[order][:, order], dxxt.double()[order][:, order]
+    Hd = Hp + torch.eye(k, dtype=torch.float64) * cfg.damp_percent * torch.mean(torch.diag(Hp))
+    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    P = alpha * torch.triu(D @ U.t(), diagonal=1) @ U
+    Q = torch.zeros_like(W)
+    s = z = None
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            pos = i1 + i
+            if static is not None:
+                s, z = static[int(order[pos]) // gs]
+            elif pos % gs == 0:
+                later = W[:, i2:] - Err1[:, :i] @ U[i1:pos, i2:] + W1[:, :i] @ P[i1:pos, i2:]
+                s, z = minmax_grid(torch.cat([W1[:, i:], later], dim=1)[:, :gs], cfg)
+            w = W1[:, i].clone()
+            q = s * (torch.clamp(torch.round(w / s) + z, 0, maxq) - z)
+            Q[:, pos] = q
+            err = (w - q) / U[pos, pos]
+            W1[:, i:] -= err[:, None] * U[pos, pos:i2][None] - w[:, None] * P[pos, pos:i2][None]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:] - W1 @ P[i1:i2, i2:]
+    return Q[:, torch.argsort(order)]
+
+
+def asymmetric_inputs(n, k, seed=0):
+    """``(x, x_fp)``: inputs of a layer in a partly quantized model and the same tokens' inputs in the original model
+    (``x_fp = x + Δ``, ``Δ`` correlated with ``x``, as the error of quantized earlier layers is)."""
+    x = correlated_inputs(n, k, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    delta = x @ (torch.randn(k, k, generator=g) * 0.08 / k**0.5) + 0.05 * torch.randn(n, k, generator=g)
+    return x, x + delta
+
+
+GPTAQ_CASES = [dict(bits=4, group_size=32), dict(bits=3, group_size=32, sym=False), dict(bits=4, group_size=-1),
+               dict(bits=4, group_size=32, act_group_aware=True),
+               dict(bits=4, group_size=32, desc_act=True, static_groups=True),
+               dict(bits=4, group_size=24, block_size=64)]  # groups that start inside a block and end after it
+
+
+@pytest.mark.parametrize("kw", GPTAQ_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_gptaq_matches_its_reference_loop_and_targets_the_original_output(kw):
+    k, n = 96, 40
+    x, x_fp = asymmetric_inputs(4096, k, seed=11)
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(12)) * 0.1
+    H = 2 * x.t() @ x / x.shape[0]
+    dxxt = 2 * (x_fp - x).t() @ x / x.shape[0]  # 2/n Σ (x_fp - x) xᵀ, scaled as H
+    cfg = QuantizeConfig(**{"block_size": 32, **kw})
+    ours = gptq_quantize(W, H, cfg, dxxt=dxxt, gptaq_alpha=0.25).dequantize()
+    ref = gptaq_reference(W, H, dxxt, cfg, 0.25).float()
+    same = (ours - ref).abs() <= 1e-4 * ref.abs().max()
+    assert same.float().mean() > 0.99, f"only {same.float().mean():.4f} of weights agree with the reference loop"
+    plain = gptq_quantize(W, H, cfg).dequantize()
+    assert not torch.equal(ours, plain)
+
+    def asym_err(Q):  # the original model's output against the quantized layer's on its own inputs
+        return torch.linalg.norm(x @ Q.t() - x_fp @ W.t())
+
+    assert asym_err(ours) < asym_err(plain)
+
+
+def test_gptaq_with_refit_fits_the_original_output_and_alpha_0_is_plain_gptq():
+    k, n = 96, 24
+    x, x_fp = asymmetric_inputs(4096, k, seed=13)
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(14)) * 0.1
+    H = 2 * x.t() @ x / x.shape[0]
+    dxxt = 2 * (x_fp - x).t() @ x / x.shape[0]
+    cfg = QuantizeConfig(bits=4, group_size=32, act_group_aware=True, mse=2.4, refit_scales=True)
+    for a in (0.0, 1.0):  # the asymmetric refit minimises Σ‖ŵ x - w x_fp‖², with α = 1 exactly
+        no_refit = gptq_quantize(W, H, dataclasses.replace(cfg, refit_scales=False), dxxt=dxxt, gptaq_alpha=a)
+        asym = gptq_quantize(W, H, cfg, dxxt=dxxt, gptaq_alpha=a)
+        assert torch.equal(asym.codes, no_refit.codes)
+        e = [torch.linalg.norm(x @ r.dequantize().t() - x_fp @ W.t()) for r in (no_refit, asym)]
+        assert e[1] < e[0]
+    plain = gptq_quantize(W, H, cfg)
+    for d, a in ((dxxt, 0.0), (torch.zeros_like(dxxt), 0.25)):  # no asymmetric term: GPTQ's bytes
+        r = gptq_quantize(W, H, cfg, dxxt=d, gptaq_alpha=a)
+        assert torch.equal(r.codes, plain.codes) and torch.equal(r.scales, plain.scales)
+
+
+def test_gptaq_input_errors_name_the_layer():
+    W = torch.randn(8, 16)
+    H = torch.eye(16)
+    with pytest.raises(ValueError, match="blk.q_proj: GPTAQ's dxxt has shape"):
+        gptq_quantize(W, H, QuantizeConfig(group_size=-1), name="blk.q_proj", dxxt=torch.zeros(16, 8))
+    bad = torch.zeros(16, 16)
+    bad[3, 4] = float("nan")
+    with pytest.raises(NumericalError, match="blk.q_proj: GPTAQ's dxxt contains NaN"):
+        gptq_quantize(W, H, QuantizeConfig(group_size=-1), name="blk.q_proj", dxxt=bad)
