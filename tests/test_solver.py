@@ -33,6 +33,15 @@ def gar_reference_order(diag, gs):
     return torch.tensor(out)
 
 
+def reference_order(diag, cfg, gs):
+    """The order the columns are quantized in: act-order, group-aware reordering, or input order."""
+    if cfg.desc_act:
+        return torch.argsort(diag, descending=True, stable=True)
+    if cfg.act_group_aware:
+        return gar_reference_order(diag, gs)
+    return torch.arange(diag.numel())
+
+
 def minmax_grid(w, cfg):
     """The min-max grid of the rows of ``w`` ``[out, cols]`` (float64): scale (rounded to fp16) and zero point."""
     maxq = 2**cfg.bits - 1
@@ -61,17 +70,10 @@ def obs_reference(W, H, cfg):
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    if cfg.desc_act:
-        order = torch.argsort(torch.diag(H), descending=True, stable=True)
-    elif cfg.act_group_aware:
-        order = gar_reference_order(torch.diag(H), gs)
-    else:
-        order = torch.arange(k)
+    order = reference_order(torch.diag(H), cfg, gs)
 
-    def grid(w):
-        return minmax_grid(w, cfg)
-
-    static = [grid(W[:, g * gs:(g + 1) * gs]) for g in range((k + gs - 1) // gs)] if cfg.static_groups else None
+    static = ([minmax_grid(W[:, g * gs:(g + 1) * gs], cfg) for g in range((k + gs - 1) // gs)]
+              if cfg.static_groups else None)
     Hd = H + torch.eye(k, dtype=H.dtype) * cfg.damp_percent * torch.mean(torch.diag(H))
     Hinv = torch.linalg.inv(Hd)
     Q = torch.zeros_like(W)
@@ -82,7 +84,7 @@ def obs_reference(W, H, cfg):
             s, z = static[j // gs]
         elif pos % gs == 0:
             cols = order[pos:pos + gs]
-            s, z = grid(W[:, cols])
+            s, z = minmax_grid(W[:, cols], cfg)
         w = W[:, j]
         q = torch.clamp(torch.round(w / s) + z, 0, maxq)
         Q[:, j] = s * (q - z)
@@ -396,12 +398,7 @@ def gptaq_reference(W, H, dxxt, cfg, alpha):
     maxq = 2**cfg.bits - 1
     gs = k if cfg.group_size == -1 else cfg.group_size
     B = cfg.block_size
-    if cfg.desc_act:
-        order = torch.argsort(torch.diag(H), descending=True, stable=True)
-    elif cfg.act_group_aware:
-        order = gar_reference_order(torch.diag(H), gs)
-    else:
-        order = torch.arange(k)
+    order = reference_order(torch.diag(H), cfg, gs)
     static = ([minmax_grid(W[:, g * gs:(g + 1) * gs], cfg) for g in range((k + gs - 1) // gs)]
               if cfg.static_groups else None)
     W, Hp, D = W[:, order], H.double()[order][:, order], dxxt.double()[order][:, order]
