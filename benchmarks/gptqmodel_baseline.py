@@ -89,7 +89,11 @@ def parse_args(argv=None):
                    help="do not quantize: evaluate the GPTQModel checkpoint already in out_dir")
     p.add_argument("--results", help="append the JSON line to this .jsonl file")
     p.add_argument("--label", default=None, help="free-form note stored in the JSON line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.gptaq is not None and args.act_group_aware:
+        p.error("--gptaq with --act-group-aware: GPTQModel 7.7's GPTAQ quantizer ignores act_group_aware; pass "
+                "--no-act-group-aware (or --act-order)")
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -351,9 +355,6 @@ def main(args) -> dict:
         # --- quantize
         if out_dir.exists() and any(out_dir.iterdir()):
             raise SystemExit(f"{out_dir} exists and is not empty")
-        if args.gptaq is not None and args.act_group_aware:
-            raise SystemExit("--gptaq with --act-group-aware: GPTQModel 7.7's GPTAQ quantizer ignores "
-                             "act_group_aware; pass --no-act-group-aware (or --act-order)")
         gptaq_kw = {}
         if args.gptaq is not None:
             from gptqmodel.quantization.config import GPTAQConfig

@@ -471,11 +471,12 @@ def test_gptaq_with_refit_fits_the_original_output_and_alpha_0_is_plain_gptq():
     H = 2 * x.t() @ x / x.shape[0]
     dxxt = 2 * (x_fp - x).t() @ x / x.shape[0]
     cfg = QuantizeConfig(bits=4, group_size=32, act_group_aware=True, mse=2.4, refit_scales=True)
-    for a in (0.0, 1.0):  # the asymmetric refit minimises Σ‖ŵ x - w x_fp‖², with α = 1 exactly
+    # the refit fits the layer's own output W x at α = 0 (GPTQ's target), the original model's W x_fp at α = 1
+    for a, target in ((0.0, x @ W.t()), (1.0, x_fp @ W.t())):
         no_refit = gptq_quantize(W, H, dataclasses.replace(cfg, refit_scales=False), dxxt=dxxt, gptaq_alpha=a)
-        asym = gptq_quantize(W, H, cfg, dxxt=dxxt, gptaq_alpha=a)
-        assert torch.equal(asym.codes, no_refit.codes)
-        e = [torch.linalg.norm(x @ r.dequantize().t() - x_fp @ W.t()) for r in (no_refit, asym)]
+        refit = gptq_quantize(W, H, cfg, dxxt=dxxt, gptaq_alpha=a)
+        assert torch.equal(refit.codes, no_refit.codes)
+        e = [torch.linalg.norm(x @ r.dequantize().t() - target) for r in (no_refit, refit)]
         assert e[1] < e[0]
     plain = gptq_quantize(W, H, cfg)
     for d, a in ((dxxt, 0.0), (torch.zeros_like(dxxt), 0.25)):  # no asymmetric term: GPTQ's bytes
