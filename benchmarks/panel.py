@@ -76,6 +76,9 @@ RECIPES = {
     "gar-mse2-refit": ["--act-group-aware", "--no-static-groups", "--mse", "2.0", "--refit-scales"],
     "gar-bf16": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--forward-dtype", "bfloat16"],
     "gar-n256": ["--act-group-aware", "--no-static-groups", "--mse", "0", "--nsamples", "256"],
+    # the default recipe with GPTAQ's asymmetric calibration (alpha 0.25, the reference code's)
+    "gar-mse-refit-gptaq": ["--act-group-aware", "--no-static-groups", "--mse", "2.4", "--refit-scales",
+                            "--gptaq", "0.25"],
     "default": [],  # whatever `gptq-plugin quantize` does without flags
     "gptqmodel": None,
     # GPTQModel's default with 2 windows per forward (its Hessian summed in another order), where GPTQModel batches:

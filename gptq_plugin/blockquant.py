@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import QuantizeConfig
 from .distributed import SINGLE, Ranks
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .linear import QuantLinear
 from .moe import expert_of, set_calibration
 from .packing import unpack_qweight, unpack_qzeros
@@ -198,13 +198,15 @@ def _rel_errs(W: torch.Tensor, H: torch.Tensor, res: QuantResult, cfg: QuantizeC
 
 def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: QuantizeConfig, block_name: str,
                  compare_rtn: bool, offload_dir=None, tokens: int | None = None, names: dict | None = None,
-                 halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[QuantResult, LayerReport]:
+                 halves: tuple[torch.Tensor, torch.Tensor] | None = None, dxxt: torch.Tensor | None = None
+                 ) -> tuple[QuantResult, LayerReport]:
     """Quantize one layer with GPTQ (RTN when no calibration token reached it, or when it is an expert's layer
     that saw fewer than ``cfg.moe_min_tokens`` routed tokens with ``moe_calibration="routed"``); returns the result
     (on the CPU) and its report row. ``offload_dir``: see :func:`gptq_plugin.solver.gptq_quantize`. ``tokens``: the
     routed calibration tokens of the layer's expert (None: not an expert's layer). ``names``: full model names ->
     the checkpoint's, where they differ (the report, logs and errors use the checkpoint's). ``halves``: the held-out
-    Hessians for ``cfg.damp_auto`` (:func:`gptq_plugin.solver.choose_damp`)."""
+    Hessians for ``cfg.damp_auto`` (:func:`gptq_plugin.solver.choose_damp`). ``dxxt``: GPTAQ's asymmetric term for
+    ``cfg.gptaq`` (:func:`gptq_plugin.solver.gptq_quantize`); the report's errors stay GPTQ's (``W x``)."""
     t = time.time()
     full = f"{block_name}.{name}"
     full = (names or {}).get(full, full)
@@ -218,7 +220,8 @@ def _solve_layer(name: str, mod: nn.Linear, H: torch.Tensor | None, cfg: Quantiz
         res.fallback = f"{why}: RTN"
         row = LayerReport(full, None, None, 0.0, res.fallback, time.time() - t, tokens=tokens)
     else:
-        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir, halves=halves)
+        res = gptq_quantize(W, H, cfg, name=full, offload_dir=offload_dir, halves=halves, dxxt=dxxt,
+                            gptaq_alpha=cfg.gptaq or 0.0)
         # static groups are RTN's grid already: reuse them rather than search the clipping (mse) again
         grid = (res.scales, res.zeros) if cfg.static_groups and res.fallback is None else None
         errs = _rel_errs(W, H, res, cfg, grid, rtn=compare_rtn)
@@ -300,8 +303,8 @@ def _check_scales(name: str, W: torch.Tensor, res: QuantResult, row: LayerReport
 def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[dict] | None, cfg: QuantizeConfig,
                    report: QuantizeReport, low_memory: bool | None = None,
                    forward_dtype: torch.dtype | None = None, offload_dir=None, ranks: Ranks | None = None,
-                   first_batch: int = 0, names: dict[str, str] | None = None, park_dir=None
-                   ) -> dict[str, QuantLinear]:
+                   first_batch: int = 0, names: dict[str, str] | None = None, park_dir=None,
+                   reference: tuple[nn.Module, object] | None = None) -> dict[str, QuantLinear]:
     """Quantize the linear layers of one decoder block in place (``nn.Linear`` -> :class:`QuantLinear`) and
     replace each calibration input by the quantized block's output (the next block's input).
 
@@ -327,16 +330,32 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             ``block_sparse_moe``): the report rows, logs and errors name layers as the checkpoint does.
         park_dir: a folder where the one-pass driver's waiting batches park their inputs to a one-layer group
             (:func:`gptq_plugin.passes.sequential_pass`); None keeps them in memory. The same bytes either way.
+        reference: with ``cfg.gptaq``, ``(original, fp_inputs)``: an unquantized copy of ``block`` and its inputs
+            in the unquantized model (a sequence like ``inputs``), GPTAQ's second stream
+            (:func:`gptq_plugin.passes.groupwise_pass`); the block then runs group by group whatever ``low_memory``
+            says, and each ``fp_inputs[i]`` is replaced by ``original``'s output. Ignored without ``cfg.gptaq``.
 
     Returns:
         The new layers (layer name inside the block -> :class:`QuantLinear`), already in place; rows are added to
         ``report`` (the same rows on every rank).
 
     Raises:
-        NumericalError: the block's quantized output contains NaN or Inf (names the block).
+        NumericalError: the block's quantized output (or, with ``reference``, the unquantized block's output)
+            contains NaN or Inf (names the block).
+        ConfigError: ``cfg.gptaq`` without ``reference`` (for GPTQ), or with ``low_memory=False``.
         DistributedError: another rank failed meanwhile.
     """
     ranks = ranks or SINGLE
+    if cfg.gptaq is not None and cfg.method == "gptq":
+        if reference is None:
+            raise ConfigError(f"{block_name}: gptaq needs the unquantized block and its inputs in the unquantized "
+                              "model (reference=...); gptq_plugin.driver.quantize_blocks passes them")
+        if low_memory is False:
+            raise ConfigError("gptaq runs the low-memory driver (group by group, with the unquantized block beside "
+                              "the quantized one): drop --one-pass (low_memory=False)")
+        low_memory = True
+    else:
+        reference = None
     linears = linear_modules(block)
     aliases: dict[int, list[str]] = {}  # a module registered under several names is replaced under each
     for n, m in block.named_modules(remove_duplicate=False):
@@ -360,6 +379,11 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         if not torch.isfinite(y).all():
             raise NumericalError(f"{block_name}: output contains NaN or Inf after quantization")
         inputs[i] = y
+
+    def emit_reference(i: int, y: torch.Tensor) -> None:  # GPTAQ: the next block's inputs in the unquantized model
+        if not torch.isfinite(y).all():
+            raise NumericalError(f"{block_name}: the unquantized block's output contains NaN or Inf")
+        reference[1][i] = y
 
     if cfg.method == "rtn":
         for name, mod in linears.items():
@@ -386,7 +410,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                 return HessianAccumulator(k, first_batch=first_batch, ranks=ranks, heldout=cfg.damp_auto)
 
             def quantize_group(group: list[str], H: torch.Tensor | None, routed: list[int] | None = None,
-                               halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                               halves: tuple[torch.Tensor, torch.Tensor] | None = None,
+                               dxxt: torch.Tensor | None = None) -> None:
                 # called from a forward hook, possibly under the forward's autocast: the solver computes in fp32.
                 # One Hessian, computed once, for the layers sharing an input; each layer solved on its owner rank.
                 with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -395,7 +420,7 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                     def solve(name: str):
                         where = expert_of(name) if routed is not None else None
                         return _solve_layer(name, linears[name], H, cfg, block_name, report.compare_rtn, offload_dir,
-                                            None if where is None else routed[where[1]], names, halves)
+                                            None if where is None else routed[where[1]], names, halves, dxxt)
 
                     mine = {} if ranks.world == 1 else {n: solve(n) for n, r in zip(group, owners) if r == ranks.rank}
                     for name, owner in zip(group, owners):
@@ -410,7 +435,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             if cfg.true_sequential:
                 if low_memory:
                     groupwise_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype, sink=emit,
-                                   new_accumulator=new_accumulator)
+                                   new_accumulator=new_accumulator, reference=reference,
+                                   reference_sink=emit_reference)
                 else:
                     outputs = sequential_pass(block, groups, inputs, kwargs_list, quantize_group, forward_dtype,
                                               new_accumulator=new_accumulator, park_dir=park_dir)

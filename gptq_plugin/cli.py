@@ -149,6 +149,12 @@ def quantize(
                     "the tokens its router sends it."),
     moe_min_tokens: int = typer.Option(128, help="With --moe-calibration routed: experts that saw fewer routed "
                                        "calibration tokens are quantized with RTN (reported per expert)."),
+    gptaq: Optional[float] = typer.Option(
+        None, metavar="ALPHA",
+        help="GPTAQ (Li et al., ICML 2025; GPTQModel's GPTAQConfig) with this alpha in (0, 1], e.g. 0.25: each layer "
+             "targets the unquantized model's output instead of its own inputs' (a second calibration stream "
+             "through the unquantized blocks; runs --low-memory, about twice the forward compute). Dense models, "
+             "one process; needs --true-sequential. Recorded in the checkpoint's meta."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT.
@@ -165,7 +171,8 @@ def quantize(
                      damp, mse, dataset, nsamples, seqlen, batch_size, method.value, checkpoint_format,
                      overwrite, low_memory, report, forward_dtype, restart, streaming, activation_memory, _end_run,
                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
-                     refit_scales=refit_scales, park_activations=park_activations, damp_auto=damp_auto)
+                     refit_scales=refit_scales, park_activations=park_activations, damp_auto=damp_auto,
+                     gptaq=gptaq)
     finally:
         close_ranks(ranks)
 

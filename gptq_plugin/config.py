@@ -119,6 +119,15 @@ class QuantizeConfig:
             ones'); ``damp_percent`` is then used only where a half has no tokens. Stored in ``meta``; the
             checkpoint's ``damp_percent`` stays a number, as other readers expect. Costs one GPTQ solve per
             candidate per layer.
+        gptaq (`float`, *optional*, defaults to None): GPTAQ's asymmetric calibration (Li et al., "GPTAQ:
+            Efficient Finetuning-Free Quantization for Asymmetric Calibration", ICML 2025, arXiv 2504.02692;
+            GPTQModel's ``GPTAQConfig``) with this ``alpha`` in (0, 1] (the reference code's default is 0.25): each
+            layer's GPTQ sweep and scale refit target the original model's output ``W x_fp`` (``x_fp``: the layer's
+            input in the unquantized model) rather than ``W x`` on the inputs the quantized earlier layers give
+            (:func:`gptq_plugin.solver.gptq_quantize`'s ``dxxt``). The driver then carries a second stream of
+            calibration activations through the unquantized blocks and runs group by group (the low-memory
+            driver): about twice the forward compute. Needs ``true_sequential``; dense models on one process only.
+            Stored in ``meta`` as ``"gptaq": {"alpha": ...}`` when set, as GPTQModel stores it; None: plain GPTQ.
 
     Raises:
         ConfigError: from :meth:`validate` when a field has an unsupported value.
@@ -142,6 +151,7 @@ class QuantizeConfig:
     act_group_aware: bool = False
     refit_scales: bool = False
     damp_auto: bool = False
+    gptaq: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -179,6 +189,16 @@ class QuantizeConfig:
         if self.act_group_aware and self.desc_act:
             raise ConfigError("act_group_aware and desc_act (act-order) exclude each other: group-aware reordering "
                               "is an act-order that keeps groups whole; turn one of them off")
+        if self.gptaq is not None:
+            if isinstance(self.gptaq, bool) or not isinstance(self.gptaq, (int, float)) or not 0 < self.gptaq <= 1:
+                raise ConfigError(f"gptaq={self.gptaq!r} is invalid: use an alpha in (0, 1], e.g. 0.25 (GPTAQ's "
+                                  "default), or leave it unset for plain GPTQ")
+            if self.method != "gptq":
+                raise ConfigError(f"gptaq={self.gptaq!r} needs method='gptq': {self.method} has no calibration "
+                                  "activations; drop gptaq")
+            if not self.true_sequential:
+                raise ConfigError(f"gptaq={self.gptaq!r} needs true_sequential: each layer's asymmetric term compares "
+                                  "its inputs after the earlier layers are quantized; drop --no-true-sequential")
         if self.act_group_aware and self.group_size == -1:
             raise ConfigError("act_group_aware needs groups (group_size > 0): with group_size -1 use desc_act "
                               "(act-order), which is the same order for one group")
@@ -201,6 +221,10 @@ class QuantizeConfig:
             meta["damp_auto"] = True
         else:
             meta.pop("damp_auto", None)
+        if self.gptaq is not None:  # likewise; GPTQModel's shape ({"alpha": ...})
+            meta["gptaq"] = {"alpha": self.gptaq}
+        else:
+            meta.pop("gptaq", None)
         meta.setdefault("config_version", CONFIG_VERSION)
         return {
             "quant_method": "gptq",
@@ -238,7 +262,7 @@ class QuantizeConfig:
             meta = {}
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in d and f.name not in ("meta", "method"):
+            if f.name in d and f.name not in ("meta", "method", "gptaq"):
                 kwargs[f.name] = d[f.name]
         if "checkpoint_format" not in d and "format" in d:
             kwargs["checkpoint_format"] = d["format"]
@@ -247,6 +271,14 @@ class QuantizeConfig:
             if key in meta and key not in kwargs:
                 kwargs[key] = meta[key]
         kwargs["method"] = meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq"
+        # GPTAQ (GPTQModel: meta "gptaq" null or {"alpha": ..., "device": ...}) is how the weights were found, not how
+        # they are read: kept when valid, never a reason to refuse a checkpoint
+        gptaq = meta.get("gptaq")
+        if isinstance(gptaq, dict):
+            gptaq = gptaq.get("alpha")
+        if (isinstance(gptaq, (int, float)) and not isinstance(gptaq, bool) and 0 < gptaq <= 1
+                and kwargs["method"] == "gptq" and kwargs.get("true_sequential", True) is True):
+            kwargs["gptaq"] = gptaq
         kwargs["meta"] = {k: v for k, v in meta.items() if k not in ("quantizer",)}
         if "quantizer" in meta:
             kwargs["meta"]["source_quantizer"] = meta["quantizer"]

@@ -10,6 +10,10 @@ after another.
    it to the :class:`BlockSink`, record it in the resume state, release it. A rerun after a kill restores the
    finished blocks from the state and goes on at the first unfinished one, from the recorded activations.
 
+With GPTAQ (``cfg.gptaq``; Li et al., ICML 2025, arXiv 2504.02692) a second stream of the same calibration batches
+goes through the unquantized blocks (``xfp`` beside ``x`` in the resume state): each block is copied before its
+layers are quantized, and :func:`~gptq_plugin.passes.groupwise_pass` compares each layer group's inputs in both.
+
 Only the calibration activations of one block boundary are kept; embeddings, norms and ``lm_head`` stay
 unquantized. Where the blocks come from and where the quantized blocks go are the only differences between the
 two drivers:
@@ -28,6 +32,7 @@ one rank and shared, so the checkpoint does not depend on the number of ranks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from typing import ContextManager, Iterator, Protocol
@@ -105,7 +110,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         resume: where each finished block, its layer reports and the next block's activations are recorded, and
             from which the blocks an earlier run finished are restored; None records nothing.
         activation_memory: with ``resume``, bytes of calibration activations also held in memory (the rest is
-            read from the state's files); None: all of them.
+            read from the state's files; with ``cfg.gptaq``, half for each of its two streams); None: all of them.
         offload_dir: where the solver parks large Hessians (:func:`gptq_plugin.solver.gptq_quantize`).
         park_dir: where the one-pass driver's waiting batches park their inputs to a one-layer group (on the CPU;
             :func:`gptq_plugin.passes.sequential_pass`); None: ``resume``'s folder when given, else in memory;
@@ -125,8 +130,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         fallbacks, notes), the restored blocks' rows included.
 
     Raises:
-        ConfigError: ``lm_head=True`` (not supported yet), GPTQ without calibration data, or ``damp_auto`` with
-            a single calibration batch.
+        ConfigError: ``lm_head=True`` (not supported yet), GPTQ without calibration data, ``damp_auto`` with
+            a single calibration batch, or ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
         DistributedError: another rank failed or did not answer within the timeout.
@@ -139,6 +144,13 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         raise ConfigError("GPTQ needs calibration data: pass calibration token windows (or use method='rtn')")
     if cfg.method == "gptq":
         check_damp_auto(cfg, calib.shape[0], batch_size)
+    gptaq = cfg.gptaq is not None and cfg.method == "gptq"
+    if gptaq and ranks.world > 1:
+        raise ConfigError(f"gptaq with {ranks.world} ranks is not supported yet (its asymmetric term is not summed "
+                          "across ranks): run it as one process, or drop --gptaq")
+    if gptaq and low_memory is False:
+        raise ConfigError("gptaq runs the low-memory driver (group by group, with the unquantized block beside the "
+                          "quantized one): drop --one-pass")
     t0 = time.time()
     if park_dir is None and resume is not None:
         park_dir = resume.folder
@@ -152,6 +164,9 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     names = checkpoint_module_names(model, blocks, prefix)
     report.unquantized = [names.get(n, n) for n in routers + kept]
     report.routers = len(routers)
+    if gptaq and routers:
+        raise ConfigError(f"gptaq is not supported for mixture-of-experts models yet ({routers[0]} is a router: the "
+                          "quantized and the unquantized stream would route tokens to different experts): drop --gptaq")
     first = 0 if resume is None else min(resume.done, n_blocks)
     for bi in range(first):
         sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)
@@ -167,24 +182,32 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     if use_cache is not None:
         model.config.use_cache = False
     try:
-        inputs = kwargs_list = None
+        inputs = kwargs_list = fp_inputs = None
         mine = range(0)
         if cfg.method == "gptq" and first < n_blocks:
             mine = ranks.batches((calib.shape[0] + batch_size - 1) // batch_size)  # this rank's batches
+            held = activation_memory if activation_memory is None or not gptaq else activation_memory // 2
             inputs = (ActivationBuffer(None, len(mine)) if resume is None
-                      else resume.activations(len(mine), activation_memory, first=mine.start))
+                      else resume.activations(len(mine), held, first=mine.start))
+            if gptaq:  # GPTAQ's second stream: the same batches through the unquantized blocks
+                fp_inputs = (ActivationBuffer(None, len(mine)) if resume is None
+                             else resume.activations(len(mine), held, first=mine.start, stream="xfp"))
             with source.embeddings():
                 kwargs_list = _capture(model, blocks, prefix, calib[mine.start * batch_size:mine.stop * batch_size],
-                                       batch_size, progress, inputs, store=first == 0)
+                                       batch_size, progress, inputs, store=first == 0, fp_inputs=fp_inputs)
             release_free_memory()
         for bi in tqdm(range(first, n_blocks), desc=desc or f"{cfg.method} {cfg.bits}-bit", disable=not progress,
                        initial=first, total=n_blocks):
             block, name = blocks[bi], f"{prefix}.{bi}"
             source.load(block, name)
             n_reported = len(report.layers)
-            with _on_device(block, inputs, kwargs_list, device) as (placed, placed_kwargs):
+            with _on_device(block, inputs, kwargs_list, device, fp_inputs) as (placed, placed_kwargs, placed_fp):
+                # GPTAQ: the block as loaded, before any layer of it is quantized
+                reference = (copy.deepcopy(block), placed_fp) if fp_inputs is not None else None
                 quantize_block(block, name, placed, placed_kwargs, cfg, report, low_memory, forward_dtype,
-                               offload_dir, ranks=ranks, first_batch=mine.start, names=names, park_dir=park_dir)
+                               offload_dir, ranks=ranks, first_batch=mine.start, names=names, park_dir=park_dir,
+                               reference=reference)
+                del reference
             kept = sink.keep(block, name)
             if resume is not None:
                 ranks.barrier(f"storing the activations after {name}")  # every rank's, before the manifest says so
@@ -198,6 +221,8 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
             source.unload(block)
             if inputs is not None:
                 inputs.advance()
+            if fp_inputs is not None:
+                fp_inputs.advance()
             release_free_memory()
     finally:
         if use_cache is not None:
@@ -253,9 +278,11 @@ def checkpoint_module_names(model: nn.Module, blocks: nn.ModuleList, prefix: str
 
 
 def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.Tensor, batch_size: int,
-             progress: bool, inputs: ActivationBuffer, store: bool) -> list[dict]:
+             progress: bool, inputs: ActivationBuffer, store: bool,
+             fp_inputs: ActivationBuffer | None = None) -> list[dict]:
     """The first block's calibration inputs, each checked for NaN/Inf and (with ``store``; a resumed run has them
-    recorded already) put into ``inputs``; returns the block's keyword arguments per batch."""
+    recorded already) put into ``inputs`` (and ``fp_inputs``, GPTAQ's stream, when given: the first block's inputs
+    are the same in both); returns the block's keyword arguments per batch."""
     seen = [0]
 
     def check_and_store(x: torch.Tensor) -> None:
@@ -263,6 +290,8 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, prefix: str, calib: torch.
             raise NumericalError(f"{prefix}.0: its calibration inputs contain NaN or Inf; check the source model")
         if store:
             inputs.put(seen[0], x)
+            if fp_inputs is not None:
+                fp_inputs.put(seen[0], x)
         seen[0] += 1
 
     with torch.no_grad():
@@ -301,18 +330,21 @@ def _to(value, device: torch.device):
 
 
 @contextlib.contextmanager
-def _on_device(block: nn.Module, inputs, kwargs_list: list[dict] | None, device: torch.device) -> Iterator[tuple]:
+def _on_device(block: nn.Module, inputs, kwargs_list: list[dict] | None, device: torch.device,
+               fp_inputs=None) -> Iterator[tuple]:
     """Run the body with ``block`` (and the batches it reads, one at a time, and their keyword arguments) on
     ``device``; the block goes back to the device it came from afterwards, its quantized layers with it, and its
-    outputs are stored there. When the block is on ``device`` already, nothing moves (the same objects are given)."""
+    outputs are stored there. When the block is on ``device`` already, nothing moves (the same objects are given).
+    Yields ``(inputs, kwargs_list, fp_inputs)`` as placed (``fp_inputs``: GPTAQ's second stream, or None)."""
     home = next((p.device for p in block.parameters()), device)
     if home == device:
-        yield inputs, kwargs_list
+        yield inputs, kwargs_list, fp_inputs
         return
     block.to(device)
     try:
         yield (None if inputs is None else _Placed(inputs, device, home),
-               None if kwargs_list is None else [_to(kw, device) for kw in kwargs_list])
+               None if kwargs_list is None else [_to(kw, device) for kw in kwargs_list],
+               None if fp_inputs is None else _Placed(fp_inputs, device, home))
     finally:
         block.to(home)
         if device.type == "cuda":

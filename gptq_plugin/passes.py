@@ -307,7 +307,8 @@ def _join_all(threads: list[threading.Thread]) -> None:
 
 def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch.Tensor], kwargs_list: list[dict],
                    quantize_group, dtype: torch.dtype | None = None, sink=None,
-                   new_accumulator: Callable[[int], HessianAccumulator] = HessianAccumulator) -> list[torch.Tensor]:
+                   new_accumulator: Callable[[int], HessianAccumulator] = HessianAccumulator,
+                   reference: tuple[nn.Module, object] | None = None, reference_sink=None) -> list[torch.Tensor]:
     """The low-memory form of :func:`sequential_pass`, with the same result: for each layer group in forward
     order, run every calibration batch, one at a time, through ``block`` only as far as the group's first layer
     (a forward pre-hook adds the input to the group's Hessian and stops the forward there), quantize the group,
@@ -315,31 +316,74 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
     are alive at a time, at the cost of re-running the start of the block once per group (about 2x the
     forward compute of the one-pass driver for a Llama block). With ``sink``, each batch's output is passed to
     ``sink(i, y)`` as soon as it is computed (and an empty list returned), so outputs need not all be held.
-    ``new_accumulator``: as in :func:`sequential_pass`."""
+    ``new_accumulator``: as in :func:`sequential_pass`.
+
+    ``reference``: GPTAQ's second stream (Li et al., ICML 2025, arXiv 2504.02692), ``(original, fp_inputs)``: an
+    unquantized copy of ``block`` and its inputs in the unquantized model, one per batch as ``inputs``. Each
+    batch then also runs through ``original`` up to the group's first layer, and the group is quantized with
+    ``quantize_group(..., dxxt=2/n Σ (x_fp - x)ᵀ x)`` (fp32 ``[K, K]``, scaled as the Hessian: ``x`` the group's
+    input in ``block``, ``x_fp`` in ``original``, summed over the same ``n`` tokens in batch order); the last
+    forward also gives ``original``'s outputs, to ``reference_sink(i, y_fp)``.
+
+    Raises:
+        ValueError: (with ``reference``) a batch's input to a group has another shape in ``original``."""
     linears = linear_modules(block)
+    ref_linears = None if reference is None else linear_modules(reference[0])
     for g in groups:
         head = g[0]
         acc = new_accumulator(linears[head].in_features)
+        seen: dict[str, torch.Tensor] = {}  # the current batch's input to the group in the unquantized block
+        dxxt: list[torch.Tensor | None] = [None]
 
         def hook(module, args, acc=acc):
             acc.add_batch(args[0], _routed(module))
+            if reference is not None:
+                with torch.autocast(device_type=args[0].device.type, enabled=False):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    x_fp = seen.pop("x")
+                    if x_fp.shape != x.shape:
+                        raise ValueError(f"{head}: its input has shape {tuple(x.shape)} in the block being quantized "
+                                         f"and {tuple(x_fp.shape)} in the unquantized one")
+                    term = (x_fp - x).t() @ x
+                    dxxt[0] = term if dxxt[0] is None else dxxt[0].add_(term)
             raise _StopForward
 
-        handle = linears[head].register_forward_pre_hook(hook)
+        def ref_hook(module, args):
+            seen["x"] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            raise _StopForward
+
+        handles = [linears[head].register_forward_pre_hook(hook)]
+        if reference is not None:
+            handles.append(ref_linears[head].register_forward_pre_hook(ref_hook))
         try:
             with torch.no_grad():
-                for x, kw in zip(inputs, kwargs_list):
+                for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+                    if reference is not None:
+                        try:
+                            call_block(reference[0], reference[1][i], kw, dtype)
+                        except _StopForward:
+                            pass
                     try:
                         call_block(block, x, kw, dtype)
                     except _StopForward:
                         pass
+                    seen.clear()
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+        n = acc.n
         H = acc.finalize(allow_empty=True)
-        quantize_group(g, H, acc.routed, halves=acc.take_halves())
+        if reference is None:
+            quantize_group(g, H, acc.routed, halves=acc.take_halves())
+        else:
+            D = None if H is None or dxxt[0] is None else dxxt[0].mul_(2.0 / n)
+            quantize_group(g, H, acc.routed, halves=acc.take_halves(), dxxt=D)
+        del dxxt[0]
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+            if reference is not None:
+                reference_sink(i, call_block(reference[0], reference[1][i], kw, dtype))
             y = call_block(block, x, kw, dtype)
             if sink is None:
                 outputs.append(y)

@@ -66,7 +66,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                  forward_dtype: str, restart: bool, streaming: bool | None, activation_memory: float | None,
                  end_run: Callable[[BaseException, ResumeState], None], moe_calibration: str = "all",
                  moe_min_tokens: int = 128, act_group_aware: bool | None = None, refit_scales: bool | None = None,
-                 park_activations: bool = True, damp_auto: bool = False) -> None:
+                 park_activations: bool = True, damp_auto: bool = False, gptaq: float | None = None) -> None:
     """``gptq-plugin quantize`` on one rank (the only one, or one of torchrun's; only rank 0 writes and prints):
     check the inputs, load the calibration data, open (or resume) the run's state, quantize in memory or streaming,
     write OUT (and the report), print the summary. Arguments as the command's options (``method``: ``"gptq"`` or
@@ -87,7 +87,7 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
                          moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
-                         refit_scales=refit_scales, damp_auto=damp_auto)
+                         refit_scales=refit_scales, damp_auto=damp_auto, gptaq=gptaq)
     check_model_folder(model)
     inputs = [model]
     if dataset is not None and Path(dataset).exists():

@@ -13,6 +13,8 @@ drivers (:mod:`gptq_plugin.driver`):
 * ``activations/x-00008-00003.safetensors``: batch 3 of the calibration activations entering block 8 (fp32; an
   :class:`ActivationBuffer`), i.e. the outputs of the finished block 7: resuming starts from the very same
   numbers, so the final checkpoint is byte-identical to an uninterrupted run;
+* ``activations/xfp-00008-00003.safetensors``: with GPTAQ (``QuantizeConfig.gptaq``), batch 3 of the activations
+  entering block 8 of the unquantized model (the second stream GPTAQ compares against), kept the same way;
 * ``hessian-*.bin``: large Hessians the streaming driver's solver parks while it runs.
 
 Every file is written to a temporary name and renamed into place, and the manifest is replaced last, so a kill at
@@ -98,6 +100,8 @@ class ActivationBuffer:
         first: the global index of batch 0 (a rank's first batch, :meth:`gptq_plugin.distributed.Ranks.batches`):
             files are named by global index, so ranks share one folder and a run resumed with another number of
             ranks finds every batch.
+        stream: the files' name prefix (letters only): ``"x"``, the activations of the model being quantized;
+            ``"xfp"``, GPTAQ's activations of the unquantized model. Buffers of different streams share a folder.
 
     Raises:
         CheckpointError: (reading) a batch's file is missing or corrupt.
@@ -105,14 +109,17 @@ class ActivationBuffer:
     """
 
     def __init__(self, folder: Path | None, n: int, max_resident_bytes: int | None = None, gen: int = 0,
-                 first: int = 0):
+                 first: int = 0, stream: str = "x"):
+        if not stream.isalpha():
+            raise ValueError(f"stream {stream!r}: use letters only")
         self.folder, self.n, self.gen, self.first = None if folder is None else Path(folder), n, gen, first
+        self.stream = stream
         self.max_resident_bytes = None if max_resident_bytes is None else max(0, int(max_resident_bytes))
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self.resident_bytes = 0
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob("x-*"):  # x-<gen>-<batch>.safetensors[.tmp]
+            for stale in self.folder.glob(f"{stream}-*"):  # <stream>-<gen>-<batch>.safetensors[.tmp]
                 parts = stale.name.split(".")[0].split("-")
                 if len(parts) != 3 or not parts[2].isdigit():
                     if first == 0:  # not an activation file: the first rank removes it
@@ -123,7 +130,7 @@ class ActivationBuffer:
                     stale.unlink(missing_ok=True)
 
     def _path(self, gen: int, i: int) -> Path:
-        return self.folder / f"x-{gen:05d}-{self.first + i:05d}.safetensors"
+        return self.folder / f"{self.stream}-{gen:05d}-{self.first + i:05d}.safetensors"
 
     def __len__(self) -> int:
         return self.n
@@ -252,11 +259,13 @@ class ResumeState:
         atomic_write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "done": self.done,
                                                    "reports": self.reports})
 
-    def activations(self, n: int, max_resident_bytes: int | None = None, first: int = 0) -> ActivationBuffer:
-        """The :class:`ActivationBuffer` of ``n`` batches (global indices from ``first``) in ``activations/``, at
-        generation :attr:`done` (the activations entering the first unfinished block, when an earlier run recorded
-        them)."""
-        return ActivationBuffer(self.folder / "activations", n, max_resident_bytes, gen=self.done, first=first)
+    def activations(self, n: int, max_resident_bytes: int | None = None, first: int = 0,
+                    stream: str = "x") -> ActivationBuffer:
+        """The :class:`ActivationBuffer` of ``n`` batches (global indices from ``first``) of ``stream`` in
+        ``activations/``, at generation :attr:`done` (the activations entering the first unfinished block, when an
+        earlier run recorded them)."""
+        return ActivationBuffer(self.folder / "activations", n, max_resident_bytes, gen=self.done, first=first,
+                                stream=stream)
 
     def block_file(self, index: int) -> Path:
         """The file holding the recorded tensors of block ``index``."""

@@ -586,8 +586,12 @@ def test_on_device_moves_the_block_and_its_batches():
     block, inputs, kwargs = _block_and_batches()
     moves = _recording_to(block)
     meta = torch.device("meta")
-    with driver._on_device(block, inputs, kwargs, meta) as (placed, placed_kwargs):
+    fp = [x.clone() for x in inputs]  # GPTAQ's second stream travels the same way
+    with driver._on_device(block, inputs, kwargs, meta, fp) as (placed, placed_kwargs, placed_fp):
         assert moves == [meta] and all(p.is_meta for p in block.parameters())
+        assert placed_fp[1].is_meta and placed_fp[1].shape == fp[1].shape
+        placed_fp[1] = torch.zeros(1, 2, 4)
+        assert fp[1].device.type == "cpu" and not fp[1].any()
         assert len(placed) == 3
         assert [x.device for x in placed] == [meta] * 3 and placed[2].shape == inputs[2].shape
         kw = placed_kwargs[1]
@@ -625,10 +629,10 @@ def test_on_device_moves_the_block_home_after_an_error():
 def test_on_device_moves_nothing_when_the_block_is_there():
     block, inputs, kwargs = _block_and_batches()
     moves = _recording_to(block)
-    with driver._on_device(block, inputs, kwargs, torch.device("cpu")) as (placed, placed_kwargs):
+    with driver._on_device(block, inputs, kwargs, torch.device("cpu")) as (placed, placed_kwargs, _):
         assert placed is inputs and placed_kwargs is kwargs
     assert moves == []
-    with driver._on_device(block, None, None, torch.device("meta")) as (placed, placed_kwargs):  # RTN: no batches
+    with driver._on_device(block, None, None, torch.device("meta")) as (placed, placed_kwargs, _):  # RTN: no batches
         assert placed is None and placed_kwargs is None
     assert moves == [torch.device("meta"), torch.device("cpu")]
 

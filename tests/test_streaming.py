@@ -53,8 +53,10 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("cfg", [CFG, QuantizeConfig(bits=3, group_size=32, method="rtn"),
                                  QuantizeConfig(bits=4, group_size=-1, desc_act=True, static_groups=True,
-                                                checkpoint_format="gptq_v2")],
-                         ids=["gptq-asym-act-order", "rtn-3bit", "gptq-static-v2"])
+                                                checkpoint_format="gptq_v2"),
+                                 QuantizeConfig(bits=4, group_size=32, act_group_aware=True, refit_scales=True,
+                                                gptaq=0.25)],
+                         ids=["gptq-asym-act-order", "rtn-3bit", "gptq-static-v2", "gptaq"])
 def test_streaming_writes_the_in_memory_drivers_tensors(source, tmp_path, cfg):
     calib = CALIB if cfg.method == "gptq" else None
     quantize_streaming(source, tmp_path / "stream", calib, cfg, batch_size=2, progress=False, activation_memory=0)

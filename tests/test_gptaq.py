@@ -1,0 +1,224 @@
+"""GPTAQ in the driver (``QuantizeConfig.gptaq``, ``quantize --gptaq ALPHA``; Li et al., ICML 2025, arXiv
+2504.02692): the second calibration stream through the unquantized blocks.
+
+* the Hessian and the asymmetric term ``2/n Σ (x_fp - x)ᵀ x`` the solver gets for every layer of a tiny Llama's
+  second block, against an independent computation from full-model forwards: ``x_fp`` in the original model,
+  ``x`` in a copy whose earlier layers carry the dequantized weights the run produced;
+* the config: its range, what it excludes, its record in ``meta`` (GPTQModel's ``{"alpha": ...}``), and reading
+  GPTQModel's records without refusing a checkpoint;
+* the driver's refusals (MoE, several ranks, ``low_memory=False``), and a run interrupted after its first block
+  that resumes from both recorded streams to the same bytes as an uninterrupted run;
+* the CLI: the flag recorded in the checkpoint, reruns byte-identical, one clear error and no output for a bad
+  value. The solver's GPTAQ term itself is tested against a transcription of the reference loop in
+  ``tests/test_solver.py``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+
+import pytest
+import torch
+
+from gptq_plugin import blockquant
+from gptq_plugin.config import QuantizeConfig
+from gptq_plugin.errors import ConfigError
+from gptq_plugin.pipeline import quantize_model
+from gptq_plugin.resume import ResumeState, fingerprint
+
+from .test_reliability_cli import _calib_text, _save_tiny, cli, digests, one_error
+from .tiny import tiny_llama, tiny_moe
+
+CFG = dict(bits=3, group_size=32, act_group_aware=True, mse=2.4, refit_scales=True, gptaq=0.25)
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """``--threads`` in an in-process CLI run sets torch's thread count for the session: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib(n: int = 6, seqlen: int = 24) -> torch.Tensor:
+    return torch.randint(3, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def _record_solves(monkeypatch) -> dict[str, dict]:
+    """Wrap the driver's solver call: layer name -> its Hessian, ``dxxt`` and dequantized result."""
+    seen: dict[str, dict] = {}
+    real = blockquant.gptq_quantize
+
+    def spy(W, H, cfg, name="layer", dxxt=None, **kw):
+        res = real(W, H, cfg, name=name, dxxt=dxxt, **kw)
+        seen[name] = {"H": H.clone(), "dxxt": None if dxxt is None else dxxt.clone(), "W": res.dequantize(),
+                      "alpha": kw.get("gptaq_alpha")}
+        return res
+
+    monkeypatch.setattr(blockquant, "gptq_quantize", spy)
+    return seen
+
+
+def _inputs_to(model, layer: str, calib: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fp32 ``[tokens, in]``: the input of ``layer`` over full-model forwards of the calibration batches."""
+    rows = []
+    h = model.get_submodule(layer).register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch_size):
+                model(input_ids=calib[i:i + batch_size], use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(rows).double()
+
+
+def test_each_layers_terms_match_full_model_forwards(monkeypatch):
+    torch.manual_seed(0)
+    original = tiny_llama(layers=2).eval()
+    model, calib = copy.deepcopy(original), _calib()
+    seen = _record_solves(monkeypatch)
+    quantize_model(model, calib, QuantizeConfig(**CFG), batch_size=2, progress=False)
+    assert len(seen) == 14 and all(s["dxxt"] is not None and s["alpha"] == 0.25 for s in seen.values())
+
+    partly = copy.deepcopy(original)  # the earlier layers quantized, the rest as in the original
+    for name in [f"model.layers.0.{n}" for g in GROUPS for n in g]:
+        partly.get_submodule(name).weight.data = seen[name]["W"].clone()
+    for group in GROUPS:
+        head = f"model.layers.1.{group[0]}"
+        x_fp = _inputs_to(original, head, calib, 2)
+        x = _inputs_to(partly, head, calib, 2)
+        n = x.shape[0]
+        H, D = 2 / n * x.t() @ x, 2 / n * (x_fp - x).t() @ x
+        assert D.abs().max() > 1e-3 * H.abs().max(), "the two streams agree: nothing would be tested"
+        for layer in group:
+            got = seen[f"model.layers.1.{layer}"]
+            torch.testing.assert_close(got["H"].double(), H, rtol=1e-4, atol=1e-6 * float(H.abs().max()))
+            torch.testing.assert_close(got["dxxt"].double(), D, rtol=1e-4, atol=1e-5 * float(D.abs().max()))
+        for layer in group:  # later groups see this group's quantized weights
+            partly.get_submodule(f"model.layers.1.{layer}").weight.data = seen[f"model.layers.1.{layer}"]["W"].clone()
+    block0 = [s["dxxt"] for name, s in seen.items() if name.startswith("model.layers.0.self_attn.q_proj")]
+    assert float(block0[0].abs().max()) == 0.0  # the first group of the first block: both streams are the embeddings
+
+
+def test_gptaq_changes_the_weights_and_plain_runs_stay_plain(monkeypatch):
+    torch.manual_seed(0)
+    original = tiny_llama(layers=2).eval()
+    seen = _record_solves(monkeypatch)
+    plain = copy.deepcopy(original)
+    quantize_model(plain, _calib(), QuantizeConfig(**dict(CFG, gptaq=None)), batch_size=2, progress=False)
+    assert all(s["dxxt"] is None for s in seen.values())
+    gptaq = copy.deepcopy(original)
+    quantize_model(gptaq, _calib(), QuantizeConfig(**CFG), batch_size=2, progress=False)
+    q = dict(plain.named_buffers()), dict(gptaq.named_buffers())
+    assert any(not torch.equal(q[0][k], q[1][k]) for k in q[0] if k.endswith("qweight") and "layers.1" in k)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(gptaq=0), "gptaq=0 is invalid: use an alpha in (0, 1]"),
+    (dict(gptaq=1.5), "gptaq=1.5 is invalid"),
+    (dict(gptaq=True), "gptaq=True is invalid"),
+    (dict(gptaq="0.25"), "gptaq='0.25' is invalid"),
+    (dict(gptaq=0.25, method="rtn"), "needs method='gptq'"),
+    (dict(gptaq=0.25, true_sequential=False), "needs true_sequential"),
+])
+def test_config_refuses_impossible_values(kw, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        QuantizeConfig(**kw)
+
+
+def test_config_records_alpha_as_gptqmodel_does_and_reads_its_records():
+    cfg = QuantizeConfig(gptaq=0.25)
+    d = cfg.to_dict()
+    assert d["meta"]["gptaq"] == {"alpha": 0.25} and QuantizeConfig.from_dict(d).gptaq == 0.25
+    assert "gptaq" not in QuantizeConfig().to_dict()["meta"]  # checkpoints without it keep their bytes
+    off = dataclasses.replace(QuantizeConfig.from_dict(d), gptaq=None)  # meta carries it: off wins
+    assert "gptaq" not in off.to_dict()["meta"]
+    gptqmodel = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "quant_method": "gptq"}
+    for record, alpha in [({"alpha": 0.25, "device": "cpu"}, 0.25), (None, None), ({"alpha": 7}, None),
+                          ("on", None), (0.5, 0.5)]:  # never a reason to refuse a checkpoint
+        assert QuantizeConfig.from_dict(dict(gptqmodel, meta={"gptaq": record})).gptaq == alpha
+    assert QuantizeConfig.from_dict(dict(gptqmodel, true_sequential=False, meta={"gptaq": {"alpha": .25}})).gptaq is None
+
+
+def test_driver_refuses_moe_several_ranks_and_one_pass():
+    cfg = QuantizeConfig(**CFG)
+    with pytest.raises(ConfigError, match="gptaq is not supported for mixture-of-experts models yet"):
+        quantize_model(tiny_moe(), _calib(), cfg, batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match="gptaq runs the low-memory driver .*drop --one-pass"):
+        quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, low_memory=False)
+    two = types.SimpleNamespace(world=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="gptaq with 2 ranks is not supported yet"):
+        quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, ranks=two)
+
+
+def test_a_run_interrupted_after_a_block_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    src = _save_tiny(tmp_path / "src", layers=3)
+    cfg, calib = QuantizeConfig(**CFG), _calib()
+    fp = fingerprint(cfg, src, calib, 2)
+
+    def run(out, stop_after=None):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        state = ResumeState.open(out, fp)
+        if stop_after is not None:
+            real = ResumeState.save_block
+
+            def save_then_stop(self, index, *a, **kw):
+                real(self, index, *a, **kw)
+                if index == stop_after:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(ResumeState, "save_block", save_then_stop)
+        try:
+            quantize_model(model, calib, cfg, batch_size=2, progress=False, resume=state)
+        finally:
+            monkeypatch.undo()
+        return {k: v for k, v in model.state_dict().items()}, state
+
+    whole, _ = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_after=0)
+    stored = sorted(p.name for p in (tmp_path / ".cut.partial" / "activations").iterdir())
+    assert {f"{s}-00001-0000{i}.safetensors" for s in ("x", "xfp") for i in range(3)} <= set(stored)
+    resumed, state = run(tmp_path / "cut")
+    assert state.done == 3 and whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gptaq")
+    return {"model": _save_tiny(d / "model"), "calib": _calib_text(d / "calib.txt")}
+
+
+ARGS = ["--group-size", "16", "--nsamples", "8", "--seqlen", "32", "--batch-size", "2", "--threads", "1"]
+
+
+def test_cli_records_gptaq_and_reruns_identically(files, tmp_path, capsys):
+    for out in ("a", "b"):
+        rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / out, "--dataset", files["calib"], *ARGS,
+                         "--gptaq", "0.25")
+        assert rc in (0, None), err
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert qc["meta"]["gptaq"] == {"alpha": 0.25}
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "plain", "--dataset", files["calib"], *ARGS)
+    assert rc in (0, None), err
+    assert digests(tmp_path / "plain")["model.safetensors"] != digests(tmp_path / "a")["model.safetensors"]
+
+
+@pytest.mark.parametrize("opts, needle", [
+    (["--gptaq", "2"], "gptaq=2.0 is invalid: use an alpha in (0, 1]"),
+    (["--gptaq", "0.25", "--one-pass"], "gptaq runs the low-memory driver"),
+    (["--gptaq", "0.25", "--no-true-sequential"], "needs true_sequential"),
+    (["--gptaq", "0.25", "--method", "rtn"], "needs method='gptq'"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, opts, needle):
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "out", "--dataset", files["calib"], *ARGS, *opts)
+    assert needle in one_error(rc, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
