@@ -130,14 +130,16 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
         fallbacks, notes), the restored blocks' rows included.
 
     Raises:
-        ConfigError: ``lm_head=True`` (not supported yet), GPTQ without calibration data, ``damp_auto`` with
-            a single calibration batch, or ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model.
+        ConfigError: a field of ``cfg`` changed to an invalid value since it was built, ``lm_head=True`` (not
+            supported yet), GPTQ without calibration data, ``damp_auto`` with a single calibration batch, or
+            ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
         DistributedError: another rank failed or did not answer within the timeout.
     """
     ranks = ranks or SINGLE
     device = ranks.device
+    cfg.validate()  # fields may have been changed since the config was built
     if cfg.lm_head:
         raise ConfigError("lm_head=True is not supported yet: keep lm_head unquantized (the default)")
     if cfg.method == "gptq" and (calib is None or calib.numel() == 0):

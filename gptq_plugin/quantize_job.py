@@ -18,7 +18,7 @@ from .calibration import load_calibration
 from .checkpoint import save_quantized
 from .config import RECOMMENDED, QuantizeConfig, check_damp_auto
 from .distributed import Ranks
-from .errors import CalibrationError, GPTQPluginError
+from .errors import CalibrationError, ConfigError, GPTQPluginError
 from .moe import expert_of
 from .models import check_model_folder, is_quantized, load_model, load_tokenizer, needs_streaming, stored_float_dtype
 from .pipeline import quantize_model
@@ -88,6 +88,9 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
                          moe_min_tokens=moe_min_tokens, act_group_aware=act_group_aware,
                          refit_scales=refit_scales, damp_auto=damp_auto, gptaq=gptaq)
+    if cfg.gptaq is not None and low_memory is False:  # before anything is loaded
+        raise ConfigError("--gptaq runs the low-memory driver (group by group, with the unquantized block beside the "
+                          "quantized one): drop --one-pass")
     check_model_folder(model)
     inputs = [model]
     if dataset is not None and Path(dataset).exists():
@@ -173,11 +176,14 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
     gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated(ranks.device) / 2**20:.0f} MB"
            if ranks.device.type == "cuda" else "")
     where = f"{driver}, {ranks.device}" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
-    msg = (f"quantized {len(rep.layers)} layers ({cfg.method}, {bits}-bit, group {group_size}, {where}) in "
+    method_name = cfg.method if cfg.gptaq is None else f"{cfg.method} + GPTAQ alpha {cfg.gptaq:g}"
+    msg = (f"quantized {len(rep.layers)} layers ({method_name}, {bits}-bit, group {group_size}, {where}) in "
            f"{wall:.1f} s, peak RSS {' / '.join(map(str, peaks))} MB{' (per rank)' if ranks.world > 1 else ''}"
            f"{gpu} -> {out}")
     if errs:
         msg += f"\nmean relative output error: GPTQ {sum(l.rel_err for l in errs) / len(errs):.4g}"
+        if cfg.gptaq is not None:  # each layer's error on its own inputs; GPTAQ targets the original's outputs
+            msg += " (on each layer's quantized inputs, which GPTAQ does not minimise)"
         if all(l.rtn_rel_err is not None for l in errs):  # RTN's error is computed for --report only
             msg += f" vs RTN {sum(l.rtn_rel_err for l in errs) / len(errs):.4g}"
     experts = rep.experts()

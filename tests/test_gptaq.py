@@ -150,6 +150,10 @@ def test_driver_refuses_moe_several_ranks_and_one_pass():
         quantize_model(tiny_moe(), _calib(), cfg, batch_size=2, progress=False)
     with pytest.raises(ConfigError, match="gptaq runs the low-memory driver .*drop --one-pass"):
         quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, low_memory=False)
+    changed = QuantizeConfig(**CFG)
+    changed.true_sequential = False  # changed after it was checked: checked again
+    with pytest.raises(ConfigError, match="needs true_sequential"):
+        quantize_model(tiny_llama(), _calib(), changed, batch_size=2, progress=False)
     two = types.SimpleNamespace(world=2, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="gptaq with 2 ranks is not supported yet"):
         quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, ranks=two)
@@ -222,3 +226,18 @@ def test_cli_errors_are_one_line_and_write_nothing(files, tmp_path, capsys, opts
     rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "out", "--dataset", files["calib"], *ARGS, *opts)
     assert needle in one_error(rc, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_one_pass_before_loading_anything(files, tmp_path, capsys, monkeypatch):
+    import gptq_plugin.quantize_job as job
+
+    monkeypatch.setattr(job, "load_tokenizer", lambda *a: pytest.fail("loaded the tokenizer before refusing"))
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "out", *ARGS, "--gptaq", "0.25", "--one-pass")
+    assert "drop --one-pass" in one_error(rc, err)
+
+
+def test_cli_summary_names_gptaq(files, tmp_path, capsys):
+    rc, out, err = cli(capsys, "quantize", files["model"], tmp_path / "out", "--dataset", files["calib"], *ARGS,
+                       "--gptaq", "0.5")
+    assert rc in (0, None), err
+    assert "(gptq + GPTAQ alpha 0.5, 4-bit" in out and "which GPTAQ does not minimise" in out
