@@ -258,11 +258,14 @@ class _DequantizedLinear(nn.Module):
     weight is dropped, so a block being quantized holds its not-yet-quantized layers in full and the rest packed
     (``bits / 32`` of the size); each access builds one weight (the unpacking goes 32 input channels x ~1 MB at a
     time). ``weight``, ``bias``, ``in_features`` and ``out_features`` read as on ``nn.Linear`` (some blocks read
-    ``layer.weight.dtype`` in their forward)."""
+    ``layer.weight.dtype`` in their forward). With ``keep_weight`` the weight is built once, at its first access,
+    and kept (as much memory as the dropped fp32 weight, for GPTAQ's passes, which run every batch twice and hold
+    an unquantized copy of the block anyway); the same values."""
 
     def __init__(self, packed: QuantLinear, bias: torch.Tensor | None, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", keep_weight: bool = False):
         super().__init__()
+        self.keep_weight, self._kept = keep_weight, None
         self.packed, self.bias, self.dtype = packed, bias, dtype
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.device = torch.device(device)
@@ -273,6 +276,8 @@ class _DequantizedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """``[out, in]`` (a transposed view of an ``[in, out]`` tensor), ``scales[g] * (codes - zeros[g])``."""
+        if self._kept is not None:
+            return self._kept
         q = self.packed
         K, N = q.in_features, q.out_features
         W = torch.empty(K, N, device=self.device)
@@ -283,7 +288,10 @@ class _DequantizedLinear(nn.Module):
             codes = unpack_qweight(self.qweight[k0 * q.bits // 32:(k1 * q.bits + 31) // 32], q.bits, k1 - k0)
             gk = g[k0:k1]
             torch.mul(self.scales[gk], codes.float() - self.zeros[gk], out=W[k0:k1])
-        return W.t().to(self.dtype)
+        W = W.t().to(self.dtype)
+        if self.keep_weight:
+            self._kept = W
+        return W
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
@@ -368,7 +376,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
         bias = mod.bias.data.cpu() if mod.bias is not None else None
         packed[name] = QuantLinear.from_result(res, cfg.group_size, bias, cfg.sym).to(mod.weight.device)
         if stand_in:  # the fp32 weight goes; later forwards dequantize the packed layer
-            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype, mod.weight.device)
+            stand = _DequantizedLinear(packed[name], mod.bias, mod.weight.dtype, mod.weight.device,
+                                       keep_weight=reference is not None)
             for alias in aliases[id(mod)]:
                 _replace(block, alias, stand)
             mod.weight = None

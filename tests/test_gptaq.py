@@ -241,3 +241,17 @@ def test_cli_summary_names_gptaq(files, tmp_path, capsys):
                        "--gptaq", "0.5")
     assert rc in (0, None), err
     assert "(gptq + GPTAQ alpha 0.5, 4-bit" in out and "which GPTAQ does not minimise" in out
+
+
+def test_kept_stand_in_weight_is_built_once_with_the_same_values():
+    from gptq_plugin.linear import QuantLinear
+    from gptq_plugin.solver import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(24, 64, generator=g), torch.randn(100, 64, generator=g)
+    res = gptq_quantize(W, 2 / 100 * X.t() @ X, QuantizeConfig(bits=4, group_size=32))
+    packed = QuantLinear.from_result(res, 32, None, True)
+    plain = blockquant._DequantizedLinear(packed, None, torch.float32)
+    kept = blockquant._DequantizedLinear(packed, None, torch.float32, keep_weight=True)
+    assert plain.weight is not plain.weight and kept.weight is kept.weight
+    assert torch.equal(kept.weight, plain.weight) and torch.equal(kept.weight, res.dequantize())
