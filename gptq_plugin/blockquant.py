@@ -405,6 +405,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
             del res
     else:
         set_calibration(block, cfg.moe_calibration)  # MoE experts: every expert called in every batch
+        if reference is not None:  # GPTAQ (moe_calibration "all"): each expert sees every token in both streams
+            set_calibration(reference[0], cfg.moe_calibration)
         try:
             x0 = inputs[0]
             groups = discover_groups(block, x0, kwargs_list[0])  # each group shares one input
@@ -462,6 +464,8 @@ def quantize_block(block: nn.Module, block_name: str, inputs, kwargs_list: list[
                 emit(i, y)
         finally:
             set_calibration(block, None)
+            if reference is not None:
+                set_calibration(reference[0], None)
     for name, q in packed.items():
         for alias in aliases[id(linears[name])]:
             _replace(block, alias, q)

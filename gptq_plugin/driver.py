@@ -132,7 +132,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     Raises:
         ConfigError: a field of ``cfg`` changed to an invalid value since it was built, ``lm_head=True`` (not
             supported yet), GPTQ without calibration data, ``damp_auto`` with a single calibration batch, or
-            ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model.
+            ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model with ``moe_calibration="routed"``.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
         DistributedError: another rank failed or did not answer within the timeout.
@@ -166,9 +166,11 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     names = checkpoint_module_names(model, blocks, prefix)
     report.unquantized = [names.get(n, n) for n in routers + kept]
     report.routers = len(routers)
-    if gptaq and routers:
-        raise ConfigError(f"gptaq is not supported for mixture-of-experts models yet ({routers[0]} is a router: the "
-                          "quantized and the unquantized stream would route tokens to different experts): drop --gptaq")
+    if gptaq and routers and cfg.moe_calibration != "all":
+        raise ConfigError(f"gptaq with moe_calibration={cfg.moe_calibration!r} is not supported ({routers[0]} is a "
+                          "router: the quantized and the unquantized stream route different tokens to each expert): "
+                          "use --moe-calibration all (every token through every expert in both streams) or drop "
+                          "--gptaq")
     first = 0 if resume is None else min(resume.done, n_blocks)
     for bi in range(first):
         sink.restore(blocks[bi], f"{prefix}.{bi}", resume, bi)

@@ -6,8 +6,9 @@
   ``x`` in a copy whose earlier layers carry the dequantized weights the run produced;
 * the config: its range, what it excludes, its record in ``meta`` (GPTQModel's ``{"alpha": ...}``), and reading
   GPTQModel's records without refusing a checkpoint;
-* the driver's refusals (MoE, several ranks, ``low_memory=False``), and a run interrupted after its first block
-  that resumes from both recorded streams to the same bytes as an uninterrupted run;
+* MoE with ``moe_calibration="all"``: an expert's term over every token, against full-model forwards;
+* the driver's refusals (routed MoE calibration, several ranks, ``low_memory=False``), and a run interrupted
+  after its first block that resumes from both recorded streams to the same bytes as an uninterrupted run;
 * the CLI: the flag recorded in the checkpoint, reruns byte-identical, one clear error and no output for a bad
   value. The solver's GPTAQ term itself is tested against a transcription of the reference loop in
   ``tests/test_solver.py``."""
@@ -22,7 +23,7 @@ import types
 import pytest
 import torch
 
-from gptq_plugin import blockquant
+from gptq_plugin import blockquant, driver
 from gptq_plugin.config import QuantizeConfig
 from gptq_plugin.errors import ConfigError
 from gptq_plugin.pipeline import quantize_model
@@ -141,13 +142,50 @@ def test_config_records_alpha_as_gptqmodel_does_and_reads_its_records():
     for record, alpha in [({"alpha": 0.25, "device": "cpu"}, 0.25), (None, None), ({"alpha": 7}, None),
                           ("on", None), (0.5, 0.5)]:  # never a reason to refuse a checkpoint
         assert QuantizeConfig.from_dict(dict(gptqmodel, meta={"gptaq": record})).gptaq == alpha
-    assert QuantizeConfig.from_dict(dict(gptqmodel, true_sequential=False, meta={"gptaq": {"alpha": .25}})).gptaq is None
+    unsequential = dict(gptqmodel, true_sequential=False, meta={"gptaq": {"alpha": .25}})
+    assert QuantizeConfig.from_dict(unsequential).gptaq is None
 
 
-def test_driver_refuses_moe_several_ranks_and_one_pass():
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_see_every_token_in_both_streams(monkeypatch, arch):
+    """With moe_calibration "all", an expert's layers get the asymmetric term of all calibration tokens: checked for
+    block 1's expert 2 against full-model forwards of the original and of the partly quantized model, both with
+    their experts in the same calibration mode (every token through every expert, outputs routed)."""
+    from gptq_plugin.moe import set_calibration
+    from gptq_plugin.plugins import split_experts
+
+    original = tiny_moe(arch, seed=1)
+    model, calib = copy.deepcopy(original), _calib()
+    seen = _record_solves(monkeypatch)
+    quantize_model(model, calib, QuantizeConfig(**CFG), batch_size=2, progress=False)
+    experts = [n for n in seen if n.startswith("model.layers.1.") and ".experts.2." in n]
+    assert len(experts) == 3, sorted(seen)
+    partly = copy.deepcopy(original)
+    for ref in (original, partly):
+        split_experts(ref, ref.model.layers)
+        for b in ref.model.layers:
+            set_calibration(b, "all")
+    stored = driver.checkpoint_module_names(partly, partly.model.layers, "model.layers")  # e.g. mlp -> block_sparse_moe
+    before = [n for n, m in partly.named_modules() if isinstance(m, torch.nn.Linear)
+              and (n.startswith("model.layers.0.") or n.startswith("model.layers.1.self_attn."))]
+    for name in before:  # what the driver quantized before block 1's experts
+        partly.get_submodule(name).weight.data = seen[stored.get(name, name)]["W"].clone()
+    module = {v: k for k, v in stored.items()}
+    head = next(n for n in experts if n.endswith(("gate_proj", "w1")))
+    x_fp, x = (_inputs_to(m, module.get(head, head), calib, 2) for m in (original, partly))
+    assert x.shape[0] == calib.numel(), "every token reaches every expert"
+    n = x.shape[0]
+    D = 2 / n * (x_fp - x).t() @ x
+    assert D.abs().max() > 0
+    torch.testing.assert_close(seen[head]["dxxt"].double(), D, rtol=1e-4, atol=1e-5 * float(D.abs().max()))
+
+
+def test_driver_refuses_routed_moe_several_ranks_and_one_pass():
     cfg = QuantizeConfig(**CFG)
-    with pytest.raises(ConfigError, match="gptaq is not supported for mixture-of-experts models yet"):
-        quantize_model(tiny_moe(), _calib(), cfg, batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match="gptaq with moe_calibration='routed' is not supported .*--moe-calibration "
+                                          "all"):
+        quantize_model(tiny_moe(), _calib(), dataclasses.replace(cfg, moe_calibration="routed"), batch_size=2,
+                       progress=False)
     with pytest.raises(ConfigError, match="gptaq runs the low-memory driver .*drop --one-pass"):
         quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, low_memory=False)
     changed = QuantizeConfig(**CFG)
