@@ -326,7 +326,8 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
     forward also gives ``original``'s outputs, to ``reference_sink(i, y_fp)``.
 
     Raises:
-        ValueError: (with ``reference``) a batch's input to a group has another shape in ``original``."""
+        ValueError: (with ``reference``) a batch reaches a group's first layer in ``block`` but not in ``original``,
+            or its input there has another shape in ``original``."""
     linears = linear_modules(block)
     ref_linears = None if reference is None else linear_modules(reference[0])
     for g in groups:
@@ -340,7 +341,10 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
             if reference is not None:
                 with torch.autocast(device_type=args[0].device.type, enabled=False):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    x_fp = seen.pop("x")
+                    x_fp = seen.pop("x", None)
+                    if x_fp is None:
+                        raise ValueError(f"{head}: reached in the block being quantized but not in its unquantized "
+                                         "copy")
                     if x_fp.shape != x.shape:
                         raise ValueError(f"{head}: its input has shape {tuple(x.shape)} in the block being quantized "
                                          f"and {tuple(x_fp.shape)} in the unquantized one")
