@@ -153,7 +153,7 @@ def quantize(
         None, metavar="ALPHA",
         help="GPTAQ (Li et al., ICML 2025; GPTQModel's GPTAQConfig) with this alpha in (0, 1], e.g. 0.25: each layer "
              "targets the unquantized model's output instead of its own inputs' (a second calibration stream "
-             "through the unquantized blocks; runs --low-memory, 1.4-3.5x the default's quantize time in the "
+             "through the unquantized blocks; runs --low-memory, 1.4-3.8x the default's quantize time in the "
              "model panel's runs). One process; needs --true-sequential, and --moe-calibration all for MoE models. "
              "Recorded in the checkpoint's meta."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

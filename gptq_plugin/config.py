@@ -126,7 +126,7 @@ class QuantizeConfig:
             input in the unquantized model) rather than ``W x`` on the inputs the quantized earlier layers give
             (:func:`gptq_plugin.solver.gptq_quantize`'s ``dxxt``). The driver then carries a second stream of
             calibration activations through the unquantized blocks and runs group by group (the low-memory
-            driver): 1.4 to 3.5 times the default's quantize time in the model panel's runs. Needs
+            driver): 1.4 to 3.8 times the default's quantize time in the model panel's runs. Needs
             ``true_sequential``; one process; for MoE models ``moe_calibration="all"`` (every token through every
             expert in both streams).
             Stored in ``meta`` as ``"gptaq": {"alpha": ...}`` when set, as GPTQModel stores it; None: plain GPTQ.
