@@ -132,7 +132,7 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     Raises:
         ConfigError: a field of ``cfg`` changed to an invalid value since it was built, ``lm_head=True`` (not
             supported yet), GPTQ without calibration data, ``damp_auto`` with a single calibration batch, or
-            ``gptaq`` with several ranks, ``low_memory=False`` or an MoE model with ``moe_calibration="routed"``.
+            ``gptaq`` with ``low_memory=False`` or an MoE model with ``moe_calibration="routed"``.
         NumericalError: NaN/Inf in the first block's calibration inputs or in a block's outputs (names the block).
         CheckpointError: from ``source`` or ``sink`` (unreadable or mismatched weights, a lost resume file).
         DistributedError: another rank failed or did not answer within the timeout.
@@ -147,9 +147,6 @@ def quantize_blocks(source: BlockSource, sink: BlockSink, calib: torch.Tensor | 
     if cfg.method == "gptq":
         check_damp_auto(cfg, calib.shape[0], batch_size)
     gptaq = cfg.gptaq is not None and cfg.method == "gptq"
-    if gptaq and ranks.world > 1:
-        raise ConfigError(f"gptaq with {ranks.world} ranks is not supported yet (its asymmetric term is not summed "
-                          "across ranks): run it as one process, or drop --gptaq")
     if gptaq and low_memory is False:
         raise ConfigError("gptaq runs the low-memory driver (group by group, with the unquantized block beside the "
                           "quantized one): drop --one-pass")

@@ -322,8 +322,9 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
     unquantized copy of ``block`` and its inputs in the unquantized model, one per batch as ``inputs``. Each
     batch then also runs through ``original`` up to the group's first layer, and the group is quantized with
     ``quantize_group(..., dxxt=2/n Σ (x_fp - x)ᵀ x)`` (fp32 ``[K, K]``, scaled as the Hessian: ``x`` the group's
-    input in ``block``, ``x_fp`` in ``original``, summed over the same ``n`` tokens in batch order); the last
-    forward also gives ``original``'s outputs, to ``reference_sink(i, y_fp)``.
+    input in ``block``, ``x_fp`` in ``original``, summed over the same ``n`` tokens in a fixed tree, as the
+    Hessian: :meth:`~gptq_plugin.solver.HessianAccumulator.track_dxxt`); the last forward also gives ``original``'s
+    outputs, to ``reference_sink(i, y_fp)``.
 
     Raises:
         ValueError: (with ``reference``) a batch reaches a group's first layer in ``block`` but not in ``original``,
@@ -333,27 +334,24 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
     for g in groups:
         head = g[0]
         acc = new_accumulator(linears[head].in_features)
+        if reference is not None:
+            acc.track_dxxt()
         seen: dict[str, torch.Tensor] = {}  # the current batch's input to the group in the unquantized block
-        dxxt: list[torch.Tensor | None] = [None]
 
         def hook(module, args, acc=acc):
-            acc.add_batch(args[0], _routed(module))
+            x_fp = None
             if reference is not None:
-                with torch.autocast(device_type=args[0].device.type, enabled=False):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    x_fp = seen.pop("x", None)
-                    if x_fp is None:
-                        raise ValueError(f"{head}: reached in the block being quantized but not in its unquantized "
-                                         "copy")
-                    if x_fp.shape != x.shape:
-                        raise ValueError(f"{head}: its input has shape {tuple(x.shape)} in the block being quantized "
-                                         f"and {tuple(x_fp.shape)} in the unquantized one")
-                    term = (x_fp - x).t() @ x
-                    dxxt[0] = term if dxxt[0] is None else dxxt[0].add_(term)
+                x_fp = seen.pop("x", None)
+                if x_fp is None:
+                    raise ValueError(f"{head}: reached in the block being quantized but not in its unquantized copy")
+                if x_fp.shape != args[0].shape:
+                    raise ValueError(f"{head}: its input has shape {tuple(args[0].shape)} in the block being quantized and "
+                                     f"{tuple(x_fp.shape)} in the unquantized one")
+            acc.add_batch(args[0], _routed(module), x_fp=x_fp)
             raise _StopForward
 
         def ref_hook(module, args):
-            seen["x"] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen["x"] = args[0].detach()
             raise _StopForward
 
         handles = [linears[head].register_forward_pre_hook(hook)]
@@ -375,14 +373,11 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
         finally:
             for h in handles:
                 h.remove()
-        n = acc.n
         H = acc.finalize(allow_empty=True)
         if reference is None:
             quantize_group(g, H, acc.routed, halves=acc.take_halves())
         else:
-            D = None if H is None or dxxt[0] is None else dxxt[0].mul_(2.0 / n)
-            quantize_group(g, H, acc.routed, halves=acc.take_halves(), dxxt=D)
-        del dxxt[0]
+            quantize_group(g, H, acc.routed, halves=acc.take_halves(), dxxt=acc.take_dxxt())
     outputs = []
     with torch.no_grad():
         for i, (x, kw) in enumerate(zip(inputs, kwargs_list)):

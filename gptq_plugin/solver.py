@@ -80,22 +80,52 @@ class HessianAccumulator:
         self.in_features, self.ranks = in_features, ranks or SINGLE
         self.tree: GramTree | None = GramTree()  # every batch; with ``heldout``, the even batches
         self.odd: GramTree | None = GramTree() if heldout else None
-        self.next_batch = first_batch
+        self.next_batch = self.first_batch = first_batch
         self.n = 0
         self.n_half = [0, 0]
         self.routed: list[int] | None = None
         self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.asym: GramTree | None = None  # GPTAQ's Σ (x_fp - x)ᵀ x, after track_dxxt()
+        self.dxxt: torch.Tensor | None = None
 
-    def add_batch(self, x: torch.Tensor, routed: list[int] | None = None) -> None:
+    def track_dxxt(self) -> None:
+        """Also sum GPTAQ's asymmetric term ``dXXT = 2/n Σ_b (x_fp,b - x_b)ᵀ x_b`` (Li et al., ICML 2025, arXiv
+        2504.02692; fp32 ``[K, K]``, scaled as ``H``): every :meth:`add_batch` must then pass ``x_fp``, the batch's
+        input to the layer in the unquantized model. Each batch's product is a leaf of its own
+        :class:`~gptq_plugin.distributed.GramTree` over the global batch index (with ``heldout`` too), so the sum has
+        the same bits on any number of ranks; :meth:`finalize` completes it (:meth:`take_dxxt`). Call it before the
+        first batch, on every rank.
+
+        Raises:
+            RuntimeError: a batch was already added.
+        """
+        if self.n or self.tree is None or self.next_batch != self.first_batch:
+            raise RuntimeError("HessianAccumulator.track_dxxt() must be called before the first batch")
+        self.asym = GramTree()
+
+    def add_batch(self, x: torch.Tensor, routed: list[int] | None = None, x_fp: torch.Tensor | None = None) -> None:
         """Add one batch of inputs ``x`` of shape ``[..., K]`` (any float dtype; every row is one token) as the next
         leaf. Always fp32, also when called from a forward hook under autocast. ``routed``: for a layer of an MoE's
         experts, the batch's routed token count per expert, summed into :attr:`routed` (all ranks' after
-        :meth:`finalize`)."""
+        :meth:`finalize`). ``x_fp``: after :meth:`track_dxxt` (and only then), the same tokens' input in the
+        unquantized model, of ``x``'s shape.
+
+        Raises:
+            ValueError: ``x_fp`` missing after :meth:`track_dxxt`, given without it, or of another shape than ``x``.
+        """
         if self.tree is None:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
+        if (x_fp is None) != (self.asym is None):
+            raise ValueError("x_fp is needed after track_dxxt(), and only then")
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(device_type=x.device.type, enabled=False):
             gram = gram_matrix(x)
+            if self.asym is not None:
+                x_fp = x_fp.reshape(-1, x_fp.shape[-1]).float()
+                if x_fp.shape != x.shape:
+                    raise ValueError(f"x_fp has shape {tuple(x_fp.shape)}, x {tuple(x.shape)}: they must be the same "
+                                     "tokens")
+                self.asym.push(0, self.next_batch, (x_fp - x).t() @ x)
         b = self.next_batch
         if self.odd is None:
             self.tree.push(0, b, gram)
@@ -120,6 +150,11 @@ class HessianAccumulator:
             raise RuntimeError("HessianAccumulator.finalize() was already called")
         tree, self.tree = self.tree, None
         shape = (self.in_features, self.in_features)
+        if self.asym is not None:  # first, on every rank: the collectives run in the same order everywhere
+            asym, self.asym = self.asym, None
+            asym, n = self.ranks.all_pieces(asym, self.n, shape)
+            D = asym.total()
+            self.dxxt = None if D is None or n == 0 else D.mul_(2.0 / n)
         if self.odd is not None:
             return self._finalize_halves(tree, shape, allow_empty)
         tree, (n, self.routed) = self.ranks.all_pieces(tree, (self.n, self.routed), shape)
@@ -146,6 +181,12 @@ class HessianAccumulator:
         H = (He + Ho).mul_(2.0 / (n_even + n_odd))
         self.halves = (He.mul_(2.0 / n_even), Ho.mul_(2.0 / n_odd))
         return H
+
+    def take_dxxt(self) -> torch.Tensor | None:
+        """GPTAQ's ``dXXT`` from :meth:`finalize` after :meth:`track_dxxt` (fp32 ``[K, K]``; None without, or when no
+        token reached the layer), handed over."""
+        dxxt, self.dxxt = self.dxxt, None
+        return dxxt
 
     def take_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The even and the odd batches' Hessians from :meth:`finalize` with ``heldout`` (None without, or when a

@@ -4,7 +4,7 @@
   whatever contiguous ranges of batches separate trees sum;
 * how batches and layers are split over ranks (:meth:`Ranks.batches`, :meth:`Ranks.owners`);
 * 1 process vs 2 and 3 gloo ranks under ``torchrun``: byte-identical checkpoints (one pass, low memory, streaming,
-  ``--damp-percent auto``);
+  ``--damp-percent auto``, ``--gptaq``);
 * a rank SIGKILLed mid-run: one clear error, a non-zero exit, no output; the same command resumes to the same bytes;
 * clear errors: more ranks than batches, ranks started with different configurations, a collective that times
   out, ``--device cuda`` without CUDA, an unknown device;
@@ -55,8 +55,11 @@ TIMEOUT_S = 180  # any subprocess of this file; a collective gives up after GPTQ
 SMALL = ["--nsamples", "13", "--seqlen", "32", "--batch-size", "2", "--group-size", "32", "--threads", "1"]
 MODES = {"one-pass": ["--one-pass"], "low-memory": ["--low-memory"], "streaming": ["--streaming"],
          # held-out Hessians of the even and odd batches: two trees, cut by the ranks' ranges too
-         "damp-auto": ["--one-pass", "--damp-percent", "auto"]}
-_MODES_OF = {2: ["one-pass", "streaming", "damp-auto"], 3: ["one-pass", "streaming", "low-memory"]}  # per launch
+         "damp-auto": ["--one-pass", "--damp-percent", "auto"],
+         # GPTAQ's asymmetric term: a second tree per group, cut by the ranks' ranges as well
+         "gptaq": ["--gptaq", "0.25"]}
+_MODES_OF = {2: ["one-pass", "streaming", "damp-auto", "gptaq"],
+             3: ["one-pass", "streaming", "low-memory", "gptaq"]}  # per launch
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +204,53 @@ def test_hessian_accumulator_is_the_tree_of_gram_matrices():
         acc.finalize()
     with pytest.raises(RuntimeError, match="finalize"):
         acc.add_batch(xs[0])
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_gptaq_term_is_the_tree_of_its_batch_products(heldout):
+    """GPTAQ's ``2/n Σ (x_fp - x)ᵀ x``: one leaf per batch in the fixed tree, the same from any split into ranges
+    (here: the accumulators of two ranks' ranges, their pieces pushed in order as :meth:`Ranks.all_pieces` does)."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 5, 8, generator=g) * 10.0 ** (i % 3 - 1) for i in range(7)]
+    fps = [x + 0.1 * torch.randn(x.shape, generator=g) * 10.0 ** (i % 2) for i, x in enumerate(xs)]
+    leaves = [(f.reshape(-1, 8) - x.reshape(-1, 8)).t() @ x.reshape(-1, 8) for x, f in zip(xs, fps)]
+    expected = _reference(leaves).mul_(2.0 / 70)
+    acc = HessianAccumulator(8, heldout=heldout)
+    acc.track_dxxt()
+    for x, f in zip(xs, fps):
+        acc.add_batch(x, x_fp=f)
+    H = acc.finalize()
+    assert H.shape == (8, 8) and torch.equal(acc.take_dxxt(), expected) and acc.take_dxxt() is None
+    parts = []
+    for lo, hi in ((0, 3), (3, 7)):  # two ranks' ranges
+        a = HessianAccumulator(8, first_batch=lo)
+        a.track_dxxt()
+        for x, f in zip(xs[lo:hi], fps[lo:hi]):
+            a.add_batch(x, x_fp=f)
+        parts.append(a.asym)
+    merged = GramTree()
+    for t in parts:
+        for level, index, m in t.stack:
+            merged.push(level, index, m)
+    assert torch.equal(merged.total().mul_(2.0 / 70), expected)
+    plain = sum(leaves[1:], leaves[0].clone()).mul_(2.0 / 70)  # batch order: other bits
+    assert not torch.equal(plain, expected)
+
+
+def test_gptaq_term_misuse_is_refused():
+    acc = HessianAccumulator(8)
+    with pytest.raises(ValueError, match="x_fp is needed after track_dxxt"):
+        acc.add_batch(torch.ones(3, 8), x_fp=torch.ones(3, 8))
+    acc.add_batch(torch.ones(3, 8))
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        acc.track_dxxt()
+    acc = HessianAccumulator(8)
+    acc.track_dxxt()
+    with pytest.raises(ValueError, match="x_fp is needed"):
+        acc.add_batch(torch.ones(3, 8))
+    with pytest.raises(ValueError, match=r"x_fp has shape \(2, 8\), x \(3, 8\)"):
+        acc.add_batch(torch.ones(3, 8), x_fp=torch.ones(2, 8))
+    assert acc.finalize(allow_empty=True) is None and acc.take_dxxt() is None
 
 
 def test_empty_hessian_accumulator():

@@ -7,10 +7,11 @@
 * the config: its range, what it excludes, its record in ``meta`` (GPTQModel's ``{"alpha": ...}``), and reading
   GPTQModel's records without refusing a checkpoint;
 * MoE with ``moe_calibration="all"``: an expert's term over every token, against full-model forwards;
-* the driver's refusals (routed MoE calibration, several ranks, ``low_memory=False``), and a run interrupted
+* the driver's refusals (routed MoE calibration, ``low_memory=False``), and a run interrupted
   after its first block that resumes from both recorded streams to the same bytes as an uninterrupted run;
 * the CLI: the flag recorded in the checkpoint, reruns byte-identical, one clear error and no output for a bad
-  value. The solver's GPTAQ term itself is tested against a transcription of the reference loop in
+  value. Several torchrun ranks write one process's bytes (``tests/test_distributed.py``, mode ``gptaq``); the
+  accumulator's tree for the term in ``tests/test_distributed.py`` too. The solver's GPTAQ term itself is tested against a transcription of the reference loop in
   ``tests/test_solver.py``."""
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import types
 
 import pytest
 import torch
@@ -180,7 +180,7 @@ def test_moe_experts_see_every_token_in_both_streams(monkeypatch, arch):
     torch.testing.assert_close(seen[head]["dxxt"].double(), D, rtol=1e-4, atol=1e-5 * float(D.abs().max()))
 
 
-def test_driver_refuses_routed_moe_several_ranks_and_one_pass():
+def test_driver_refuses_routed_moe_and_one_pass():
     cfg = QuantizeConfig(**CFG)
     with pytest.raises(ConfigError, match="gptaq with moe_calibration='routed' is not supported .*--moe-calibration "
                                           "all"):
@@ -192,9 +192,6 @@ def test_driver_refuses_routed_moe_several_ranks_and_one_pass():
     changed.true_sequential = False  # changed after it was checked: checked again
     with pytest.raises(ConfigError, match="needs true_sequential"):
         quantize_model(tiny_llama(), _calib(), changed, batch_size=2, progress=False)
-    two = types.SimpleNamespace(world=2, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match="gptaq with 2 ranks is not supported yet"):
-        quantize_model(tiny_llama(), _calib(), cfg, batch_size=2, progress=False, ranks=two)
 
 
 def test_a_run_interrupted_after_a_block_resumes_to_the_same_bytes(tmp_path, monkeypatch):
