@@ -117,7 +117,8 @@ def quantize(
         None, "--low-memory/--one-pass", show_default="auto",
         help="How true-sequential GPTQ runs the calibration batches: --one-pass (fastest, every batch's forward "
              "paused at once) or --low-memory (one batch at a time, ~1.6x slower). Default: one pass when it fits "
-             "in half the available memory. Same checkpoint either way."),
+             "in half the available memory. Same checkpoint either way. GPTAQ (the default recipe's) always runs "
+             "--low-memory: --one-pass turns the default's GPTAQ off (a warning)."),
     park_activations: bool = typer.Option(
         True, help="One pass: the batches waiting at a one-layer group (o_proj, down_proj) keep their input to it "
                    "in a file in .OUT.partial/ (demo model: 1.42 instead of 2.23 GB peak RSS). "
@@ -150,12 +151,13 @@ def quantize(
     moe_min_tokens: int = typer.Option(128, help="With --moe-calibration routed: experts that saw fewer routed "
                                        "calibration tokens are quantized with RTN (reported per expert)."),
     gptaq: Optional[float] = typer.Option(
-        None, metavar="ALPHA",
-        help="GPTAQ (Li et al., ICML 2025; GPTQModel's GPTAQConfig) with this alpha in (0, 1], e.g. 0.25: each layer "
-             "targets the unquantized model's output instead of its own inputs' (a second calibration stream "
-             "through the unquantized blocks; runs --low-memory, 1.4-3.8x the default's quantize time in the "
-             "model panel's runs). One process; needs --true-sequential, and --moe-calibration all for MoE models. "
-             "Recorded in the checkpoint's meta."),
+        None, metavar="ALPHA", show_default="0.25, the recipe's",
+        help="GPTAQ (Li et al., ICML 2025; GPTQModel's GPTAQConfig) with this alpha in (0, 1]; 0 turns it off (plain "
+             "GPTQ). Each layer targets the unquantized model's output instead of its own inputs' (a second "
+             "calibration stream through the unquantized blocks; runs --low-memory, 1.4-3.8x plain GPTQ's quantize "
+             "time in the model panel's runs). Needs --true-sequential, and --moe-calibration all for MoE models: "
+             "with --one-pass, --no-true-sequential or routed MoE calibration the default falls back to plain GPTQ "
+             "(a warning), an explicit alpha is refused. Recorded in the checkpoint's meta."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """GPTQ-quantize MODEL into a standard GPTQ checkpoint at OUT.

@@ -30,11 +30,13 @@ def _version() -> str:
 
 
 # The recipe `gptq-plugin quantize` and the demo use unless told otherwise: group-aware reordering, an MSE clipping
-# search and a least-squares refit of the scales (desc_act and static groups off, so g_idx stays in input order). The
+# search, a least-squares refit of the scales (desc_act and static groups off, so g_idx stays in input order) and
+# GPTAQ's asymmetric calibration with alpha 0.25 (plain GPTQ, reported, where GPTAQ cannot run:
+# gptq_plugin.quantize_job.resolve_gptaq). The
 # dataclass defaults below (and those of the Transformers adapter's GPTQPluginConfig, which also parses checkpoints)
 # stay the GPTQ format's defaults: what a checkpoint means when it omits a field. Chosen on the model panel, not one
 # model: docs/quality.md#the-model-panel-and-the-default-recipe (`python benchmarks/panel.py`).
-RECOMMENDED = {"act_group_aware": True, "mse": 2.4, "refit_scales": True}
+RECOMMENDED = {"act_group_aware": True, "mse": 2.4, "refit_scales": True, "gptaq": 0.25}
 
 #: The dampenings ``damp_auto`` chooses from, per layer (:func:`gptq_plugin.solver.choose_damp`).
 DAMP_CANDIDATES = (0.005, 0.01, 0.03, 0.1)

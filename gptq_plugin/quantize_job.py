@@ -59,6 +59,49 @@ def resolve_recipe(method: str, act_order: bool | None, act_group_aware: bool | 
     return act_order, act_group_aware, static_groups, mse, refit_scales
 
 
+#: config.json keys whose positive value marks a mixture-of-experts model (Qwen-MoE, Mixtral/GPT-OSS, DeepSeek)
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def has_experts(model: Path) -> bool:
+    """Whether the model folder's config.json (or its ``text_config``) declares routed experts; False when it cannot
+    be read (the folder's own checks name that)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    for c in (config, config.get("text_config")):
+        if isinstance(c, dict) and any(isinstance(c.get(k), int) and c[k] > 0 for k in _EXPERT_KEYS):
+            return True
+    return False
+
+
+def resolve_gptaq(method: str, gptaq: float | None, true_sequential: bool, low_memory: bool | None,
+                  routed_moe: bool) -> tuple[float | None, str | None]:
+    """GPTAQ's alpha for a run: ``(alpha or None for plain GPTQ, why the default's GPTAQ is off or None)``.
+
+    ``gptaq``: the ``--gptaq`` option: None (unset) takes :data:`~gptq_plugin.config.RECOMMENDED`'s alpha, 0 turns
+    GPTAQ off, any other value is kept (and checked by :meth:`QuantizeConfig.validate`; an explicit alpha with
+    ``--one-pass``, ``--no-true-sequential`` or routed MoE calibration is refused there). The default falls back to
+    plain GPTQ, with the reason returned for the run to report, where GPTAQ cannot run: ``--no-true-sequential``
+    (GPTAQ quantizes each layer against the unquantized model's inputs, group by group), ``--one-pass``
+    (``low_memory`` False: GPTAQ runs the low-memory driver) and routed MoE calibration of a model with experts
+    (``routed_moe``: the two streams would route different tokens to each expert). RTN (``method`` "rtn") has no
+    calibration: None, nothing to report."""
+    if method != "gptq":
+        return gptaq or None, None  # an explicit alpha is refused by the config for RTN
+    if gptaq is not None:
+        return gptaq or None, None  # 0: off
+    alpha = RECOMMENDED.get("gptaq")
+    if alpha is None:
+        return None, None
+    why = ("--no-true-sequential" if not true_sequential else "--one-pass" if low_memory is False
+           else "--moe-calibration routed" if routed_moe else None)
+    return (None, why) if why else (alpha, None)
+
+
 def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: int, act_order: bool | None, sym: bool,
                  static_groups: bool | None, true_sequential: bool, damp_percent: float, mse: float | None,
                  dataset: str | None, nsamples: int, seqlen: int, batch_size: int, method: str,
@@ -83,6 +126,11 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
     elif moe_calibration == "all" and moe_min_tokens != 128:
         log.warning("--moe-min-tokens is not used with --moe-calibration all (every expert's Hessians come from every "
                     "calibration token); it applies to --moe-calibration routed")
+    gptaq, gptaq_off = resolve_gptaq(method, gptaq, true_sequential, low_memory,
+                                     moe_calibration == "routed" and has_experts(model))
+    if gptaq_off and ranks.is_writer:
+        log.warning("GPTAQ (part of the default recipe) is off for this run: %s needs plain GPTQ; pass --gptaq 0 "
+                    "to silence this", gptaq_off)
     cfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, static_groups=static_groups,
                          true_sequential=true_sequential, damp_percent=damp_percent, mse=mse, method=method,
                          checkpoint_format=checkpoint_format, moe_calibration=moe_calibration,
@@ -176,7 +224,8 @@ def run_quantize(ranks: Ranks, model: Path, out: Path, bits: int, group_size: in
     gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated(ranks.device) / 2**20:.0f} MB"
            if ranks.device.type == "cuda" else "")
     where = f"{driver}, {ranks.device}" + (f", {ranks.world} ranks" if ranks.world > 1 else "")
-    method_name = cfg.method if cfg.gptaq is None else f"{cfg.method} + GPTAQ alpha {cfg.gptaq:g}"
+    method_name = (f"{cfg.method} + GPTAQ alpha {cfg.gptaq:g}" if cfg.gptaq is not None
+                   else f"{cfg.method}, GPTAQ off: {gptaq_off}" if gptaq_off else cfg.method)
     msg = (f"quantized {len(rep.layers)} layers ({method_name}, {bits}-bit, group {group_size}, {where}) in "
            f"{wall:.1f} s, peak RSS {' / '.join(map(str, peaks))} MB{' (per rank)' if ranks.world > 1 else ''}"
            f"{gpu} -> {out}")

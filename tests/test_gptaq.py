@@ -246,9 +246,66 @@ def test_cli_records_gptaq_and_reruns_identically(files, tmp_path, capsys):
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     qc = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     assert qc["meta"]["gptaq"] == {"alpha": 0.25}
-    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "plain", "--dataset", files["calib"], *ARGS)
+    # the default recipe is GPTAQ with alpha 0.25: the same bytes; --gptaq 0 is plain GPTQ
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "default", "--dataset", files["calib"], *ARGS)
+    assert rc in (0, None), err
+    assert digests(tmp_path / "default") == digests(tmp_path / "a")
+    rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / "plain", "--dataset", files["calib"], *ARGS,
+                     "--gptaq", "0")
     assert rc in (0, None), err
     assert digests(tmp_path / "plain")["model.safetensors"] != digests(tmp_path / "a")["model.safetensors"]
+    assert "gptaq" not in json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]["meta"]
+
+
+@pytest.mark.parametrize("opts", [["--one-pass"], ["--no-true-sequential"]])
+def test_cli_default_falls_back_to_plain_gptq_and_says_so(files, tmp_path, capsys, caplog, opts):
+    """Where GPTAQ cannot run, the default recipe runs plain GPTQ (the bytes of ``--gptaq 0``), with a warning and
+    the reason in the summary; nothing about it in the checkpoint."""
+    rc, out, err = cli(capsys, "quantize", files["model"], tmp_path / "default", "--dataset", files["calib"], *ARGS,
+                       *opts)
+    assert rc in (0, None), err
+    assert f"GPTAQ (part of the default recipe) is off for this run: {opts[0]} needs plain GPTQ" in caplog.text
+    assert f"(gptq, GPTAQ off: {opts[0]}, 4-bit" in out
+    caplog.clear()
+    rc, out, err = cli(capsys, "quantize", files["model"], tmp_path / "plain", "--dataset", files["calib"], *ARGS,
+                       *opts, "--gptaq", "0")
+    assert rc in (0, None), err
+    assert "GPTAQ" not in caplog.text + out
+    assert digests(tmp_path / "default") == digests(tmp_path / "plain")
+
+
+def test_resolve_gptaq_and_has_experts(tmp_path):
+    from gptq_plugin.quantize_job import has_experts, resolve_gptaq
+
+    assert resolve_gptaq("gptq", None, True, None, False) == (0.25, None)
+    assert resolve_gptaq("gptq", None, True, True, False) == (0.25, None)
+    assert resolve_gptaq("gptq", 0.5, True, None, False) == (0.5, None)
+    assert resolve_gptaq("gptq", 0.0, True, None, False) == (None, None)
+    assert resolve_gptaq("gptq", None, False, None, False) == (None, "--no-true-sequential")
+    assert resolve_gptaq("gptq", None, True, False, False) == (None, "--one-pass")
+    assert resolve_gptaq("gptq", None, True, None, True) == (None, "--moe-calibration routed")
+    assert resolve_gptaq("gptq", 0.25, True, False, True) == (0.25, None)  # explicit: refused later, not dropped
+    assert resolve_gptaq("rtn", None, True, None, False) == (None, None)
+    assert resolve_gptaq("rtn", 0.25, True, None, False) == (0.25, None)  # refused by the config
+    for config, moe in [({"num_experts": 8}, True), ({"num_local_experts": 4}, True), ({"n_routed_experts": 64}, True),
+                        ({"text_config": {"num_experts": 8}}, True), ({"num_experts": 0}, False),
+                        ({"hidden_size": 64}, False), ([1, 2], False)]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert has_experts(tmp_path) is moe, config
+    (tmp_path / "config.json").write_text("{not json")
+    assert has_experts(tmp_path) is False and has_experts(tmp_path / "missing") is False
+
+
+def test_cli_default_with_routed_moe_calibration_runs_plain_gptq(tmp_path, capsys, caplog):
+    from .test_moe import _save_moe
+
+    src = _save_moe(tmp_path / "moe", layers=1)
+    data = _calib_text(tmp_path / "calib.txt")
+    rc, out, err = cli(capsys, "quantize", src, tmp_path / "out", "--dataset", data, *ARGS,
+                       "--moe-calibration", "routed")
+    assert rc in (0, None), err
+    assert "off for this run: --moe-calibration routed needs plain GPTQ" in caplog.text
+    assert "GPTAQ off: --moe-calibration routed" in out
 
 
 @pytest.mark.parametrize("opts, needle", [

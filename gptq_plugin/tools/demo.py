@@ -25,7 +25,7 @@ from ..evaluate import eval_windows, perplexity
 from ..memory import format_memory
 from ..pipeline import quantize_model
 from ..process_memory import peak_rss_mb
-from ..quantize_job import resolve_recipe
+from ..quantize_job import resolve_gptaq, resolve_recipe
 from ..report_plot import write_report_plot
 from .panel import PANEL, get_panel_model, is_ready  # noqa: F401 (is_ready: the tests' demo check)
 from .serve import VllmServer, serve_command
@@ -99,7 +99,8 @@ def run_demo(workdir: Path, bits: int = 4, group_size: int = 128, act_order: boo
         recipe = {}  # RTN, or plain GPTQ: the min-max baseline
         if act_order and method == "gptq":
             recipe = dict(zip(("desc_act", "act_group_aware", "static_groups", "mse", "refit_scales"),
-                              resolve_recipe("gptq", None, None, None, None, None, group_size)))
+                              resolve_recipe("gptq", None, None, None, None, None, group_size)),
+                          gptaq=resolve_gptaq("gptq", None, True, None, False)[0])
         cfg = QuantizeConfig(bits=bits, group_size=group_size, method=method, **recipe)
         label = f"{method.upper()} {bits}-bit g{group_size}" + (" default recipe" if recipe else "")
         out = workdir / label.lower().replace(" ", "-")
