@@ -90,7 +90,9 @@ def train(model, ids: torch.Tensor, epochs: float, batch: int = 16, lr: float = 
 
 # the recipe docs/moe.md's table was measured with (the CLI default until session 9's model panel)
 RECIPE = dict(desc_act=True, static_groups=True, mse=2.4)
-DEFAULT = dict(act_group_aware=True, mse=2.4, refit_scales=True)  # gptq_plugin.config.RECOMMENDED
+# gptq_plugin.config.RECOMMENDED without GPTAQ: the CLI's default until 7 Dec 2026 (now `--gptaq 0`); with
+# gptaq=0.25 below, today's default
+DEFAULT = dict(act_group_aware=True, mse=2.4, refit_scales=True)
 CONFIGS = {  # name -> QuantizeConfig kwargs
     "rtn 4-bit g128": dict(bits=4, group_size=128, method="rtn"),
     "gptq 4-bit g128 all-tokens": dict(bits=4, group_size=128, **RECIPE, moe_calibration="all"),
@@ -99,6 +101,7 @@ CONFIGS = {  # name -> QuantizeConfig kwargs
     "gptq 3-bit g128 all-tokens": dict(bits=3, group_size=128, **RECIPE, moe_calibration="all"),
     "gptq 3-bit g128 routed": dict(bits=3, group_size=128, **RECIPE, moe_calibration="routed"),
     # the CLI's recipe since the model panel (group-aware order, MSE clipping, scale refit), without and with GPTAQ
+    # (with: the default since 7 Dec 2026)
     "gptq 4-bit g128 default": dict(bits=4, group_size=128, **DEFAULT),
     "gptq 4-bit g128 default + gptaq 0.25": dict(bits=4, group_size=128, **DEFAULT, gptaq=0.25),
     "gptq 3-bit g128 default": dict(bits=3, group_size=128, **DEFAULT),
