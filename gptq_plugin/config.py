@@ -196,7 +196,7 @@ class QuantizeConfig:
         if self.gptaq is not None:
             if isinstance(self.gptaq, bool) or not isinstance(self.gptaq, (int, float)) or not 0 < self.gptaq <= 1:
                 raise ConfigError(f"gptaq={self.gptaq!r} is invalid: use an alpha in (0, 1], e.g. 0.25 (GPTAQ's "
-                                  "default), or leave it unset for plain GPTQ")
+                                  "default), or None for plain GPTQ (on the command line: --gptaq 0)")
             if self.method != "gptq":
                 raise ConfigError(f"gptaq={self.gptaq!r} needs method='gptq': {self.method} has no calibration "
                                   "activations; drop gptaq")
