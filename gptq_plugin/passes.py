@@ -345,8 +345,8 @@ def groupwise_pass(block: nn.Module, groups: list[list[str]], inputs: list[torch
                 if x_fp is None:
                     raise ValueError(f"{head}: reached in the block being quantized but not in its unquantized copy")
                 if x_fp.shape != args[0].shape:
-                    raise ValueError(f"{head}: its input has shape {tuple(args[0].shape)} in the block being quantized and "
-                                     f"{tuple(x_fp.shape)} in the unquantized one")
+                    raise ValueError(f"{head}: its input has shape {tuple(args[0].shape)} in the block being "
+                                     f"quantized and {tuple(x_fp.shape)} in the unquantized one")
             acc.add_batch(args[0], _routed(module), x_fp=x_fp)
             raise _StopForward
 

@@ -9,10 +9,13 @@
 * MoE with ``moe_calibration="all"``: an expert's term over every token, against full-model forwards;
 * the driver's refusals (routed MoE calibration, ``low_memory=False``), and a run interrupted
   after its first block that resumes from both recorded streams to the same bytes as an uninterrupted run;
-* the CLI: the flag recorded in the checkpoint, reruns byte-identical, one clear error and no output for a bad
-  value. Several torchrun ranks write one process's bytes (``tests/test_distributed.py``, mode ``gptaq``); the
-  accumulator's tree for the term in ``tests/test_distributed.py`` too. The solver's GPTAQ term itself is tested against a transcription of the reference loop in
-  ``tests/test_solver.py``."""
+* the CLI: the flag recorded in the checkpoint, reruns byte-identical, the default recipe's GPTAQ (the bytes of
+  ``--gptaq 0.25``; ``--gptaq 0`` turns it off) and its reported fallbacks to plain GPTQ (``--one-pass``,
+  ``--no-true-sequential``, routed MoE calibration), one clear error and no output for a bad value.
+
+Several torchrun ranks write one process's bytes, and the accumulator's tree for the term is checked against an
+independent sum, in ``tests/test_distributed.py`` (mode ``gptaq``). The solver's GPTAQ term itself is tested against
+a transcription of the reference loop in ``tests/test_solver.py``."""
 
 from __future__ import annotations
 
