@@ -154,6 +154,16 @@ def draw_calibration_file(out: Path, draw: int) -> Path:
     return path
 
 
+def recipe_flags(recipe: str) -> list[str]:
+    """The ``gptq-plugin quantize`` flags of one of our :data:`RECIPES`: a named recipe means its flags only, so
+    ``--gptaq 0`` is added where it does not set ``--gptaq`` (GPTAQ is in the CLI's default recipe); ``default``
+    passes no flag at all."""
+    flags = list(RECIPES[recipe])
+    if recipe != "default" and "--gptaq" not in flags:
+        flags += ["--gptaq", "0"]
+    return flags
+
+
 def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env: dict, draw: int = 0) -> dict:
     if recipe in GPTQMODEL_FLAGS:
         py = ROOT / a.gptqmodel_venv / "bin" / "python"
@@ -166,9 +176,10 @@ def quantize(model: Path, out: Path, bits: int, group: int, recipe: str, a, env:
                         "--nsamples", str(a.nsamples), "--no-eval", *GPTQMODEL_FLAGS[recipe]], env)
         rec = json.loads([line for line in p.stdout.strip().splitlines() if line.startswith("{")][-1])
         return {"tool": f"GPTQModel {rec.get('version')}", "quantize_s": rec["quant_wall_s"], "peak_rss_mb": round(rss)}
+    flags = recipe_flags(recipe)
     p, rss = timed([sys.executable, "-m", "gptq_plugin.cli", "quantize", str(model), str(out), "--bits", str(bits),
                     "--group-size", str(group), "--overwrite", "--threads", str(a.threads), "--nsamples",
-                    str(a.nsamples), *RECIPES[recipe],
+                    str(a.nsamples), *flags,
                     *(["--dataset", str(draw_calibration_file(a.out, draw))] if draw else [])], env)
     m = re.search(r"in ([\d.]+) s, peak RSS", p.stdout + p.stderr)
     return {"tool": "gptq-plugin", "quantize_s": float(m.group(1)) if m else None, "peak_rss_mb": round(rss)}
@@ -216,7 +227,7 @@ def run_row(name: str, model: Path, bits: int, recipe: str, a, env: dict, draw: 
             if a.keep:
                 os.replace(ckpt, a.out / key)
     row["flags"] = (" ".join(["GPTQModel default", *GPTQMODEL_FLAGS[recipe]]) if recipe in GPTQMODEL_FLAGS
-                    else " ".join(RECIPES.get(recipe) or []) or "-")
+                    else " ".join(recipe_flags(recipe) if RECIPES.get(recipe) is not None else []) or "-")
     if recipe != "original":  # the last --nsamples wins, as in both tools' argument parsers
         argv = ["--nsamples", str(a.nsamples), *(GPTQMODEL_FLAGS.get(recipe) or RECIPES.get(recipe) or [])]
         row["nsamples"] = int([v for k, v in zip(argv, argv[1:]) if k == "--nsamples"][-1])

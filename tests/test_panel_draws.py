@@ -164,3 +164,21 @@ def test_a_new_row_carries_the_windows_of_its_own_flags_over_the_run_s(panel, tm
     got = {rec: panel.run_row("m", tmp_path, 4, rec, a, {})["nsamples"]
            for rec in ("default", "gptqmodel", "gptqmodel-n256", "gar-mse-refit-n256")}
     assert got == {"default": 64, "gptqmodel": 64, "gptqmodel-n256": 256, "gar-mse-refit-n256": 256}
+
+
+def test_named_recipes_run_their_flags_only(panel):
+    """GPTAQ is in the CLI's default recipe: a named recipe that does not set ``--gptaq`` gets ``--gptaq 0`` (so
+    ``gar-mse-refit`` is the default of 6 Dec 2026, as its rows say), ``default`` gets no flag at all."""
+    from gptq_plugin.config import RECOMMENDED
+    from gptq_plugin.quantize_job import resolve_gptaq
+
+    assert RECOMMENDED.get("gptaq")  # else this test has nothing to check
+    assert panel.recipe_flags("default") == []
+    for name, flags in panel.RECIPES.items():
+        if flags is None or name == "default":
+            continue
+        got = panel.recipe_flags(name)
+        assert got[:len(flags)] == flags
+        alpha = float(got[got.index("--gptaq") + 1])
+        assert alpha == (0.25 if "gptaq" in name else 0.0), name
+        assert resolve_gptaq("gptq", alpha, True, None, False)[0] == (alpha or None)
