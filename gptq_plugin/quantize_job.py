@@ -90,10 +90,8 @@ def resolve_gptaq(method: str, gptaq: float | None, true_sequential: bool, low_m
     (``low_memory`` False: GPTAQ runs the low-memory driver) and routed MoE calibration of a model with experts
     (``routed_moe``: the two streams would route different tokens to each expert). RTN (``method`` "rtn") has no
     calibration: None, nothing to report."""
-    if method != "gptq":
-        return gptaq or None, None  # an explicit alpha is refused by the config for RTN
-    if gptaq is not None:
-        return gptaq or None, None  # 0: off
+    if method != "gptq" or gptaq is not None:
+        return gptaq or None, None  # 0: off; an explicit alpha with RTN is refused by the config
     alpha = RECOMMENDED.get("gptaq")
     if alpha is None:
         return None, None
