@@ -7,7 +7,8 @@ process (`gptq-plugin quantize` then `gptq-plugin eval --json`) so wall time and
     python benchmarks/quality.py --out /tmp/quality [--configs 4:64:rec,4:64:noao,3:64:ao,3:64:rtn] [--threads 2]
 
 Modes: rtn (round-to-nearest, min-max), noao (plain GPTQ), ao (plain GPTQ with act-order), rec (the CLI's default
-recipe: act-order, static groups, mse 2.4); extra `:flag` or `:flag=value` items are passed on.
+recipe, docs/quality.md: group-aware order, MSE clipping 2.4, refit scales, GPTAQ 0.25); extra `:flag` or
+`:flag=value` items are passed on.
 
 Prints a markdown table and appends one JSON line per configuration to OUT/results.jsonl.
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 
 DEFAULT = ("fp,4:64:rtn,4:64:noao,4:64:ao,4:64:rec,4:128:rtn,4:128:noao,4:128:ao,4:128:rec,"
            "3:64:rtn,3:64:noao,3:64:ao,3:64:rec,3:128:rtn,3:128:noao,3:128:ao,3:128:rec")
-# noao / ao: plain GPTQ (min-max grids updated during the sweep), as GPTQModel runs it; rec: the CLI's defaults
-MODE_FLAGS = {"rtn": ["--mse", "0"], "noao": ["--no-act-order", "--no-static-groups", "--mse", "0"],
-              "ao": ["--act-order", "--no-static-groups", "--mse", "0"], "rec": []}
+# noao / ao: plain GPTQ (min-max grids updated during the sweep), as GPTQModel runs it, so every part of the
+# default recipe is turned off by name; rec: the CLI's defaults
+PLAIN = ["--no-static-groups", "--mse", "0", "--no-act-group-aware", "--no-refit-scales", "--gptaq", "0"]
+MODE_FLAGS = {"rtn": ["--mse", "0"], "noao": ["--no-act-order", *PLAIN], "ao": ["--act-order", *PLAIN], "rec": []}
 
 
 def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
@@ -65,7 +67,7 @@ def main(argv=None) -> None:
         else:
             bits, group, mode, *extra = spec.split(":")
             name = {"rtn": "RTN", "noao": "GPTQ", "ao": "GPTQ act-order",
-                    "rec": "GPTQ default recipe (act-order, static groups, mse 2.4)"}[mode]
+                    "rec": "GPTQ default recipe"}[mode]
             name = f"{name} {bits}-bit g{group}"
             if extra:
                 name += " " + " ".join(extra)

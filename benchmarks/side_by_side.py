@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import PLAIN  # noqa: E402  (plain GPTQ: every part of the default recipe off by name)
 
 
 def timed(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -50,7 +52,7 @@ def ours(model: str, out: Path, bits: str, group: str, ao: bool, a, env: dict, e
     p, wall, rss = timed([*exe, "quantize", model, str(out), "--bits", bits, "--group-size", group, "--overwrite",
                           "--nsamples", str(a.nsamples), "--threads", str(a.threads),
                           "--act-order" if ao else "--no-act-order",
-                          *(extra or ["--no-static-groups", "--mse", "0"])], env)  # plain GPTQ unless flags given
+                          *(extra or PLAIN)], env)  # plain GPTQ unless flags given
     m = re.search(r"in ([\d.]+) s, peak RSS", p.stdout)
     ev, _, _ = timed([*exe, "eval", str(out), "--windows", str(a.windows), "--json", "--threads", str(a.threads)], env)
     return {"tool": "gptq-plugin", "quant_wall_s": float(m.group(1)), "process_wall_s": round(wall, 1),
@@ -84,8 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="HF model folder (default: the demo model)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--configs", default="4:64:noao,4:64:ao",
-                    help="comma list of BITS:GROUP:(ao|noao)[:FLAG...]: plain GPTQ (--no-static-groups --mse 0) on our "
-                         "side unless FLAGs (e.g. static-groups:mse=2.4) are given")
+                    help="comma list of BITS:GROUP:(ao|noao)[:FLAG...]: plain GPTQ (every part of the default recipe "
+                         "off) on our side unless FLAGs (e.g. static-groups:mse=2.4) are given")
     ap.add_argument("--gptqmodel-flags", default="", help="extra flags for benchmarks/gptqmodel_baseline.py")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nsamples", type=int, default=128)

@@ -433,6 +433,7 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         "sym": cfg.sym,
         "static_groups": cfg.static_groups,
         "method": cfg.method,
+        "recipe": recipe_of(cfg.meta),
         "quantizer": cfg.meta.get("source_quantizer"),
         "n_quantized_layers": len(layers),
         "size_on_disk_bytes": disk,
@@ -442,6 +443,27 @@ def inspect_checkpoint(path: str | Path, check: bool = True) -> dict:
         "layer_kinds": kinds,
         "layers": layers,
     }
+
+
+def recipe_of(meta: dict) -> str:
+    """The solver's options a checkpoint's ``quantization_config.meta`` records, in words (docs/quality.md): group-aware
+    order (``act_group_aware``), MSE clipping (``mse``, the error norm), refit scales (``refit_scales``), GPTAQ
+    (``gptaq.alpha``, as GPTQModel records it) and per-layer damping (``damp_auto``); ``"plain"`` when the meta
+    records these options and all are off, ``"not recorded"`` when it records none of them (another quantizer's)."""
+    keys = ("act_group_aware", "mse", "refit_scales", "gptaq", "damp_auto")
+    if not isinstance(meta, dict) or not any(k in meta for k in keys):
+        return "not recorded"
+    parts = ["group-aware order"] if meta.get("act_group_aware") else []
+    if meta.get("mse"):
+        parts.append(f"MSE clipping {meta['mse']:g}")
+    if meta.get("refit_scales"):
+        parts.append("refit scales")
+    gptaq = meta.get("gptaq")
+    if isinstance(gptaq, dict) and gptaq.get("alpha"):
+        parts.append(f"GPTAQ alpha {gptaq['alpha']:g}")
+    if meta.get("damp_auto"):
+        parts.append("damping per layer")
+    return ", ".join(parts) or "plain"
 
 
 _IN_BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.\d+\.")

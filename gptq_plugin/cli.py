@@ -273,16 +273,16 @@ def eval_cmd(
 @app.command()
 def inspect(ckpt: Path = typer.Argument(..., help="GPTQ checkpoint folder."),
             as_json: bool = typer.Option(False, "--json")):
-    """Layers, bits, group size, format, size on disk and compression ratio of a checkpoint, the memory table
-    (checkpoint bytes against the 16-bit original, quantized linears vs what stays 16-bit), and the validator's
-    verdict (format_check). A checkpoint that fails validation (one that `load_quantized` would refuse) is shown
-    with `format_check: FAILED: ...` and exits with status 2."""
+    """Layers, bits, group size, format, the recorded recipe, size on disk and compression ratio of a checkpoint, the
+    memory table (checkpoint bytes against the 16-bit original, quantized linears vs what stays 16-bit), and the
+    validator's verdict (format_check). A checkpoint that fails validation (one that `load_quantized` would refuse)
+    is shown with `format_check: FAILED: ...` and exits with status 2."""
     info = inspect_checkpoint(ckpt)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
         for k in ("path", "format", "format_check", "bits", "group_size", "desc_act", "sym", "static_groups",
-                  "method", "quantizer", "n_quantized_layers"):
+                  "method", "recipe", "quantizer", "n_quantized_layers"):
             if k == "format_check" and info[k] is None:
                 continue
             typer.echo(f"{k:>20}: {info[k]}")

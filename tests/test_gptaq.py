@@ -338,6 +338,38 @@ def test_cli_summary_names_gptaq(files, tmp_path, capsys):
     assert "(gptq + GPTAQ alpha 0.5, 4-bit" in out and "which GPTAQ does not minimise" in out
 
 
+@pytest.mark.parametrize("mode", ["noao", "ao"])
+def test_benchmarks_plain_gptq_modes_turn_the_whole_default_recipe_off(files, tmp_path, capsys, mode):
+    """benchmarks/quality.py's plain-GPTQ modes (side_by_side.py's default too) name every part of the default recipe
+    off: the checkpoint records no GAR, MSE clipping, refit, static groups or GPTAQ, where the default records them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    qcs = {}
+    for name, flags in (("default", []), (mode, quality.MODE_FLAGS[mode])):
+        rc, _, err = cli(capsys, "quantize", files["model"], tmp_path / name, "--dataset", files["calib"], *ARGS,
+                         *flags)
+        assert rc in (0, None), err
+        qcs[name] = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
+    meta = qcs["default"]["meta"]
+    assert meta["act_group_aware"] and meta["mse"] > 0 and meta["refit_scales"] and meta["gptaq"] == {"alpha": 0.25}
+    qc = qcs[mode]
+    assert (qc["desc_act"], qc["static_groups"]) == (mode == "ao", False)
+    assert (qc["meta"]["act_group_aware"], qc["meta"]["mse"], qc["meta"]["refit_scales"]) == (False, 0.0, False)
+    assert "gptaq" not in qc["meta"]
+    # and `inspect` says so
+    from gptq_plugin.checkpoint import inspect_checkpoint, recipe_of
+
+    assert inspect_checkpoint(tmp_path / mode)["recipe"] == "plain"
+    rc, out, _ = cli(capsys, "inspect", tmp_path / "default")
+    assert "recipe: group-aware order, MSE clipping 2.4, refit scales, GPTAQ alpha 0.25" in out
+    assert recipe_of({"damp_auto": True, "mse": 0.0}) == "damping per layer"
+    assert recipe_of({"quantizer": ["gptqmodel:7.7.0"]}) == recipe_of(None) == "not recorded"
+
+
 def test_kept_stand_in_weight_is_built_once_with_the_same_values():
     from gptq_plugin.linear import QuantLinear
     from gptq_plugin.solver import gptq_quantize
