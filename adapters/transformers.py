@@ -76,7 +76,7 @@ LAYOUT_FIELDS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
 # fields that only matter while quantizing (recorded in the checkpoint, ignored when loading one)
 QUANTIZE_FIELDS = ("static_groups", "true_sequential", "damp_percent", "damp_auto_increment", "mse", "block_size",
                    "method", "lm_head", "moe_calibration", "moe_min_tokens", "act_group_aware",
-                   "refit_scales", "damp_auto")
+                   "refit_scales", "damp_auto", "gptaq")
 CALIBRATION_DEFAULTS = {"dataset": None, "tokenizer": None, "nsamples": 128, "seqlen": 512, "batch_size": 8,
                         "device": "auto"}
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,9 +95,11 @@ class GPTQPluginConfig(QuantizationConfigMixin):
             diagonal).
         sym (`bool`, *optional*, defaults to `True`): symmetric grid.
         static_groups, true_sequential, damp_percent, damp_auto_increment, mse, block_size, method, lm_head,
-            moe_calibration, moe_min_tokens, act_group_aware, refit_scales, damp_auto: as in
+            moe_calibration, moe_min_tokens, act_group_aware, refit_scales, damp_auto, gptaq: as in
             :class:`gptq_plugin.QuantizeConfig` (defaults `False`, `True`, 0.01, 0.0025, 0.0, 128, "gptq", `False`,
-            "all", 128, `False`, `False`, `False`). ``damp_percent="auto"`` means ``damp_auto=True``.
+            "all", 128, `False`, `False`, `False`, `None`). ``damp_percent="auto"`` means ``damp_auto=True``.
+            Left out, these give plain GPTQ, as ``GPTQConfig`` does; the CLI's default recipe (docs/quality.md) is
+            ``act_group_aware=True, mse=2.4, refit_scales=True, gptaq=0.25``.
         checkpoint_format (`str`, *optional*, defaults to "gptq"): zero-point convention written by
             ``save_pretrained``: "gptq" (v1) or "gptq_v2".
         dataset (`str`, `os.PathLike` or `list[str]`, *optional*): calibration text: a registered source
@@ -123,7 +125,7 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                  mse: float | None = None, block_size: int | None = None, checkpoint_format: str | None = None,
                  method: str | None = None, lm_head: bool | None = None, moe_calibration: str | None = None,
                  moe_min_tokens: int | None = None, act_group_aware: bool | None = None,
-                 refit_scales: bool | None = None, damp_auto: bool | None = None,
+                 refit_scales: bool | None = None, damp_auto: bool | None = None, gptaq: float | None = None,
                  dataset: str | os.PathLike | list[str] | None = None, tokenizer: Any = None,
                  nsamples: int | None = None, seqlen: int | None = None, batch_size: int | None = None,
                  device: str | None = None, meta: dict | None = None):
@@ -136,7 +138,7 @@ class GPTQPluginConfig(QuantizationConfigMixin):
                      checkpoint_format=checkpoint_format, method=method, lm_head=lm_head,
                      moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens,
                      act_group_aware=act_group_aware, refit_scales=refit_scales, damp_auto=damp_auto,
-                     dataset=dataset,
+                     gptaq=gptaq, dataset=dataset,
                      tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, device=device)
         self.quant_method = METHOD_NAME
         self._explicit = frozenset(k for k, v in given.items() if v is not None)

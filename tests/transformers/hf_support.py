@@ -11,7 +11,7 @@ N_BLOCKS = 1  # decoder blocks kept from the demo model (quantizing is the slow 
 NSAMPLES, SEQLEN = 4, 128  # calibration windows
 SETTINGS = dict(bits=4, group_size=128, desc_act=True)  # group 128 leaves a partial last group (576 inputs)
 CLI_FLAGS = ["--bits", "4", "--group-size", "128", "--act-order", "--no-static-groups", "--mse", "0",
-             "--no-refit-scales", "--gptaq", "0"]  # = SETTINGS (GPTQPluginConfig has no GPTAQ)
+             "--no-refit-scales", "--gptaq", "0"]  # = SETTINGS (GPTQPluginConfig's defaults: plain GPTQ)
 LOGGER = "gptq_plugin.adapters.transformers"
 
 

@@ -64,6 +64,29 @@ def test_damp_auto_round_trips_through_meta():
         GPTQPluginConfig(damp_percent="often")
 
 
+def test_gptaq_round_trips_through_meta_and_bad_alphas_are_refused():
+    """GPTAQ's alpha is recorded in meta as GPTQModel records it ({"alpha": ...}) and read back; left out, plain GPTQ
+    (as the other recipe fields); an alpha outside (0, 1] is the core's one ConfigError."""
+    d = GPTQPluginConfig(gptaq=0.25).to_dict()
+    assert d["meta"]["gptaq"] == {"alpha": 0.25} and d == QuantizeConfig(gptaq=0.25).to_dict()
+    assert GPTQPluginConfig.from_dict(d).gptaq == 0.25 and "gptaq=0.25" in repr(GPTQPluginConfig.from_dict(d))
+    assert GPTQPluginConfig().gptaq is None and "gptaq" not in GPTQPluginConfig().to_dict()["meta"]
+    for bad in (2.0, -0.5):
+        with pytest.raises(ConfigError, match=f"gptaq={bad!r} is invalid"):
+            GPTQPluginConfig(gptaq=bad)
+    with pytest.raises(ConfigError, match="needs true_sequential"):
+        GPTQPluginConfig(gptaq=0.25, true_sequential=False)
+    # the CLI's default recipe, as docs/transformers.md spells it for this config
+    from gptq_plugin.config import RECOMMENDED
+    from gptq_plugin.quantize_job import resolve_gptaq, resolve_recipe
+
+    assert RECOMMENDED == dict(act_group_aware=True, mse=2.4, refit_scales=True, gptaq=0.25)
+    cfg = GPTQPluginConfig(**RECOMMENDED)
+    assert (cfg.desc_act, cfg.act_group_aware, cfg.static_groups, cfg.mse, cfg.refit_scales) == resolve_recipe(
+        "gptq", None, None, None, None, None)
+    assert cfg.gptaq == resolve_gptaq("gptq", None, True, None, False)[0]
+
+
 def test_defaults_when_quantizing():
     cfg = GPTQPluginConfig()
     assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.nsamples, cfg.seqlen, cfg.batch_size) == (

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_support import LOGGER, N_BLOCKS, NSAMPLES, SEQLEN, SETTINGS, rewrite_quantization_config
+from hf_support import CLI_FLAGS, LOGGER, N_BLOCKS, NSAMPLES, SEQLEN, SETTINGS, rewrite_quantization_config
 from gptq_plugin import CheckpointError, ConfigError, GPTQPluginConfig, QuantLinear
 from gptq_plugin.adapters.transformers import GPTQPluginHfQuantizer
 from gptq_plugin.checkpoint import load_quantized
@@ -70,6 +70,30 @@ def test_save_pretrained_writes_the_cli_checkpoint(hf_checkpoint, cli_checkpoint
     q_cli = json.loads((cli_checkpoint / "config.json").read_text())["quantization_config"]
     assert q_ours == q_cli and q_ours["quant_method"] == "gptq"
     assert (hf_checkpoint / "quantize_config.json").read_text() == (cli_checkpoint / "quantize_config.json").read_text()
+
+
+def test_gptaq_on_load_writes_the_cli_checkpoint(tiny_model_dir, calib_file, tokenizer, cli_checkpoint, tmp_path):
+    """GPTQPluginConfig(gptaq=0.25) quantizes on load to the bytes of `gptq-plugin quantize ... --gptaq 0.25` with
+    the same settings and windows; the checkpoint records the alpha, and the weights differ from plain GPTQ's."""
+    from gptq_plugin.cli import main
+
+    cfg = GPTQPluginConfig(**SETTINGS, gptaq=0.25, dataset=str(calib_file), tokenizer=tokenizer, nsamples=NSAMPLES,
+                           seqlen=SEQLEN)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg).save_pretrained(tmp_path / "hf")
+    flags = [*CLI_FLAGS[:CLI_FLAGS.index("--gptaq")], "--gptaq", "0.25"]
+    with pytest.raises(SystemExit) as done:
+        main(["quantize", str(tiny_model_dir), str(tmp_path / "cli"), *flags, "--dataset", str(calib_file),
+              "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN)])
+    assert done.value.code == 0
+    ours, cli = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert sorted(ours) == sorted(cli)
+    for k in cli:
+        assert torch.equal(ours[k], cli[k]), k
+    plain = load_file(cli_checkpoint / "model.safetensors")
+    assert any(not torch.equal(cli[k], plain[k]) for k in cli if k.endswith(".qweight"))
+    q_ours = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    q_cli = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert q_ours == q_cli and q_ours["meta"]["gptaq"] == {"alpha": 0.25}
 
 
 def test_reload_matches_in_memory_model(hf_quantized, hf_checkpoint, tokenizer):
