@@ -381,7 +381,7 @@ def demo(
     bits: int = typer.Option(4), group_size: int = typer.Option(128),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order",
                                    help="GPTQ with the default recipe (group-aware order, MSE clipping, scale "
-                                        "refit), or plain GPTQ."),
+                                        "refit, GPTAQ), or plain GPTQ."),
     nsamples: int = typer.Option(128), windows: int = typer.Option(40),
     threads: Optional[int] = typer.Option(None),
     serve: bool = typer.Option(True, "--serve/--no-serve",

@@ -109,3 +109,35 @@ def test_generation_runs(demo_ckpt_factory, demo_model_dir):
     q = load_quantized(demo_ckpt_factory(2, bits=4, group_size=128))
     out = generate(q, tok, ["Hello"], max_new_tokens=5)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+
+def test_main_job_runs_end_to_end_without_serving(demo_model_dir, tmp_path, monkeypatch):
+    """`gptq-plugin demo --no-serve` (README's main job; serving is tested in tests/vllm) on the demo model cut to
+    2 blocks and a small budget: RTN and the CLI's default recipe (GPTAQ included), the perplexity table, the memory
+    table and greedy generations; a second run reuses the checkpoints."""
+    import shutil
+    from math import isfinite
+
+    import gptq_plugin.tools.demo as demo
+
+    src = tmp_path / "smollm2-2-blocks"
+    _truncated(demo_model_dir, 2).to(torch.bfloat16).save_pretrained(src)
+    for f in demo_model_dir.glob("*"):
+        if f.is_file() and not (src / f.name).exists():
+            shutil.copyfile(f, src / f.name)
+    monkeypatch.setattr(demo, "get_demo_model", lambda *a, **k: src)
+    lines = []
+    res = demo.run_demo(tmp_path / "out", nsamples=8, seqlen=128, windows=2, echo=lines.append, serve=False)
+    (orig, fp), (rtn, p_rtn), (gptq, p_gptq) = [(r[0], r[1]) for r in res["rows"]]
+    assert orig.startswith("original") and rtn == "RTN 4-bit g128" and gptq == "GPTQ 4-bit g128 default recipe"
+    assert all(isfinite(p) for p in (fp, p_rtn, p_gptq))
+    qc = json.loads((tmp_path / "out" / "gptq-4-bit-g128-default-recipe" / "config.json").read_text())
+    meta = qc["quantization_config"]["meta"]
+    assert meta["gptaq"] == {"alpha": 0.25} and meta["act_group_aware"] and meta["refit_scales"]
+    text = "\n".join(lines)
+    assert f"| {gptq:<46} | {p_gptq:>10.2f} |" in text and "greedy generations from" in text
+    assert sum(f"> {p}" in text for p in demo.DEMO_PROMPTS) == len(demo.DEMO_PROMPTS) and res["served"] is None
+    assert 0 < res["memory"]["checkpoint_bytes"] < res["memory"]["original_16bit_bytes"] and "saving " in text
+    again = demo.run_demo(tmp_path / "out", nsamples=8, seqlen=128, windows=2, echo=lines.append, serve=False)
+    assert [r[1] for r in again["rows"]] == [r[1] for r in res["rows"]] and "reusing" in "\n".join(lines)
