@@ -339,13 +339,12 @@ def test_cli_summary_names_gptaq(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["noao", "ao"])
-def test_benchmarks_plain_gptq_modes_turn_the_whole_default_recipe_off(files, tmp_path, capsys, mode):
+def test_benchmarks_plain_gptq_modes_turn_the_whole_default_recipe_off(files, tmp_path, capsys, monkeypatch, mode):
     """benchmarks/quality.py's plain-GPTQ modes (side_by_side.py's default too) name every part of the default recipe
     off: the checkpoint records no GAR, MSE clipping, refit, static groups or GPTAQ, where the default records them."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality
 
     qcs = {}

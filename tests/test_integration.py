@@ -111,7 +111,6 @@ def test_generation_runs(demo_ckpt_factory, demo_model_dir):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
-
 def test_main_job_runs_end_to_end_without_serving(demo_model_dir, tmp_path, monkeypatch):
     """`gptq-plugin demo --no-serve` (README's main job; serving is tested in tests/vllm) on the demo model cut to
     2 blocks and a small budget: RTN and the CLI's default recipe (GPTAQ included), the perplexity table, the memory
